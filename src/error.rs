@@ -1,0 +1,60 @@
+//! The crate's error type, gathering the errors of each boundary.
+
+use automerge::ChangeHash;
+
+use crate::doc::OpError;
+use crate::id::{DocId, InvalidId};
+use crate::store::StoreError;
+
+/// Everything that can go wrong in the library.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// An identifier failed validation.
+    #[error(transparent)]
+    InvalidId(#[from] InvalidId),
+    /// An op or value does not fit the document.
+    #[error(transparent)]
+    Op(#[from] OpError),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The document does not exist.
+    #[error("document {0} not found")]
+    NotFound(DocId),
+    /// Heads given by a caller are not in the document.
+    #[error("document {doc} has no change {}", .heads.iter().map(|h| h.to_string()).collect::<Vec<_>>().join(", "))]
+    UnknownHeads {
+        /// The document.
+        doc: DocId,
+        /// The unknown heads.
+        heads: Vec<ChangeHash>,
+    },
+    /// A stored document could not be decoded; other documents are fine.
+    #[error("document {doc} is corrupt in storage: {reason}")]
+    CorruptDocument {
+        /// The document.
+        doc: DocId,
+        /// Why decoding failed.
+        reason: String,
+    },
+    /// A change received from elsewhere is malformed.
+    #[error("change {index} for {doc} is malformed: {reason}")]
+    BadChange {
+        /// The document.
+        doc: DocId,
+        /// Position of the change in its batch.
+        index: usize,
+        /// Why it was refused.
+        reason: String,
+    },
+    /// The document does not fit the Rust type.
+    #[error("hydrate: {0}")]
+    Hydrate(#[from] autosurgeon::HydrateError),
+    /// The Rust value could not be written.
+    #[error("reconcile: {0}")]
+    Reconcile(#[from] autosurgeon::ReconcileError),
+    /// automerge refused an operation.
+    #[error("automerge: {0}")]
+    Automerge(#[from] automerge::AutomergeError),
+}

@@ -1,0 +1,811 @@
+//! A replica: many documents of one site over a [`Store`], with a bounded
+//! cache of loaded documents, durable commits, and a subscription to every
+//! committed change (local or received from a peer).
+//!
+//! Idle documents are not kept loaded: a loaded automerge document costs
+//! tens of kilobytes against a few hundred bytes saved, so at most
+//! `cache_docs_max` stay loaded (least recently used first out) and the rest
+//! live in the store. What stays in memory for every document is its id and
+//! heads (the index), which listing and the sync layer need.
+//!
+//! Commits to one document are serialised by that document's lock, which is
+//! held until the store reports the change durable; commits to different
+//! documents proceed in parallel and share the store's group commit.
+
+use std::collections::{BTreeMap, HashMap};
+use std::panic::AssertUnwindSafe;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use automerge::transaction::{CommitOptions, Transaction};
+use automerge::{Automerge, Change, ChangeHash, ReadDoc};
+use tokio::sync::broadcast;
+
+use crate::doc::{self, ChangeInfo, Op};
+use crate::error::Error;
+use crate::id::{new_actor, DocId, SiteName};
+use crate::store::{Store, StoredDoc, Write};
+
+/// Source of wall-clock time for change stamps (replaceable in simulation).
+pub trait Clock: Send + Sync + 'static {
+    /// Milliseconds since the Unix epoch.
+    fn now_ms(&self) -> i64;
+}
+
+/// The system clock.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now_ms(&self) -> i64 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+    }
+}
+
+/// Settings of a [`Replica`].
+#[derive(Clone)]
+pub struct ReplicaOptions {
+    /// The site this replica belongs to; recorded in every change it makes.
+    pub site: SiteName,
+    /// Most documents kept loaded in memory.
+    pub cache_docs_max: usize,
+    /// Appended changes after which a document is compacted into a snapshot
+    /// (once they also weigh a quarter of the snapshot).
+    pub compact_changes_min: usize,
+    /// Appended changes after which a document is compacted regardless.
+    pub compact_changes_max: usize,
+    /// Capacity of the change subscription channel; a subscriber that falls
+    /// further behind sees `Lagged` and must catch up from the store.
+    pub subscription_capacity: usize,
+    /// Time source for change stamps.
+    pub clock: Arc<dyn Clock>,
+}
+
+impl ReplicaOptions {
+    /// Defaults for `site`.
+    pub fn new(site: SiteName) -> ReplicaOptions {
+        ReplicaOptions {
+            site,
+            cache_docs_max: 1024,
+            compact_changes_min: 64,
+            compact_changes_max: 4096,
+            subscription_capacity: 4096,
+            clock: Arc::new(SystemClock),
+        }
+    }
+}
+
+impl std::fmt::Debug for ReplicaOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReplicaOptions")
+            .field("site", &self.site)
+            .field("cache_docs_max", &self.cache_docs_max)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Where a committed change came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Origin {
+    /// Made by this replica.
+    Local,
+    /// Received from a peer (the site that sent it, which may have relayed it).
+    Peer(SiteName),
+}
+
+/// Changes that became durable in one document, as delivered to subscribers.
+#[derive(Debug, Clone)]
+pub struct Committed {
+    /// The document.
+    pub doc: DocId,
+    /// Its heads after the changes.
+    pub heads: Vec<ChangeHash>,
+    /// The new changes, encoded, in causal order.
+    pub changes: Arc<Vec<Vec<u8>>>,
+    /// Their hashes, in the same order.
+    pub hashes: Vec<ChangeHash>,
+    /// Who made them.
+    pub origin: Origin,
+}
+
+/// The outcome of a local commit.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Commit {
+    /// The document's heads after the commit.
+    #[serde(serialize_with = "crate::doc::serialize_hashes")]
+    pub heads: Vec<ChangeHash>,
+    /// The new change, or `None` when the edit changed nothing.
+    #[serde(serialize_with = "serialize_opt_hash")]
+    pub change: Option<ChangeHash>,
+}
+
+fn serialize_opt_hash<S: serde::Serializer>(
+    h: &Option<ChangeHash>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    match h {
+        Some(h) => s.collect_str(h),
+        None => s.serialize_none(),
+    }
+}
+
+/// The outcome of applying changes received from a peer.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Applied {
+    /// Changes that were new here and are now durable.
+    pub applied: Vec<ChangeHash>,
+    /// Changes that were already known.
+    pub duplicates: usize,
+    /// Changes left out because changes they depend on are unknown here.
+    pub missing_deps: Vec<ChangeHash>,
+    /// The document's heads afterwards.
+    pub heads: Vec<ChangeHash>,
+}
+
+/// A document as JSON with the heads it was read at.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct DocView {
+    /// The document.
+    pub id: DocId,
+    /// The heads the value reflects.
+    #[serde(serialize_with = "crate::doc::serialize_hashes")]
+    pub heads: Vec<ChangeHash>,
+    /// The document as JSON.
+    pub value: serde_json::Value,
+}
+
+/// Counts describing a replica.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct ReplicaStats {
+    /// Documents stored.
+    pub docs: usize,
+    /// Documents loaded in memory.
+    pub loaded_docs: usize,
+}
+
+/// Many documents of one site, durable in a [`Store`]. Cheap to clone: clones
+/// share the same state.
+///
+/// ```
+/// use std::sync::Arc;
+/// use archipelago::{doc::Op, store::Memory, Replica, ReplicaOptions};
+///
+/// let replica = Replica::open(ReplicaOptions::new("us-east".parse()?), Arc::new(Memory::new()))?;
+/// let id = "inventory/sku-1".parse()?;
+/// let ops: Vec<Op> = serde_json::from_str(r#"[{"op": "set", "path": "/stock", "value": 5, "as": "counter"}]"#)?;
+/// replica.apply_ops(&id, &ops, Some("receive stock"))?;
+/// let view = replica.read_json(&id, None)?.expect("just written");
+/// assert_eq!(view.value["stock"], 5);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+#[derive(Clone)]
+pub struct Replica {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for Replica {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Replica")
+            .field("site", &self.shared.options.site)
+            .finish_non_exhaustive()
+    }
+}
+
+struct Shared {
+    options: ReplicaOptions,
+    actor: automerge::ActorId,
+    store: Arc<dyn Store>,
+    state: Mutex<State>,
+    events: broadcast::Sender<Committed>,
+}
+
+#[derive(Default)]
+struct State {
+    /// Heads of every durable document.
+    index: BTreeMap<DocId, Vec<ChangeHash>>,
+    /// Documents with a slot (loaded, being loaded, or in use).
+    slots: HashMap<DocId, (Arc<Slot>, u64)>,
+    /// Slots by last use, oldest first.
+    lru: BTreeMap<u64, DocId>,
+    tick: u64,
+}
+
+/// One document's lock and, once loaded, its automerge state.
+#[derive(Default)]
+struct Slot {
+    loaded: Mutex<Option<Loaded>>,
+}
+
+struct Loaded {
+    doc: Automerge,
+    /// Changes appended to the store since the last snapshot.
+    appended_changes: usize,
+    appended_bytes: usize,
+    snapshot_bytes: usize,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // State behind these locks is only replaced whole, never left
+    // half-updated, so a poisoned lock is still consistent.
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl Replica {
+    /// Opens a replica over `store`, reading its document index. The replica
+    /// writes with a fresh actor id, so a restored backup never reuses one.
+    pub fn open(options: ReplicaOptions, store: Arc<dyn Store>) -> Result<Replica, Error> {
+        let index = store.docs()?.into_iter().map(|e| (e.id, e.heads)).collect();
+        let (events, _) = broadcast::channel(options.subscription_capacity.max(1));
+        let actor = new_actor(&options.site);
+        Ok(Replica {
+            shared: Arc::new(Shared {
+                options,
+                actor,
+                store,
+                state: Mutex::new(State {
+                    index,
+                    ..State::default()
+                }),
+                events,
+            }),
+        })
+    }
+
+    /// The site of this replica.
+    pub fn site(&self) -> &SiteName {
+        &self.shared.options.site
+    }
+
+    /// The automerge actor id this replica writes with.
+    pub fn actor(&self) -> &automerge::ActorId {
+        &self.shared.actor
+    }
+
+    /// The store underneath.
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.shared.store
+    }
+
+    /// Receives every change committed from now on, local or remote, after
+    /// it is durable.
+    pub fn subscribe(&self) -> broadcast::Receiver<Committed> {
+        self.shared.events.subscribe()
+    }
+
+    /// Document and cache counts.
+    pub fn stats(&self) -> ReplicaStats {
+        let state = lock(&self.shared.state);
+        ReplicaStats {
+            docs: state.index.len(),
+            loaded_docs: state.slots.len(),
+        }
+    }
+
+    /// Ids of the stored documents starting with `prefix`, in order.
+    pub fn doc_ids(&self, prefix: &str) -> Vec<DocId> {
+        let state = lock(&self.shared.state);
+        state
+            .index
+            .keys()
+            .skip_while(|id| id.as_str() < prefix)
+            .take_while(|id| id.as_str().starts_with(prefix))
+            .cloned()
+            .collect()
+    }
+
+    /// Every stored document with its heads.
+    pub fn index(&self) -> Vec<(DocId, Vec<ChangeHash>)> {
+        lock(&self.shared.state)
+            .index
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    }
+
+    /// The heads of a stored document.
+    pub fn heads(&self, id: &DocId) -> Option<Vec<ChangeHash>> {
+        lock(&self.shared.state).index.get(id).cloned()
+    }
+
+    /// Reads a document with `f`; `None` when it does not exist.
+    pub fn with_doc<R>(
+        &self,
+        id: &DocId,
+        f: impl FnOnce(&Automerge) -> R,
+    ) -> Result<Option<R>, Error> {
+        if !lock(&self.shared.state).index.contains_key(id) {
+            return Ok(None);
+        }
+        let slot = self.slot(id);
+        let mut loaded = lock(&slot.loaded);
+        let loaded = self.ensure_loaded(id, &mut loaded)?;
+        Ok(Some(f(&loaded.doc)))
+    }
+
+    /// The document as JSON, now or as of `at` (time travel).
+    pub fn read_json(
+        &self,
+        id: &DocId,
+        at: Option<&[ChangeHash]>,
+    ) -> Result<Option<DocView>, Error> {
+        let view = self.with_doc(id, |doc| {
+            if let Some(heads) = at {
+                let unknown: Vec<ChangeHash> = heads
+                    .iter()
+                    .filter(|h| doc.get_change_by_hash(h).is_none())
+                    .copied()
+                    .collect();
+                if !unknown.is_empty() {
+                    return Err(Error::UnknownHeads {
+                        doc: id.clone(),
+                        heads: unknown,
+                    });
+                }
+            }
+            let heads = at.map_or_else(|| doc.get_heads(), <[ChangeHash]>::to_vec);
+            Ok(DocView {
+                id: id.clone(),
+                value: doc::json::to_json(doc, at),
+                heads,
+            })
+        })?;
+        view.transpose()
+    }
+
+    /// Reads a document into a Rust type.
+    pub fn get<T: autosurgeon::Hydrate>(&self, id: &DocId) -> Result<Option<T>, Error> {
+        self.with_doc(id, |doc| autosurgeon::hydrate(doc))?
+            .transpose()
+            .map_err(Error::from)
+    }
+
+    /// The document's change history, oldest first.
+    pub fn history(&self, id: &DocId) -> Result<Option<Vec<ChangeInfo>>, Error> {
+        self.with_doc(id, doc::history::history)
+    }
+
+    /// Encoded changes of a document that follow `have` (heads the caller
+    /// holds). Every head in `have` must be known here: automerge answers
+    /// unknown heads with the whole history, so they are refused instead.
+    pub fn changes_after(
+        &self,
+        id: &DocId,
+        have: &[ChangeHash],
+    ) -> Result<Option<Vec<Vec<u8>>>, Error> {
+        self.with_doc(id, |doc| {
+            let unknown: Vec<ChangeHash> = have
+                .iter()
+                .filter(|h| doc.get_change_by_hash(h).is_none())
+                .copied()
+                .collect();
+            if !unknown.is_empty() {
+                return Err(Error::UnknownHeads {
+                    doc: id.clone(),
+                    heads: unknown,
+                });
+            }
+            Ok(doc
+                .get_changes(have)
+                .iter()
+                .map(|c| c.raw_bytes().to_vec())
+                .collect())
+        })?
+        .transpose()
+    }
+
+    /// Applies `ops` atomically as one change and returns once it is
+    /// durable. The document is created if it does not exist. If any op
+    /// fails, nothing changes.
+    pub fn apply_ops(
+        &self,
+        id: &DocId,
+        ops: &[Op],
+        message: Option<&str>,
+    ) -> Result<Commit, Error> {
+        if ops.is_empty() {
+            return Err(doc::OpError::BadValue("no ops given".to_owned()).into());
+        }
+        self.transact(id, message, |tx| {
+            doc::ops::apply_ops(tx, ops).map_err(Error::from)
+        })
+        .map(|(c, ())| c)
+    }
+
+    /// Makes the document equal `value` (a JSON object), changing only the
+    /// fields that differ.
+    pub fn put_json(
+        &self,
+        id: &DocId,
+        value: &serde_json::Value,
+        message: Option<&str>,
+    ) -> Result<Commit, Error> {
+        self.transact(id, message, |tx| {
+            doc::json::reconcile_root(tx, value).map_err(Error::from)
+        })
+        .map(|(c, ())| c)
+    }
+
+    /// Writes a Rust value as the whole document, reconciled field by field
+    /// (autosurgeon), so concurrent edits of other fields survive.
+    pub fn put<T: autosurgeon::Reconcile>(
+        &self,
+        id: &DocId,
+        value: &T,
+        message: Option<&str>,
+    ) -> Result<Commit, Error> {
+        self.transact(id, message, |tx| {
+            autosurgeon::reconcile(tx, value).map_err(Error::from)
+        })
+        .map(|(c, ())| c)
+    }
+
+    /// Reads the document as `T` (or `T::default()` when it is empty), lets
+    /// `f` change it, and writes back only what changed.
+    pub fn update<T, R>(
+        &self,
+        id: &DocId,
+        message: Option<&str>,
+        f: impl FnOnce(&mut T) -> R,
+    ) -> Result<(Commit, R), Error>
+    where
+        T: autosurgeon::Hydrate + autosurgeon::Reconcile + Default,
+    {
+        self.transact(id, message, |tx| {
+            let mut value: T = if tx.length(automerge::ROOT) == 0 {
+                T::default()
+            } else {
+                autosurgeon::hydrate(tx)?
+            };
+            let result = f(&mut value);
+            autosurgeon::reconcile(tx, &value)?;
+            Ok(result)
+        })
+    }
+
+    /// Runs `f` in an automerge transaction on the document (created if
+    /// missing) and commits its edits as one durable change. When `f` fails
+    /// the transaction is rolled back and nothing changes.
+    pub fn transact<R>(
+        &self,
+        id: &DocId,
+        message: Option<&str>,
+        f: impl FnOnce(&mut Transaction<'_>) -> Result<R, Error>,
+    ) -> Result<(Commit, R), Error> {
+        let slot = self.slot(id);
+        let mut guard = lock(&slot.loaded);
+        let loaded = self.ensure_loaded_or_new(id, &mut guard)?;
+        let mut tx = loaded.doc.transaction();
+        let result = match f(&mut tx) {
+            Ok(result) => result,
+            Err(e) => {
+                tx.rollback();
+                return Err(e);
+            }
+        };
+        let mut options = CommitOptions::default().with_time(self.shared.options.clock.now_ms());
+        if let Some(message) = message {
+            options = options.with_message(message);
+        }
+        let (hash, _) = tx.commit_with(options);
+        let Some(hash) = hash else {
+            return Ok((
+                Commit {
+                    heads: loaded.doc.get_heads(),
+                    change: None,
+                },
+                result,
+            ));
+        };
+        let change = loaded
+            .doc
+            .get_change_by_hash(&hash)
+            .expect("a change just committed is in the document")
+            .raw_bytes()
+            .to_vec();
+        let committed = self.persist(id, &mut guard, vec![change], vec![hash], Origin::Local)?;
+        Ok((
+            Commit {
+                heads: committed,
+                change: Some(hash),
+            },
+            result,
+        ))
+    }
+
+    /// Applies encoded changes received from a peer, in one batch, and
+    /// returns once the new ones are durable. Malformed bytes are refused
+    /// with [`Error::BadChange`] and change nothing; changes whose
+    /// dependencies are unknown here are left out and listed.
+    pub fn apply_changes(
+        &self,
+        id: &DocId,
+        changes: &[Vec<u8>],
+        from: Origin,
+    ) -> Result<Applied, Error> {
+        let decoded = changes
+            .iter()
+            .enumerate()
+            .map(|(i, bytes)| {
+                decode_change(bytes).map_err(|reason| Error::BadChange {
+                    doc: id.clone(),
+                    index: i,
+                    reason,
+                })
+            })
+            .collect::<Result<Vec<Change>, Error>>()?;
+        let slot = self.slot(id);
+        let mut guard = lock(&slot.loaded);
+        let loaded = self.ensure_loaded_or_new(id, &mut guard)?;
+        let (ready, duplicates, missing_deps) = order_new_changes(&loaded.doc, decoded);
+        if ready.is_empty() {
+            return Ok(Applied {
+                applied: Vec::new(),
+                duplicates,
+                missing_deps,
+                heads: loaded.doc.get_heads(),
+            });
+        }
+        let hashes: Vec<ChangeHash> = ready.iter().map(Change::hash).collect();
+        let bytes: Vec<Vec<u8>> = ready.iter().map(|c| c.raw_bytes().to_vec()).collect();
+        let outcome =
+            std::panic::catch_unwind(AssertUnwindSafe(|| loaded.doc.apply_changes(ready)));
+        match outcome {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                *guard = None;
+                return Err(Error::BadChange {
+                    doc: id.clone(),
+                    index: 0,
+                    reason: e.to_string(),
+                });
+            }
+            Err(_) => {
+                // automerge panicked mid-apply: the loaded state is suspect,
+                // so drop it and reload from the store next time.
+                *guard = None;
+                return Err(Error::BadChange {
+                    doc: id.clone(),
+                    index: 0,
+                    reason: "automerge panicked applying the changes".into(),
+                });
+            }
+        }
+        let origin = from;
+        let heads = self.persist(id, &mut guard, bytes, hashes.clone(), origin)?;
+        Ok(Applied {
+            applied: hashes,
+            duplicates,
+            missing_deps,
+            heads,
+        })
+    }
+
+    /// Writes new changes of a loaded document durably (compacting when
+    /// due), updates the index and notifies subscribers. On a store error the
+    /// loaded document is dropped so the next use reloads the durable state.
+    fn persist(
+        &self,
+        id: &DocId,
+        guard: &mut MutexGuard<'_, Option<Loaded>>,
+        changes: Vec<Vec<u8>>,
+        hashes: Vec<ChangeHash>,
+        origin: Origin,
+    ) -> Result<Vec<ChangeHash>, Error> {
+        let options = &self.shared.options;
+        let loaded = guard
+            .as_mut()
+            .expect("persist is called with a loaded document");
+        let heads = loaded.doc.get_heads();
+        let new_bytes: usize = changes.iter().map(Vec::len).sum();
+        let appended_changes = loaded.appended_changes + changes.len();
+        let appended_bytes = loaded.appended_bytes + new_bytes;
+        let compact = appended_changes >= options.compact_changes_max
+            || (appended_changes >= options.compact_changes_min
+                && appended_bytes * 4 >= loaded.snapshot_bytes);
+        let write = if compact {
+            Write::Snapshot {
+                doc: id.clone(),
+                bytes: loaded.doc.save(),
+                heads: heads.clone(),
+            }
+        } else {
+            Write::AppendChanges {
+                doc: id.clone(),
+                changes: changes.clone(),
+                heads: heads.clone(),
+            }
+        };
+        let snapshot_len = match &write {
+            Write::Snapshot { bytes, .. } => Some(bytes.len()),
+            _ => None,
+        };
+        if let Err(e) = self.shared.store.commit(vec![write]) {
+            **guard = None;
+            return Err(e.into());
+        }
+        match snapshot_len {
+            Some(len) => {
+                loaded.snapshot_bytes = len;
+                loaded.appended_changes = 0;
+                loaded.appended_bytes = 0;
+            }
+            None => {
+                loaded.appended_changes = appended_changes;
+                loaded.appended_bytes = appended_bytes;
+            }
+        }
+        lock(&self.shared.state)
+            .index
+            .insert(id.clone(), heads.clone());
+        // No subscriber is not an error.
+        let _ = self.shared.events.send(Committed {
+            doc: id.clone(),
+            heads: heads.clone(),
+            changes: Arc::new(changes),
+            hashes,
+            origin,
+        });
+        Ok(heads)
+    }
+
+    /// The slot of a document, created if needed, marked as just used;
+    /// evicts the least recently used idle slots beyond the cache bound.
+    fn slot(&self, id: &DocId) -> Arc<Slot> {
+        let mut state = lock(&self.shared.state);
+        let state = &mut *state;
+        state.tick += 1;
+        let tick = state.tick;
+        let slot = match state.slots.get_mut(id) {
+            Some((slot, last)) => {
+                state.lru.remove(last);
+                *last = tick;
+                slot.clone()
+            }
+            None => {
+                let slot = Arc::new(Slot::default());
+                state.slots.insert(id.clone(), (slot.clone(), tick));
+                slot
+            }
+        };
+        state.lru.insert(tick, id.clone());
+        let max = self.shared.options.cache_docs_max.max(1);
+        if state.slots.len() > max {
+            // Only slots nobody holds may go: a held slot may be mid-commit,
+            // and a second slot for the same document would fork its state.
+            let mut evict = Vec::new();
+            for (&t, doc) in state.lru.iter() {
+                if state.slots.len() - evict.len() <= max {
+                    break;
+                }
+                if Arc::strong_count(&state.slots[doc].0) == 1 {
+                    evict.push((t, doc.clone()));
+                }
+            }
+            for (t, doc) in evict {
+                state.lru.remove(&t);
+                state.slots.remove(&doc);
+            }
+        }
+        slot
+    }
+
+    fn ensure_loaded<'g>(
+        &self,
+        id: &DocId,
+        guard: &'g mut Option<Loaded>,
+    ) -> Result<&'g mut Loaded, Error> {
+        if guard.is_none() {
+            let stored = self
+                .shared
+                .store
+                .load(id)?
+                .ok_or_else(|| Error::NotFound(id.clone()))?;
+            *guard = Some(self.decode(id, &stored)?);
+        }
+        Ok(guard.as_mut().expect("loaded just above"))
+    }
+
+    fn ensure_loaded_or_new<'g>(
+        &self,
+        id: &DocId,
+        guard: &'g mut Option<Loaded>,
+    ) -> Result<&'g mut Loaded, Error> {
+        if guard.is_none() {
+            *guard = Some(match self.shared.store.load(id)? {
+                Some(stored) => self.decode(id, &stored)?,
+                None => Loaded {
+                    doc: Automerge::new().with_actor(self.shared.actor.clone()),
+                    appended_changes: 0,
+                    appended_bytes: 0,
+                    snapshot_bytes: 0,
+                },
+            });
+        }
+        Ok(guard.as_mut().expect("loaded just above"))
+    }
+
+    fn decode(&self, id: &DocId, stored: &StoredDoc) -> Result<Loaded, Error> {
+        let mut doc = load_document(stored).map_err(|reason| Error::CorruptDocument {
+            doc: id.clone(),
+            reason,
+        })?;
+        doc.set_actor(self.shared.actor.clone());
+        Ok(Loaded {
+            doc,
+            appended_changes: stored.changes.len(),
+            appended_bytes: stored.changes.iter().map(Vec::len).sum(),
+            snapshot_bytes: stored.snapshot.as_ref().map_or(0, Vec::len),
+        })
+    }
+}
+
+/// Builds a document from stored bytes. automerge's decoder can panic on
+/// malformed input; the panic is contained and reported as an error.
+pub fn load_document(stored: &StoredDoc) -> Result<Automerge, String> {
+    let result = std::panic::catch_unwind(|| {
+        let mut doc = match &stored.snapshot {
+            Some(snapshot) => Automerge::load(snapshot).map_err(|e| e.to_string())?,
+            None => Automerge::new(),
+        };
+        if !stored.changes.is_empty() {
+            let joined: Vec<u8> = stored.changes.concat();
+            doc.load_incremental(&joined).map_err(|e| e.to_string())?;
+        }
+        let missing = doc.get_missing_deps(&[]);
+        if !missing.is_empty() {
+            return Err(format!(
+                "{} changes have missing dependencies",
+                missing.len()
+            ));
+        }
+        Ok(doc)
+    });
+    result.unwrap_or_else(|_| Err("automerge panicked decoding the stored bytes".to_owned()))
+}
+
+/// Decodes one change, containing automerge decoder panics.
+pub fn decode_change(bytes: &[u8]) -> Result<Change, String> {
+    std::panic::catch_unwind(|| Change::try_from(bytes).map_err(|e| e.to_string()))
+        .unwrap_or_else(|_| Err("automerge panicked decoding the change".to_owned()))
+}
+
+/// Splits received changes into those to apply (new, dependencies met, in
+/// causal order), a count of duplicates, and those with unmet dependencies.
+fn order_new_changes(
+    doc: &Automerge,
+    changes: Vec<Change>,
+) -> (Vec<Change>, usize, Vec<ChangeHash>) {
+    let mut pending: BTreeMap<ChangeHash, Change> = BTreeMap::new();
+    let mut duplicates = 0;
+    for change in changes {
+        let hash = change.hash();
+        if doc.get_change_by_hash(&hash).is_some() || pending.contains_key(&hash) {
+            duplicates += 1;
+        } else {
+            pending.insert(hash, change);
+        }
+    }
+    let mut ready = Vec::with_capacity(pending.len());
+    let mut ready_set = std::collections::HashSet::new();
+    loop {
+        let next: Vec<ChangeHash> = pending
+            .iter()
+            .filter(|(_, c)| {
+                c.deps()
+                    .iter()
+                    .all(|d| ready_set.contains(d) || doc.get_change_by_hash(d).is_some())
+            })
+            .map(|(h, _)| *h)
+            .collect();
+        if next.is_empty() {
+            break;
+        }
+        for hash in next {
+            let change = pending.remove(&hash).expect("selected from pending");
+            ready_set.insert(hash);
+            ready.push(change);
+        }
+    }
+    (ready, duplicates, pending.into_keys().collect())
+}

@@ -1,0 +1,429 @@
+//! The SQLite [`Store`]: WAL journal, `synchronous=FULL`, one writer thread
+//! with group commit, and a small pool of read connections.
+//!
+//! Every [`Store::commit`] call becomes a request to the writer thread. The
+//! writer takes every request that queued while the previous transaction was
+//! being made durable and commits them together in one SQLite transaction
+//! (each inside its own savepoint, so a failing request fails alone). Callers
+//! return only after that transaction's fsync: an `Ok` is on disk.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::sync::Mutex;
+use std::thread::JoinHandle;
+
+use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
+
+use super::{decode_heads, encode_heads, DocEntry, Store, StoreError, StoredDoc, Write};
+use crate::id::DocId;
+
+const SCHEMA_VERSION: i64 = 1;
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS docs (
+    id TEXT PRIMARY KEY NOT NULL,
+    heads BLOB NOT NULL,
+    snapshot BLOB
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS changes (
+    seq INTEGER PRIMARY KEY,
+    doc TEXT NOT NULL,
+    bytes BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS changes_by_doc ON changes (doc, seq);
+CREATE TABLE IF NOT EXISTS meta (
+    key TEXT PRIMARY KEY NOT NULL,
+    value BLOB NOT NULL
+) WITHOUT ROWID;
+";
+
+/// Tuning for [`Sqlite`].
+#[derive(Debug, Clone)]
+pub struct SqliteOptions {
+    /// Most commit requests joined into one transaction.
+    pub group_requests_max: usize,
+    /// Most payload bytes joined into one transaction (a single larger
+    /// request still commits alone).
+    pub group_bytes_max: usize,
+    /// Read connections kept open.
+    pub readers_max: usize,
+}
+
+impl Default for SqliteOptions {
+    fn default() -> SqliteOptions {
+        SqliteOptions {
+            group_requests_max: 1024,
+            group_bytes_max: 64 << 20,
+            readers_max: 4,
+        }
+    }
+}
+
+struct Request {
+    writes: Vec<Write>,
+    done: mpsc::SyncSender<Result<(), StoreError>>,
+}
+
+/// An SQLite-backed store in one database file.
+pub struct Sqlite {
+    path: PathBuf,
+    sender: Mutex<Option<mpsc::Sender<Request>>>,
+    writer: Mutex<Option<JoinHandle<()>>>,
+    readers: Mutex<Vec<Connection>>,
+    options: SqliteOptions,
+    // Held for the store's lifetime so a second process cannot open it.
+    _lock: File,
+}
+
+impl std::fmt::Debug for Sqlite {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sqlite")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
+    }
+}
+
+fn backend(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Backend(e.to_string())
+}
+
+impl Sqlite {
+    /// Opens (creating if needed) the database at `path` with default options.
+    pub fn open(path: impl AsRef<Path>) -> Result<Sqlite, StoreError> {
+        Sqlite::open_with(path, SqliteOptions::default())
+    }
+
+    /// Opens (creating if needed) the database at `path`.
+    pub fn open_with(path: impl AsRef<Path>, options: SqliteOptions) -> Result<Sqlite, StoreError> {
+        let path = path.as_ref().to_path_buf();
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(backend)?;
+        }
+        let lock_path = path.with_extension("lock");
+        let lock = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(backend)?;
+        lock.try_lock()
+            .map_err(|e| StoreError::Locked(format!("{}: {e}", lock_path.display())))?;
+
+        let writer_conn = open_connection(&path)?;
+        writer_conn.execute_batch(SCHEMA).map_err(backend)?;
+        let version: i64 = writer_conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .map_err(backend)?;
+        if version == 0 {
+            writer_conn
+                .execute_batch(&format!("PRAGMA user_version = {SCHEMA_VERSION}"))
+                .map_err(backend)?;
+        } else if version != SCHEMA_VERSION {
+            return Err(StoreError::Corrupt {
+                what: path.display().to_string(),
+                reason: format!("schema version {version}, this build knows {SCHEMA_VERSION}"),
+            });
+        }
+
+        let (sender, receiver) = mpsc::channel();
+        let group = (options.group_requests_max.max(1), options.group_bytes_max);
+        let writer = std::thread::Builder::new()
+            .name("archipelago-sqlite-writer".into())
+            .spawn(move || write_loop(writer_conn, receiver, group))
+            .map_err(backend)?;
+        Ok(Sqlite {
+            path,
+            sender: Mutex::new(Some(sender)),
+            writer: Mutex::new(Some(writer)),
+            readers: Mutex::new(Vec::new()),
+            options,
+            _lock: lock,
+        })
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Finishes queued commits and stops the writer thread. Later commits
+    /// fail with [`StoreError::Closed`]. Dropping the store does the same.
+    pub fn close(&self) {
+        drop(lock(&self.sender).take());
+        if let Some(writer) = lock(&self.writer).take() {
+            let _ = writer.join();
+        }
+    }
+
+    fn with_reader<R>(
+        &self,
+        f: impl FnOnce(&Connection) -> rusqlite::Result<R>,
+    ) -> Result<R, StoreError> {
+        let conn = lock(&self.readers).pop();
+        let conn = match conn {
+            Some(conn) => conn,
+            None => open_connection(&self.path)?,
+        };
+        let result = f(&conn).map_err(backend);
+        let mut readers = lock(&self.readers);
+        if readers.len() < self.options.readers_max {
+            readers.push(conn);
+        }
+        result
+    }
+}
+
+impl Drop for Sqlite {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn open_connection(path: &Path) -> Result<Connection, StoreError> {
+    let conn = Connection::open(path).map_err(backend)?;
+    conn.execute_batch(
+        "PRAGMA journal_mode = WAL;
+         PRAGMA synchronous = FULL;
+         PRAGMA busy_timeout = 10000;",
+    )
+    .map_err(backend)?;
+    Ok(conn)
+}
+
+fn write_loop(mut conn: Connection, receiver: mpsc::Receiver<Request>, group: (usize, usize)) {
+    let (requests_max, bytes_max) = group;
+    while let Ok(first) = receiver.recv() {
+        let mut bytes: usize = first.writes.iter().map(Write::bytes_len).sum();
+        let mut batch = vec![first];
+        while batch.len() < requests_max && bytes < bytes_max {
+            match receiver.try_recv() {
+                Ok(request) => {
+                    bytes += request.writes.iter().map(Write::bytes_len).sum::<usize>();
+                    batch.push(request);
+                }
+                Err(_) => break,
+            }
+        }
+        let results = commit_group(&mut conn, &batch);
+        for (request, result) in batch.into_iter().zip(results) {
+            // The caller may have gone away; its writes are durable anyway.
+            let _ = request.done.send(result);
+        }
+    }
+}
+
+/// Commits every request of the group in one transaction; each request's
+/// writes are atomic on their own.
+fn commit_group(conn: &mut Connection, batch: &[Request]) -> Vec<Result<(), StoreError>> {
+    let fail_all = |e: rusqlite::Error| batch.iter().map(|_| Err(backend(&e))).collect();
+    let mut tx = match conn.transaction_with_behavior(TransactionBehavior::Immediate) {
+        Ok(tx) => tx,
+        Err(e) => return fail_all(e),
+    };
+    let mut results = Vec::with_capacity(batch.len());
+    for request in batch {
+        let result = (|| {
+            let sp = tx.savepoint()?;
+            for write in &request.writes {
+                apply_write(&sp, write)?;
+            }
+            sp.commit()
+        })();
+        results.push(result.map_err(backend));
+    }
+    match tx.commit() {
+        Ok(()) => results,
+        Err(e) => fail_all(e),
+    }
+}
+
+fn apply_write(conn: &Connection, write: &Write) -> rusqlite::Result<()> {
+    match write {
+        Write::AppendChanges {
+            doc,
+            changes,
+            heads,
+        } => {
+            conn.prepare_cached(
+                "INSERT INTO docs (id, heads, snapshot) VALUES (?1, ?2, NULL)
+                 ON CONFLICT (id) DO UPDATE SET heads = excluded.heads",
+            )?
+            .execute(params![doc.as_str(), encode_heads(heads)])?;
+            let mut insert =
+                conn.prepare_cached("INSERT INTO changes (doc, bytes) VALUES (?1, ?2)")?;
+            for change in changes {
+                insert.execute(params![doc.as_str(), change])?;
+            }
+        }
+        Write::Snapshot { doc, bytes, heads } => {
+            conn.prepare_cached(
+                "INSERT INTO docs (id, heads, snapshot) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (id) DO UPDATE SET heads = excluded.heads, snapshot = excluded.snapshot",
+            )?
+            .execute(params![doc.as_str(), encode_heads(heads), bytes])?;
+            conn.prepare_cached("DELETE FROM changes WHERE doc = ?1")?
+                .execute(params![doc.as_str()])?;
+        }
+        Write::PutMeta { key, value } => {
+            conn.prepare_cached(
+                "INSERT INTO meta (key, value) VALUES (?1, ?2)
+                 ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            )?
+            .execute(params![key, value])?;
+        }
+        Write::DeleteMeta { key } => {
+            conn.prepare_cached("DELETE FROM meta WHERE key = ?1")?
+                .execute(params![key])?;
+        }
+    }
+    Ok(())
+}
+
+impl Store for Sqlite {
+    fn docs(&self) -> Result<Vec<DocEntry>, StoreError> {
+        let rows: Vec<(String, Vec<u8>)> = self.with_reader(|conn| {
+            let mut stmt = conn.prepare_cached("SELECT id, heads FROM docs ORDER BY id")?;
+            let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+            rows.collect()
+        })?;
+        rows.into_iter()
+            .map(|(id, heads)| {
+                let corrupt = |reason: &str| StoreError::Corrupt {
+                    what: format!("document {id:?}"),
+                    reason: reason.to_owned(),
+                };
+                let doc = DocId::new(&id).map_err(|_| corrupt("invalid document id"))?;
+                let heads = decode_heads(&heads).ok_or_else(|| corrupt("invalid heads"))?;
+                Ok(DocEntry { id: doc, heads })
+            })
+            .collect()
+    }
+
+    fn load(&self, doc: &DocId) -> Result<Option<StoredDoc>, StoreError> {
+        self.with_reader(|conn| {
+            // Both reads see one snapshot of the database.
+            conn.execute_batch("BEGIN")?;
+            let result = (|| {
+                let snapshot: Option<Option<Vec<u8>>> = conn
+                    .prepare_cached("SELECT snapshot FROM docs WHERE id = ?1")?
+                    .query_row(params![doc.as_str()], |r| r.get(0))
+                    .optional()?;
+                let Some(snapshot) = snapshot else {
+                    return Ok(None);
+                };
+                let mut stmt =
+                    conn.prepare_cached("SELECT bytes FROM changes WHERE doc = ?1 ORDER BY seq")?;
+                let changes = stmt
+                    .query_map(params![doc.as_str()], |r| r.get(0))?
+                    .collect::<rusqlite::Result<Vec<Vec<u8>>>>()?;
+                Ok(Some(StoredDoc { snapshot, changes }))
+            })();
+            conn.execute_batch("COMMIT")?;
+            result
+        })
+    }
+
+    fn commit(&self, writes: Vec<Write>) -> Result<(), StoreError> {
+        let (done, wait) = mpsc::sync_channel(1);
+        {
+            let sender = lock(&self.sender);
+            let sender = sender.as_ref().ok_or(StoreError::Closed)?;
+            sender
+                .send(Request { writes, done })
+                .map_err(|_| StoreError::Closed)?;
+        }
+        wait.recv().map_err(|_| StoreError::Closed)?
+    }
+
+    fn meta(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        self.with_reader(|conn| {
+            conn.prepare_cached("SELECT value FROM meta WHERE key = ?1")?
+                .query_row(params![key], |r| r.get(0))
+                .optional()
+        })
+    }
+
+    fn meta_prefix(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        self.with_reader(|conn| {
+            let mut stmt =
+                conn.prepare_cached("SELECT key, value FROM meta WHERE key >= ?1 ORDER BY key")?;
+            let rows =
+                stmt.query_map(params![prefix], |r| Ok((r.get::<_, String>(0)?, r.get(1)?)))?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (key, value) = row?;
+                if !key.starts_with(prefix) {
+                    break;
+                }
+                out.push((key, value));
+            }
+            Ok(out)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sqlite_store_behaves_and_survives_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store.db");
+        {
+            let store = Sqlite::open(&path).unwrap();
+            super::super::tests::exercise(&store);
+        }
+        let store = Sqlite::open(&path).unwrap();
+        assert_eq!(store.docs().unwrap().len(), 2);
+        assert_eq!(store.meta("peer/y").unwrap(), Some(vec![8]));
+    }
+
+    #[test]
+    fn second_open_is_refused_while_held() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store.db");
+        let _first = Sqlite::open(&path).unwrap();
+        assert!(matches!(Sqlite::open(&path), Err(StoreError::Locked(_))));
+    }
+
+    #[test]
+    fn concurrent_commits_are_all_durable() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store.db");
+        let store = std::sync::Arc::new(Sqlite::open(&path).unwrap());
+        let threads: Vec<_> = (0..8)
+            .map(|t| {
+                let store = store.clone();
+                std::thread::spawn(move || {
+                    for i in 0..50 {
+                        let doc = DocId::new(&format!("d{t}")).unwrap();
+                        store
+                            .commit(vec![Write::AppendChanges {
+                                doc,
+                                changes: vec![vec![i]],
+                                heads: vec![],
+                            }])
+                            .unwrap();
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        drop(store);
+        let store = Sqlite::open(&path).unwrap();
+        for t in 0..8 {
+            let doc = store
+                .load(&DocId::new(&format!("d{t}")).unwrap())
+                .unwrap()
+                .unwrap();
+            assert_eq!(doc.changes, (0..50u8).map(|i| vec![i]).collect::<Vec<_>>());
+        }
+    }
+}
