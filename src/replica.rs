@@ -483,19 +483,29 @@ impl Replica {
                 return Err(e);
             }
         };
-        let mut options = CommitOptions::default().with_time(self.shared.options.clock.now_ms());
-        if let Some(message) = message {
-            options = options.with_message(message);
-        }
-        let (hash, _) = tx.commit_with(options);
-        let Some(hash) = hash else {
-            return Ok((
-                Commit {
-                    heads: loaded.doc.get_heads(),
-                    change: None,
-                },
-                result,
-            ));
+        let now_ms = self.shared.options.clock.now_ms();
+        let options = || {
+            let options = CommitOptions::default().with_time(now_ms);
+            match message {
+                Some(message) => options.with_message(message),
+                None => options,
+            }
+        };
+        let hash = match tx.commit_with(options()).0 {
+            Some(hash) => hash,
+            // A document is created by its first commit, even an empty one,
+            // so that writing `{}` to a new document makes it exist.
+            None if loaded.doc.get_heads().is_empty() => loaded.doc.empty_commit(options()),
+            None => {
+                let heads = loaded.doc.get_heads();
+                return Ok((
+                    Commit {
+                        heads,
+                        change: None,
+                    },
+                    result,
+                ));
+            }
         };
         let change = loaded
             .doc

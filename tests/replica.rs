@@ -1,0 +1,357 @@
+//! Replica behaviour over real stores: durability across reopen, the bounded
+//! cache, compaction, corrupt stored bytes, store failures, remote changes,
+//! subscriptions, history and time travel.
+
+use std::sync::Arc;
+
+use archipelago::doc::Op;
+use archipelago::store::{Faulty, Memory, Sqlite, Store, StoredDoc, Write};
+use archipelago::{DocId, Error, Origin, Replica, ReplicaOptions};
+use serde_json::json;
+
+fn ops(value: serde_json::Value) -> Vec<Op> {
+    serde_json::from_value(value).unwrap()
+}
+
+fn id(s: &str) -> DocId {
+    s.parse().unwrap()
+}
+
+fn options(site: &str) -> ReplicaOptions {
+    ReplicaOptions::new(site.parse().unwrap())
+}
+
+#[test]
+fn commits_survive_reopen_with_a_small_cache_and_compaction() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("store.db");
+    {
+        let mut opts = options("east");
+        opts.cache_docs_max = 3;
+        opts.compact_changes_min = 4;
+        let replica = Replica::open(opts, Arc::new(Sqlite::open(&path).unwrap())).unwrap();
+        for round in 0..10 {
+            for d in 0..10 {
+                let doc = id(&format!("inv/{d}"));
+                replica
+                    .apply_ops(
+                        &doc,
+                        &ops(json!([{"op": "set", "path": format!("/r{round}"), "value": round}])),
+                        None,
+                    )
+                    .unwrap();
+            }
+        }
+        assert!(
+            replica.stats().loaded_docs <= 3,
+            "cache stays bounded: {:?}",
+            replica.stats()
+        );
+        assert_eq!(replica.stats().docs, 10);
+    }
+    let store = Arc::new(Sqlite::open(&path).unwrap());
+    // Compaction left each document as a snapshot plus a few changes.
+    let stored = store.load(&id("inv/0")).unwrap().unwrap();
+    assert!(stored.snapshot.is_some());
+    assert!(stored.changes.len() < 10);
+    let replica = Replica::open(options("east"), store).unwrap();
+    assert_eq!(replica.doc_ids("inv/").len(), 10);
+    for d in 0..10 {
+        let view = replica
+            .read_json(&id(&format!("inv/{d}")), None)
+            .unwrap()
+            .unwrap();
+        for round in 0..10 {
+            assert_eq!(view.value[format!("r{round}")], json!(round));
+        }
+    }
+}
+
+#[test]
+fn corrupt_stored_bytes_fail_that_document_only() {
+    let store = Arc::new(Memory::new());
+    let good = id("good");
+    let bad = id("bad");
+    {
+        let replica = Replica::open(options("east"), store.clone()).unwrap();
+        replica
+            .apply_ops(
+                &good,
+                &ops(json!([{"op": "set", "path": "/a", "value": 1}])),
+                None,
+            )
+            .unwrap();
+    }
+    // Bytes that start like an automerge chunk but are garbage, and bytes
+    // that are not automerge at all.
+    for garbage in [
+        vec![0x85, 0x6f, 0x4a, 0x83, 1, 2, 3, 4, 0, 9, 9, 9, 9],
+        vec![1, 2, 3],
+    ] {
+        store
+            .commit(vec![Write::Snapshot {
+                doc: bad.clone(),
+                bytes: garbage,
+                heads: vec![],
+            }])
+            .unwrap();
+        let replica = Replica::open(options("east"), store.clone()).unwrap();
+        let err = replica.read_json(&bad, None).unwrap_err();
+        assert!(matches!(err, Error::CorruptDocument { .. }), "{err}");
+        assert!(replica
+            .apply_ops(
+                &bad,
+                &ops(json!([{"op": "set", "path": "/x", "value": 1}])),
+                None
+            )
+            .is_err());
+        assert_eq!(
+            replica.read_json(&good, None).unwrap().unwrap().value,
+            json!({"a": 1})
+        );
+    }
+}
+
+#[test]
+fn arbitrary_bytes_never_panic_the_loader() {
+    // A deterministic spread of mutations of a real document.
+    let replica = Replica::open(options("east"), Arc::new(Memory::new())).unwrap();
+    let doc = id("d");
+    replica
+        .apply_ops(
+            &doc,
+            &ops(json!([{"op": "set", "path": "/a", "value": {"b": [1, 2, "x"]}}])),
+            None,
+        )
+        .unwrap();
+    let changes = replica.changes_after(&doc, &[]).unwrap().unwrap();
+    let original = changes[0].clone();
+    let mut seed = 0x9e3779b97f4a7c15u64;
+    for _ in 0..2000 {
+        let mut bytes = original.clone();
+        for _ in 0..3 {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            let at = (seed as usize) % bytes.len();
+            bytes[at] = (seed >> 32) as u8;
+        }
+        let _ = archipelago::load_document(&StoredDoc {
+            snapshot: Some(bytes.clone()),
+            changes: vec![],
+        });
+        let _ = archipelago::load_document(&StoredDoc {
+            snapshot: None,
+            changes: vec![bytes.clone()],
+        });
+        let _ = archipelago::decode_change(&bytes);
+    }
+}
+
+#[test]
+fn a_failed_store_commit_changes_nothing_visible() {
+    let store = Arc::new(Faulty::new(Memory::new()));
+    let replica = Replica::open(options("east"), store.clone()).unwrap();
+    let doc = id("d");
+    replica
+        .apply_ops(
+            &doc,
+            &ops(json!([{"op": "set", "path": "/a", "value": 1}])),
+            None,
+        )
+        .unwrap();
+    let before = replica.read_json(&doc, None).unwrap().unwrap();
+    let mut events = replica.subscribe();
+    store.set_fail_commits(true);
+    let err = replica
+        .apply_ops(
+            &doc,
+            &ops(json!([{"op": "set", "path": "/a", "value": 2}])),
+            None,
+        )
+        .unwrap_err();
+    assert!(matches!(err, Error::Store(_)), "{err}");
+    store.set_fail_commits(false);
+    assert_eq!(replica.read_json(&doc, None).unwrap().unwrap(), before);
+    assert!(
+        events.try_recv().is_err(),
+        "no event for a commit that did not happen"
+    );
+    replica
+        .apply_ops(
+            &doc,
+            &ops(json!([{"op": "set", "path": "/a", "value": 3}])),
+            None,
+        )
+        .unwrap();
+    assert_eq!(
+        replica.read_json(&doc, None).unwrap().unwrap().value,
+        json!({"a": 3})
+    );
+}
+
+#[test]
+fn remote_changes_apply_in_a_batch_in_any_order_and_once() {
+    let east = Replica::open(options("east"), Arc::new(Memory::new())).unwrap();
+    let west = Replica::open(options("west"), Arc::new(Memory::new())).unwrap();
+    let doc = id("stock/sku-1");
+    for i in 0..20 {
+        east.apply_ops(
+            &doc,
+            &ops(json!([{"op": "set", "path": format!("/k{i}"), "value": i}])),
+            None,
+        )
+        .unwrap();
+    }
+    let mut changes = east.changes_after(&doc, &[]).unwrap().unwrap();
+    changes.reverse();
+    let mut events = west.subscribe();
+    // Without the first change the rest cannot apply.
+    let first = changes.pop().unwrap();
+    let partial = west
+        .apply_changes(&doc, &changes, Origin::Peer(east.site().clone()))
+        .unwrap();
+    assert!(partial.applied.is_empty());
+    assert_eq!(partial.missing_deps.len(), 19);
+    changes.push(first);
+    let applied = west
+        .apply_changes(&doc, &changes, Origin::Peer(east.site().clone()))
+        .unwrap();
+    assert_eq!(applied.applied.len(), 20);
+    let again = west
+        .apply_changes(&doc, &changes, Origin::Peer(east.site().clone()))
+        .unwrap();
+    assert_eq!((again.applied.len(), again.duplicates), (0, 20));
+    assert_eq!(west.heads(&doc), east.heads(&doc));
+    assert_eq!(
+        west.read_json(&doc, None).unwrap(),
+        east.read_json(&doc, None).unwrap()
+    );
+    let event = events.try_recv().unwrap();
+    assert_eq!(event.origin, Origin::Peer("east".parse().unwrap()));
+    assert_eq!(event.changes.len(), 20);
+    assert!(events.try_recv().is_err(), "one event for one batch");
+}
+
+#[test]
+fn malformed_remote_changes_are_refused_whole() {
+    let west = Replica::open(options("west"), Arc::new(Memory::new())).unwrap();
+    let doc = id("d");
+    let err = west.apply_changes(
+        &doc,
+        &[vec![0x85, 0x6f, 0x4a, 0x83, 0, 0, 0, 0, 1], vec![7; 40]],
+        Origin::Local,
+    );
+    assert!(matches!(err, Err(Error::BadChange { .. })), "{err:?}");
+    assert_eq!(west.heads(&doc), None);
+}
+
+#[test]
+fn changes_after_refuses_unknown_heads() {
+    let east = Replica::open(options("east"), Arc::new(Memory::new())).unwrap();
+    let doc = id("d");
+    east.apply_ops(
+        &doc,
+        &ops(json!([{"op": "set", "path": "/a", "value": 1}])),
+        None,
+    )
+    .unwrap();
+    let unknown = archipelago::ChangeHash([7; 32]);
+    assert!(matches!(
+        east.changes_after(&doc, &[unknown]),
+        Err(Error::UnknownHeads { .. })
+    ));
+}
+
+#[test]
+fn time_travel_and_history_show_the_past() {
+    let replica = Replica::open(options("east"), Arc::new(Memory::new())).unwrap();
+    let doc = id("d");
+    let first = replica
+        .apply_ops(
+            &doc,
+            &ops(json!([{"op": "set", "path": "/price", "value": 10}])),
+            Some("list it"),
+        )
+        .unwrap();
+    replica
+        .apply_ops(
+            &doc,
+            &ops(json!([{"op": "set", "path": "/price", "value": 12}])),
+            Some("raise"),
+        )
+        .unwrap();
+    let past = replica
+        .read_json(&doc, Some(&first.heads))
+        .unwrap()
+        .unwrap();
+    assert_eq!(past.value, json!({"price": 10}));
+    assert_eq!(past.heads, first.heads);
+    assert_eq!(
+        replica.read_json(&doc, None).unwrap().unwrap().value,
+        json!({"price": 12})
+    );
+    let history = replica.history(&doc).unwrap().unwrap();
+    let messages: Vec<_> = history.iter().map(|c| c.message.clone().unwrap()).collect();
+    assert_eq!(messages, ["list it", "raise"]);
+    assert_eq!(history[1].deps, vec![history[0].hash]);
+    assert!(
+        history[0].time > 1_600_000_000_000,
+        "time is in milliseconds"
+    );
+    let unknown = archipelago::ChangeHash([1; 32]);
+    assert!(matches!(
+        replica.read_json(&doc, Some(&[unknown])),
+        Err(Error::UnknownHeads { .. })
+    ));
+}
+
+#[test]
+fn concurrent_commits_from_many_threads_all_land() {
+    let dir = tempfile::tempdir().unwrap();
+    let replica = Replica::open(
+        options("east"),
+        Arc::new(Sqlite::open(dir.path().join("s.db")).unwrap()),
+    )
+    .unwrap();
+    let threads: Vec<_> = (0..8)
+        .map(|t| {
+            let replica = replica.clone();
+            std::thread::spawn(move || {
+                for i in 0..25 {
+                    // Half the threads share one document, half have their own.
+                    let doc = if t % 2 == 0 {
+                        id("shared")
+                    } else {
+                        id(&format!("own/{t}"))
+                    };
+                    replica
+                        .apply_ops(
+                            &doc,
+                            &ops(json!([{"op": "set", "path": format!("/t{t}i{i}"), "value": i}])),
+                            None,
+                        )
+                        .unwrap();
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    let shared = replica
+        .read_json(&id("shared"), None)
+        .unwrap()
+        .unwrap()
+        .value;
+    assert_eq!(shared.as_object().unwrap().len(), 4 * 25);
+    assert_eq!(replica.history(&id("shared")).unwrap().unwrap().len(), 100);
+}
+
+#[test]
+fn each_replica_process_writes_with_a_fresh_actor() {
+    let store: Arc<dyn Store> = Arc::new(Memory::new());
+    let a = Replica::open(options("east"), store.clone()).unwrap();
+    let b = Replica::open(options("east"), store).unwrap();
+    assert_ne!(a.actor(), b.actor());
+}
