@@ -331,11 +331,7 @@ impl Replica {
     ) -> Result<Option<DocView>, Error> {
         let view = self.with_doc(id, |doc| {
             if let Some(heads) = at {
-                let unknown: Vec<ChangeHash> = heads
-                    .iter()
-                    .filter(|h| doc.get_change_by_hash(h).is_none())
-                    .copied()
-                    .collect();
+                let unknown = unknown_hashes(doc, heads);
                 if !unknown.is_empty() {
                     return Err(Error::UnknownHeads {
                         doc: id.clone(),
@@ -374,11 +370,7 @@ impl Replica {
         have: &[ChangeHash],
     ) -> Result<Option<Vec<Vec<u8>>>, Error> {
         self.with_doc(id, |doc| {
-            let unknown: Vec<ChangeHash> = have
-                .iter()
-                .filter(|h| doc.get_change_by_hash(h).is_none())
-                .copied()
-                .collect();
+            let unknown = unknown_hashes(doc, have);
             if !unknown.is_empty() {
                 return Err(Error::UnknownHeads {
                     doc: id.clone(),
@@ -392,6 +384,49 @@ impl Replica {
                 .collect())
         })?
         .transpose()
+    }
+
+    /// Which of `hashes` the document holds (empty when it does not exist).
+    pub fn known_hashes(
+        &self,
+        id: &DocId,
+        hashes: &[ChangeHash],
+    ) -> Result<Vec<ChangeHash>, Error> {
+        let known = self.with_doc(id, |doc| {
+            let unknown = unknown_hashes(doc, hashes);
+            hashes
+                .iter()
+                .filter(|h| !unknown.contains(h))
+                .copied()
+                .collect()
+        })?;
+        Ok(known.unwrap_or_default())
+    }
+
+    /// Hashes spread over the document's history, newest first: the last 16
+    /// changes, then every 2nd, 4th, 8th, ... further back, and the first.
+    /// A peer finds the newest it holds to use as a common base.
+    pub fn history_sample(&self, id: &DocId) -> Result<Vec<ChangeHash>, Error> {
+        let sample = self.with_doc(id, |doc| {
+            let all = doc.get_changes_meta(&[]);
+            let mut sample = Vec::new();
+            let mut back = 0usize;
+            let mut step = 1usize;
+            while back < all.len() {
+                sample.push(all[all.len() - 1 - back].hash);
+                if sample.len() >= 16 {
+                    step *= 2;
+                }
+                back += step;
+            }
+            if let Some(first) = all.first() {
+                if sample.last() != Some(&first.hash) {
+                    sample.push(first.hash);
+                }
+            }
+            sample
+        })?;
+        Ok(sample.unwrap_or_default())
     }
 
     /// Applies `ops` atomically as one change and returns once it is
@@ -780,6 +815,20 @@ pub fn decode_change(bytes: &[u8]) -> Result<Change, String> {
         .unwrap_or_else(|_| Err("automerge panicked decoding the change".to_owned()))
 }
 
+/// The hashes among `hashes` that the document does not hold. Cheap: it
+/// consults the change graph, where `get_change_by_hash` rebuilds the change.
+pub(crate) fn unknown_hashes(doc: &Automerge, hashes: &[ChangeHash]) -> Vec<ChangeHash> {
+    // Loaded documents never keep queued changes (see `order_new_changes`
+    // and `load_document`), so every missing dependency is one of `hashes`.
+    let mut missing = doc.get_missing_deps(hashes);
+    missing.retain(|h| hashes.contains(h));
+    missing
+}
+
+fn has_change(doc: &Automerge, hash: &ChangeHash) -> bool {
+    doc.get_missing_deps(std::slice::from_ref(hash)).is_empty()
+}
+
 /// Splits received changes into those to apply (new, dependencies met, in
 /// causal order), a count of duplicates, and those with unmet dependencies.
 fn order_new_changes(
@@ -790,7 +839,7 @@ fn order_new_changes(
     let mut duplicates = 0;
     for change in changes {
         let hash = change.hash();
-        if doc.get_change_by_hash(&hash).is_some() || pending.contains_key(&hash) {
+        if has_change(doc, &hash) || pending.contains_key(&hash) {
             duplicates += 1;
         } else {
             pending.insert(hash, change);
@@ -804,7 +853,7 @@ fn order_new_changes(
             .filter(|(_, c)| {
                 c.deps()
                     .iter()
-                    .all(|d| ready_set.contains(d) || doc.get_change_by_hash(d).is_some())
+                    .all(|d| ready_set.contains(d) || has_change(doc, d))
             })
             .map(|(h, _)| *h)
             .collect();

@@ -264,3 +264,19 @@ fn putting_a_number_on_a_counter_keeps_it_a_counter() {
         json!({"stock": 5})
     );
 }
+
+#[test]
+fn misspelled_op_fields_are_refused() {
+    let typo = serde_json::from_value::<Op>(
+        json!({"op": "set", "path": "/a", "value": 1, "ass": "counter"}),
+    );
+    assert!(typo.is_err());
+    let ok = serde_json::from_value::<Op>(
+        json!({"op": "set", "path": "/a", "value": 1, "as": "counter"}),
+    );
+    assert!(ok.is_ok());
+    let splice = serde_json::from_value::<Op>(
+        json!({"op": "splice", "path": "/t", "index": 0, "text": "x"}),
+    );
+    assert!(splice.is_ok(), "optional fields may be left out");
+}

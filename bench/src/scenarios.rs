@@ -15,6 +15,8 @@ pub(crate) const NAMES: &[&str] = &[
     "memory_idle_docs",
     "library_commits",
     "library_commits_single_doc",
+    "api_commits",
+    "api_commits_single_doc",
 ];
 
 pub(crate) fn run(name: &str, quick: bool) -> anyhow::Result<Map<String, Value>> {
@@ -22,6 +24,8 @@ pub(crate) fn run(name: &str, quick: bool) -> anyhow::Result<Map<String, Value>>
         "memory_idle_docs" => memory_idle_docs(quick),
         "library_commits" => library_commits(quick, 100),
         "library_commits_single_doc" => library_commits(quick, 1),
+        "api_commits" => api_commits(quick, 100),
+        "api_commits_single_doc" => api_commits(quick, 1),
         other => anyhow::bail!("unknown scenario {other}"),
     }
 }
@@ -161,6 +165,57 @@ fn memory_idle_docs(quick: bool) -> anyhow::Result<Map<String, Value>> {
         ),
         ("rss_bytes_per_idle_doc", json!(per_idle.round())),
     ]))
+}
+
+/// Durable `POST /v1/docs/{id}/ops` commits per second through a node's
+/// HTTP API on 127.0.0.1: 8 concurrent clients, round-robin over `docs`.
+fn api_commits(quick: bool, docs: usize) -> anyhow::Result<Map<String, Value>> {
+    let total = if quick { 8_000 } else { 40_000 };
+    let clients = 8;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        let dir = tempfile::tempdir()?;
+        let path = sync_node::init::init(&sync_node::init::InitOptions::new("bench".parse()?, dir.path()))?;
+        let node = sync_node::Node::start(&sync_node::config::Config::load(&path)?).await?;
+        let http = reqwest::Client::new();
+        let next = Arc::new(AtomicUsize::new(0));
+        let started = Instant::now();
+        let mut tasks = Vec::new();
+        for _ in 0..clients {
+            let (http, next) = (http.clone(), next.clone());
+            let (url, token) = (node.url(), node.token().to_owned());
+            tasks.push(tokio::spawn(async move {
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= total {
+                        return anyhow::Ok(());
+                    }
+                    let body = json!({"ops": [{"op": "set", "path": format!("/k{}", i % 10), "value": i}]});
+                    let response = http
+                        .post(format!("{url}/v1/docs/bench%2F{}/ops", i % docs))
+                        .bearer_auth(&token)
+                        .json(&body)
+                        .send()
+                        .await?;
+                    anyhow::ensure!(response.status().is_success(), "commit failed: {}", response.status());
+                }
+            }));
+        }
+        for task in tasks {
+            task.await??;
+        }
+        let seconds = started.elapsed().as_secs_f64();
+        node.shutdown().await?;
+        Ok(metrics(&[
+            ("commits", json!(total)),
+            ("docs", json!(docs)),
+            ("clients", json!(clients)),
+            ("seconds", json!(seconds)),
+            ("commits_per_second", json!((total as f64 / seconds).round())),
+        ]))
+    })
 }
 
 fn rss_bytes() -> anyhow::Result<u64> {

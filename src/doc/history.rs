@@ -40,5 +40,16 @@ impl ChangeInfo {
 
 /// Every change of `doc` in causal order, oldest first.
 pub fn history(doc: &automerge::Automerge) -> Vec<ChangeInfo> {
-    doc.get_changes(&[]).iter().map(ChangeInfo::of).collect()
+    // Metadata only: rebuilding every change's ops would cost far more.
+    doc.get_changes_meta(&[])
+        .into_iter()
+        .map(|meta| ChangeInfo {
+            hash: meta.hash,
+            site: site_of_actor(&meta.actor),
+            actor: meta.actor.to_hex_string(),
+            time: meta.timestamp,
+            message: meta.message.map(|m| m.into_owned()),
+            deps: meta.deps,
+        })
+        .collect()
 }

@@ -29,7 +29,7 @@ pub enum ValueKind {
 /// One operation on a document. The JSON form is the HTTP API's:
 /// `{"op": "set", "path": "/stock", "value": 5, "as": "counter"}`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "op", rename_all = "lowercase")]
+#[serde(tag = "op", rename_all = "lowercase", deny_unknown_fields)]
 pub enum Op {
     /// Writes `value` at `path`, creating missing parent maps; `/-` appends
     /// to a list.

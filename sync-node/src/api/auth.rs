@@ -1,0 +1,147 @@
+//! Bearer-token authentication of the HTTP API: the token type and the
+//! middleware that checks every request except health.
+//!
+//! The token is compared in constant time, so response timing does not
+//! reveal how much of a guess was right.
+
+use std::fmt;
+
+use axum::extract::{Request, State};
+use axum::http::header::AUTHORIZATION;
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+
+use super::error::ApiError;
+use super::ApiState;
+
+/// Longest accepted token, in bytes.
+pub const TOKEN_BYTES_MAX: usize = 1024;
+
+/// The secret a client presents as `Authorization: Bearer TOKEN`. Its
+/// `Debug` output is redacted.
+#[derive(Clone)]
+pub struct ApiToken(String);
+
+/// A token that cannot be used in an HTTP header.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid API token: {0}")]
+pub struct InvalidToken(&'static str);
+
+impl ApiToken {
+    /// A new random token: 32 bytes from the operating system's generator,
+    /// as 64 hex digits.
+    pub fn generate() -> ApiToken {
+        let bytes: [u8; 32] = rand::random();
+        ApiToken(hex::encode(bytes))
+    }
+
+    /// Checks a token read from a file or given by an embedder.
+    pub fn new(text: &str) -> Result<ApiToken, InvalidToken> {
+        if text.is_empty() {
+            return Err(InvalidToken("it is empty"));
+        }
+        if text.len() > TOKEN_BYTES_MAX {
+            return Err(InvalidToken("it is longer than 1024 bytes"));
+        }
+        if !text.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(InvalidToken(
+                "it must be printable ASCII without spaces, to fit in a header",
+            ));
+        }
+        Ok(ApiToken(text.to_owned()))
+    }
+
+    /// The token text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// True when `candidate` is this token; takes the same time for every
+    /// candidate of a given length.
+    pub fn matches(&self, candidate: &[u8]) -> bool {
+        let expected = self.0.as_bytes();
+        if candidate.len() != expected.len() {
+            return false;
+        }
+        let difference = expected
+            .iter()
+            .zip(candidate)
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b));
+        std::hint::black_box(difference) == 0
+    }
+}
+
+impl fmt::Debug for ApiToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("ApiToken(<redacted>)")
+    }
+}
+
+/// The path that answers without a token.
+const HEALTH_PATH: &str = "/v1/health";
+
+/// Refuses requests without the right bearer token, except health.
+pub(crate) async fn require_token(
+    State(state): State<ApiState>,
+    request: Request,
+    next: Next,
+) -> Response {
+    if request.uri().path() == HEALTH_PATH {
+        return next.run(request).await;
+    }
+    let presented = request
+        .headers()
+        .get(AUTHORIZATION)
+        .map(|value| value.as_bytes())
+        .and_then(bearer);
+    match presented {
+        Some(token) if state.token.matches(token) => next.run(request).await,
+        Some(_) => ApiError::unauthorized("the bearer token is wrong").into_response(),
+        None => {
+            ApiError::unauthorized("an Authorization: Bearer token is required").into_response()
+        }
+    }
+}
+
+/// The credentials of an `Authorization: Bearer ...` header value.
+fn bearer(value: &[u8]) -> Option<&[u8]> {
+    const SCHEME: &[u8] = b"bearer ";
+    if value.len() < SCHEME.len() || !value[..SCHEME.len()].eq_ignore_ascii_case(SCHEME) {
+        return None;
+    }
+    Some(value[SCHEME.len()..].trim_ascii())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generated_tokens_are_64_hex_digits_and_differ() {
+        let a = ApiToken::generate();
+        let b = ApiToken::generate();
+        assert_eq!(a.as_str().len(), 64);
+        assert!(a.as_str().bytes().all(|c| c.is_ascii_hexdigit()));
+        assert_ne!(a.as_str(), b.as_str());
+        assert_eq!(format!("{a:?}"), "ApiToken(<redacted>)");
+    }
+
+    #[test]
+    fn matching_is_exact() {
+        let token = ApiToken::new("secret").unwrap();
+        assert!(token.matches(b"secret"));
+        assert!(!token.matches(b"secreT"));
+        assert!(!token.matches(b"secret2"));
+        assert!(!token.matches(b""));
+        assert!(ApiToken::new("").is_err());
+        assert!(ApiToken::new("a b").is_err());
+    }
+
+    #[test]
+    fn bearer_scheme_is_case_insensitive() {
+        assert_eq!(bearer(b"Bearer abc"), Some(&b"abc"[..]));
+        assert_eq!(bearer(b"bearer  abc "), Some(&b"abc"[..]));
+        assert_eq!(bearer(b"Basic abc"), None);
+        assert_eq!(bearer(b"Bear"), None);
+    }
+}

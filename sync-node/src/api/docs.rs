@@ -1,0 +1,212 @@
+//! The document routes: list, read (with time travel), whole-value write,
+//! atomic op batches, and history.
+//!
+//! Replica calls block (reads may load from SQLite, writes wait for the
+//! commit's fsync), so each runs on tokio's blocking pool. That also
+//! contains panics: a panicking closure becomes a `JoinError`, answered as a
+//! 500, and the node keeps serving.
+
+use std::time::Instant;
+
+use axum::extract::State;
+use axum::Json;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use archipelago::doc::Op;
+use archipelago::id::parse_change_hash;
+use archipelago::{ChangeHash, Commit, DocId, DocView};
+
+use super::error::ApiError;
+use super::extract::{ApiQuery, DocPath, JsonBody};
+use super::telemetry::{record_docs, COMMITS, COMMIT_SECONDS};
+use super::ApiState;
+
+/// Most heads accepted in `?at=`.
+const AT_HEADS_MAX: usize = 1024;
+/// Longest accepted commit message, in bytes.
+const MESSAGE_BYTES_MAX: usize = 16 * 1024;
+
+/// Runs a blocking replica call off the async threads. The closure maps
+/// library errors itself: `archipelago::Error` is large to move around.
+async fn blocking<R: Send + 'static>(
+    f: impl FnOnce() -> Result<R, ApiError> + Send + 'static,
+) -> Result<R, ApiError> {
+    tokio::task::spawn_blocking(f).await?
+}
+
+fn doc_not_found(id: &DocId) -> ApiError {
+    ApiError::new(
+        axum::http::StatusCode::NOT_FOUND,
+        "doc_not_found",
+        format!("document {id} not found"),
+    )
+}
+
+fn check_message(message: Option<&str>) -> Result<(), ApiError> {
+    match message {
+        Some(m) if m.len() > MESSAGE_BYTES_MAX => Err(ApiError::bad_request(
+            "bad_message",
+            format!("the message is longer than {MESSAGE_BYTES_MAX} bytes"),
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// Query of `GET /v1/docs`.
+#[derive(Debug, Deserialize)]
+pub(crate) struct ListQuery {
+    #[serde(default)]
+    prefix: String,
+}
+
+/// `GET /v1/docs?prefix=P`.
+pub(crate) async fn list(
+    State(state): State<ApiState>,
+    ApiQuery(query): ApiQuery<ListQuery>,
+) -> Json<Value> {
+    let ids = state.replica.doc_ids(&query.prefix);
+    Json(json!({ "docs": ids }))
+}
+
+/// Query of `GET /v1/docs/{id}`.
+#[derive(Debug, Deserialize)]
+pub(crate) struct ReadQuery {
+    at: Option<String>,
+}
+
+/// Parses `HEAD,HEAD,...` (hex change hashes).
+fn parse_heads(text: &str) -> Result<Vec<ChangeHash>, ApiError> {
+    let heads = text
+        .split(',')
+        .map(str::trim)
+        .filter(|h| !h.is_empty())
+        .take(AT_HEADS_MAX + 1)
+        .map(|h| {
+            parse_change_hash(h).map_err(|e| ApiError::bad_request("bad_heads", e.to_string()))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    if heads.is_empty() {
+        return Err(ApiError::bad_request(
+            "bad_heads",
+            "`at` needs at least one change hash",
+        ));
+    }
+    if heads.len() > AT_HEADS_MAX {
+        return Err(ApiError::bad_request(
+            "bad_heads",
+            format!("`at` takes at most {AT_HEADS_MAX} change hashes"),
+        ));
+    }
+    Ok(heads)
+}
+
+/// `GET /v1/docs/{id}[?at=HEAD,HEAD]`.
+pub(crate) async fn read(
+    State(state): State<ApiState>,
+    DocPath(id): DocPath,
+    ApiQuery(query): ApiQuery<ReadQuery>,
+) -> Result<Json<DocView>, ApiError> {
+    let at = query.at.as_deref().map(parse_heads).transpose()?;
+    let replica = state.replica.clone();
+    let doc = id.clone();
+    let view = blocking(move || Ok(replica.read_json(&doc, at.as_deref())?)).await?;
+    view.map(Json).ok_or_else(|| doc_not_found(&id))
+}
+
+/// Body of `PUT /v1/docs/{id}`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct PutBody {
+    value: Value,
+    #[serde(default)]
+    message: Option<String>,
+}
+
+/// `PUT /v1/docs/{id}`: makes the document equal the value, field by field.
+pub(crate) async fn put(
+    State(state): State<ApiState>,
+    DocPath(id): DocPath,
+    JsonBody(body): JsonBody<PutBody>,
+) -> Result<Json<Commit>, ApiError> {
+    check_message(body.message.as_deref())?;
+    if !body.value.is_object() {
+        return Err(ApiError::bad_request(
+            "bad_value",
+            "the document value must be a JSON object",
+        ));
+    }
+    let replica = state.replica.clone();
+    let started = Instant::now();
+    let commit =
+        blocking(move || Ok(replica.put_json(&id, &body.value, body.message.as_deref())?)).await?;
+    committed(&state, &commit, started);
+    Ok(Json(commit))
+}
+
+/// Body of `POST /v1/docs/{id}/ops`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct OpsBody {
+    ops: Vec<Op>,
+    #[serde(default)]
+    message: Option<String>,
+}
+
+/// `POST /v1/docs/{id}/ops`: applies the ops atomically as one change.
+pub(crate) async fn apply_ops(
+    State(state): State<ApiState>,
+    DocPath(id): DocPath,
+    JsonBody(body): JsonBody<OpsBody>,
+) -> Result<Json<Commit>, ApiError> {
+    check_message(body.message.as_deref())?;
+    if body.ops.is_empty() {
+        return Err(ApiError::bad_request("bad_value", "`ops` is empty"));
+    }
+    let replica = state.replica.clone();
+    let started = Instant::now();
+    let commit =
+        blocking(move || Ok(replica.apply_ops(&id, &body.ops, body.message.as_deref())?)).await?;
+    committed(&state, &commit, started);
+    Ok(Json(commit))
+}
+
+fn committed(state: &ApiState, commit: &Commit, started: Instant) {
+    if commit.change.is_some() {
+        metrics::counter!(COMMITS).increment(1);
+        metrics::histogram!(COMMIT_SECONDS).record(started.elapsed().as_secs_f64());
+        record_docs(state);
+    }
+}
+
+/// `GET /v1/docs/{id}/history`: changes, oldest first.
+pub(crate) async fn history(
+    State(state): State<ApiState>,
+    DocPath(id): DocPath,
+) -> Result<Json<Value>, ApiError> {
+    let replica = state.replica.clone();
+    let doc = id.clone();
+    let changes = blocking(move || Ok(replica.history(&doc)?)).await?;
+    match changes {
+        Some(changes) => Ok(Json(json!({ "changes": changes }))),
+        None => Err(doc_not_found(&id)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn heads_parse_from_comma_separated_hex() {
+        let a = "a".repeat(64);
+        let b = "b".repeat(64);
+        assert_eq!(parse_heads(&format!("{a},{b}")).unwrap().len(), 2);
+        assert_eq!(parse_heads(&format!(" {a} ,")).unwrap().len(), 1);
+        assert!(parse_heads("").is_err());
+        assert!(parse_heads("zz").is_err());
+        assert!(parse_heads(&"a".repeat(63)).is_err());
+        let many = vec![a; AT_HEADS_MAX + 1].join(",");
+        assert!(parse_heads(&many).is_err());
+    }
+}

@@ -1,0 +1,134 @@
+//! The API's error answer, `{"error": {"code", "message"}}` with a fitting
+//! status, and the mapping from library errors to it.
+//!
+//! Codes are stable and machine-readable; messages are for people and are
+//! clipped so an error never echoes a huge input back.
+
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+
+/// Longest error message sent, in characters.
+const MESSAGE_CHARS_MAX: usize = 512;
+
+/// An error answer.
+#[derive(Debug)]
+pub(crate) struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+}
+
+impl ApiError {
+    pub(crate) fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        let mut message: String = message.into();
+        if let Some((cut, _)) = message.char_indices().nth(MESSAGE_CHARS_MAX) {
+            message.truncate(cut);
+            message.push('…');
+        }
+        ApiError {
+            status,
+            code,
+            message,
+        }
+    }
+
+    pub(crate) fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
+        ApiError::new(StatusCode::BAD_REQUEST, code, message)
+    }
+
+    pub(crate) fn unauthorized(message: &str) -> Self {
+        ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", message)
+    }
+
+    pub(crate) fn internal(message: impl Into<String>) -> Self {
+        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", message)
+    }
+
+    pub(crate) fn payload_too_large(limit_bytes: usize) -> Self {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            format!("the request body is larger than {limit_bytes} bytes"),
+        )
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = serde_json::json!({
+            "error": {"code": self.code, "message": self.message}
+        });
+        let mut response = (self.status, Json(body)).into_response();
+        if self.status == StatusCode::UNAUTHORIZED {
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        response
+    }
+}
+
+impl From<archipelago::Error> for ApiError {
+    fn from(error: archipelago::Error) -> ApiError {
+        use archipelago::Error;
+        let message = error.to_string();
+        match &error {
+            Error::Op(op) if op.is_malformed_input() => ApiError::bad_request(op.code(), message),
+            Error::Op(op) => ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, op.code(), message),
+            Error::NotFound(_) => ApiError::new(StatusCode::NOT_FOUND, "doc_not_found", message),
+            Error::UnknownHeads { .. } => ApiError::bad_request("unknown_heads", message),
+            Error::InvalidId(_) => ApiError::bad_request("invalid_id", message),
+            Error::CorruptDocument { .. } => {
+                tracing::error!(error = %message, "corrupt document");
+                ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "corrupt_document",
+                    message,
+                )
+            }
+            Error::Store(_) => {
+                tracing::error!(error = %message, "store failed");
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "store_unavailable",
+                    message,
+                )
+            }
+            _ => {
+                tracing::error!(error = %message, "request failed");
+                ApiError::internal(message)
+            }
+        }
+    }
+}
+
+impl From<tokio::task::JoinError> for ApiError {
+    fn from(error: tokio::task::JoinError) -> ApiError {
+        if error.is_panic() {
+            tracing::error!("a request handler panicked");
+            ApiError::internal("the request could not be completed (internal panic)")
+        } else {
+            ApiError::internal("the request was cancelled")
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_panicking_blocking_call_becomes_a_500() {
+        let joined = tokio::task::spawn_blocking(|| panic!("boom")).await;
+        let error = ApiError::from(joined.unwrap_err());
+        assert_eq!(error.status, StatusCode::INTERNAL_SERVER_ERROR);
+        assert_eq!(error.code, "internal");
+    }
+
+    #[test]
+    fn long_messages_are_clipped() {
+        let error = ApiError::bad_request("x", "é".repeat(10_000));
+        assert_eq!(error.message.chars().count(), MESSAGE_CHARS_MAX + 1);
+    }
+}

@@ -1,0 +1,370 @@
+//! The `sync-node` command line (clap): `init`, `run`, and client commands
+//! against a running node (`status`, `doc get|put|ops|history|list`).
+//!
+//! Exit codes: 0 on success, 1 when the command fails (including an error
+//! answer from the node, whose message goes to stderr), 2 for usage errors
+//! (clap's own, and arguments that parse but make no sense, such as a
+//! value that is not JSON).
+
+use std::io::Read as _;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use archipelago::SiteName;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use reqwest::Method;
+use serde_json::{json, Value};
+
+use crate::client::{encode, Client};
+use crate::config::{Config, PeerConfig};
+use crate::init::{init, InitError, InitOptions};
+use crate::node::Node;
+
+/// The archipelago daemon: one per site; stores documents and serves the
+/// HTTP API.
+#[derive(Debug, Parser)]
+#[command(name = "sync-node", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Write a node directory: config file and API token.
+    Init(InitArgs),
+    /// Run a node.
+    Run(RunArgs),
+    /// Show a running node's status.
+    Status(ClientArgs),
+    /// Read and write documents of a running node.
+    #[command(subcommand)]
+    Doc(DocCommand),
+}
+
+#[derive(Debug, Args)]
+struct InitArgs {
+    /// Site name (a-z, 0-9, -).
+    #[arg(long, value_name = "NAME")]
+    site: SiteName,
+    /// Node directory to write `sync-node.toml` and `api.token` into.
+    #[arg(long, value_name = "DIR")]
+    dir: PathBuf,
+    /// Address of the HTTP API (port 0 picks a free port at each start).
+    #[arg(long, value_name = "HOST:PORT")]
+    api: SocketAddr,
+    /// Address of the site-to-site sync endpoint.
+    #[arg(long, value_name = "HOST:PORT")]
+    listen: SocketAddr,
+    /// Directory of the cluster CA.
+    #[arg(long, value_name = "CA")]
+    ca_dir: Option<PathBuf>,
+    /// A peer site; repeat for several.
+    #[arg(long = "peer", value_name = "SITE=HOST:PORT")]
+    peers: Vec<PeerConfig>,
+    /// Overwrite an existing config (and generate a new token).
+    #[arg(long)]
+    force: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+#[derive(Debug, Args)]
+struct RunArgs {
+    /// The config file.
+    #[arg(long, value_name = "FILE")]
+    config: PathBuf,
+    /// Log line format (stderr). `RUST_LOG` sets the filter.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+}
+
+#[derive(Debug, Args)]
+struct ClientArgs {
+    /// The config file of the node to talk to.
+    #[arg(long, value_name = "FILE")]
+    config: PathBuf,
+}
+
+#[derive(Debug, Subcommand)]
+enum DocCommand {
+    /// Print a document and its heads.
+    Get {
+        #[command(flatten)]
+        client: ClientArgs,
+        /// Document id.
+        id: String,
+        /// Read as of these heads (comma-separated change hashes).
+        #[arg(long, value_name = "HEAD,HEAD")]
+        at: Option<String>,
+    },
+    /// Write a whole document (a JSON object), reconciled field by field.
+    Put {
+        #[command(flatten)]
+        client: ClientArgs,
+        /// Document id.
+        id: String,
+        /// The value: JSON text, `@FILE`, or `-` for stdin.
+        value: String,
+        /// Commit message.
+        #[arg(long)]
+        message: Option<String>,
+    },
+    /// Apply a JSON array of ops atomically.
+    Ops {
+        #[command(flatten)]
+        client: ClientArgs,
+        /// Document id.
+        id: String,
+        /// The ops: JSON text, `@FILE`, or `-` for stdin.
+        ops: String,
+        /// Commit message.
+        #[arg(long)]
+        message: Option<String>,
+    },
+    /// Print a document's change history.
+    History {
+        #[command(flatten)]
+        client: ClientArgs,
+        /// Document id.
+        id: String,
+    },
+    /// List document ids.
+    List {
+        #[command(flatten)]
+        client: ClientArgs,
+        /// Only ids starting with this.
+        #[arg(long, default_value = "")]
+        prefix: String,
+    },
+}
+
+/// An argument that parsed but cannot be used: exit code 2.
+#[derive(Debug)]
+struct UsageError(String);
+
+impl std::fmt::Display for UsageError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for UsageError {}
+
+/// Parses the process arguments, runs the command and returns the exit
+/// code. Usage errors exit from here with code 2 (clap's convention).
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run_command(cli.command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            if error.downcast_ref::<UsageError>().is_some() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+    }
+}
+
+fn run_command(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Init(args) => init_node(args),
+        Command::Run(args) => run_node(&args),
+        Command::Status(client) => client_request(&client, Method::GET, "/v1/status", None),
+        Command::Doc(doc) => doc_command(doc),
+    }
+}
+
+fn init_node(args: InitArgs) -> anyhow::Result<()> {
+    let options = InitOptions {
+        site: args.site,
+        dir: args.dir,
+        api_listen: args.api,
+        sync_listen: args.listen,
+        ca_dir: args.ca_dir,
+        peers: args.peers,
+        force: args.force,
+    };
+    match init(&options) {
+        Ok(path) => {
+            println!("wrote {}", path.display());
+            Ok(())
+        }
+        Err(InitError::Invalid(message)) => Err(UsageError(message).into()),
+        Err(error) => Err(error.into()),
+    }
+}
+
+fn run_node(args: &RunArgs) -> anyhow::Result<()> {
+    init_logging(args.log_format);
+    let config = Config::load(&args.config)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("sync-node")
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(async {
+        let node = Node::start(&config).await?;
+        node.run_until(shutdown_signal()).await
+    })?;
+    Ok(())
+}
+
+fn init_logging(format: LogFormat) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    // Only fails when a subscriber is already set, which then stays.
+    let _ = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
+}
+
+/// Completes on SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    let interrupt = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut terminate) => {
+                tokio::select! {
+                    _ = terminate.recv() => tracing::info!("received SIGTERM"),
+                    () = interrupt => tracing::info!("received SIGINT"),
+                }
+            }
+            Err(error) => {
+                tracing::warn!(%error, "cannot listen for SIGTERM; only SIGINT stops the node");
+                interrupt.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    interrupt.await;
+}
+
+fn doc_command(command: DocCommand) -> anyhow::Result<()> {
+    match command {
+        DocCommand::Get { client, id, at } => {
+            let mut path = format!("/v1/docs/{}", encode(&id));
+            if let Some(at) = at {
+                path.push_str("?at=");
+                path.push_str(&encode(&at));
+            }
+            client_request(&client, Method::GET, &path, None)
+        }
+        DocCommand::Put {
+            client,
+            id,
+            value,
+            message,
+        } => {
+            let value = read_json_argument("VALUE_JSON", &value)?;
+            let mut body = json!({ "value": value });
+            if let Some(message) = message {
+                body["message"] = Value::String(message);
+            }
+            let path = format!("/v1/docs/{}", encode(&id));
+            client_request(&client, Method::PUT, &path, Some(&body))
+        }
+        DocCommand::Ops {
+            client,
+            id,
+            ops,
+            message,
+        } => {
+            let ops = read_json_argument("OPS_JSON", &ops)?;
+            if !ops.is_array() {
+                return Err(UsageError("OPS_JSON must be a JSON array of ops".to_owned()).into());
+            }
+            let mut body = json!({ "ops": ops });
+            if let Some(message) = message {
+                body["message"] = Value::String(message);
+            }
+            let path = format!("/v1/docs/{}/ops", encode(&id));
+            client_request(&client, Method::POST, &path, Some(&body))
+        }
+        DocCommand::History { client, id } => {
+            let path = format!("/v1/docs/{}/history", encode(&id));
+            client_request(&client, Method::GET, &path, None)
+        }
+        DocCommand::List { client, prefix } => {
+            let path = format!("/v1/docs?prefix={}", encode(&prefix));
+            client_request(&client, Method::GET, &path, None)
+        }
+    }
+}
+
+/// Reads a JSON argument given inline, as `@FILE`, or as `-` (stdin).
+fn read_json_argument(name: &str, argument: &str) -> anyhow::Result<Value> {
+    let text = if argument == "-" {
+        let mut text = String::new();
+        std::io::stdin()
+            .read_to_string(&mut text)
+            .with_context(|| format!("cannot read {name} from stdin"))?;
+        text
+    } else if let Some(path) = argument.strip_prefix('@') {
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {name} from {path}"))?
+    } else {
+        argument.to_owned()
+    };
+    serde_json::from_str(&text)
+        .map_err(|e| UsageError(format!("{name} is not valid JSON: {e}")).into())
+}
+
+/// Sends one request and prints the answer, pretty-printed.
+fn client_request(
+    args: &ClientArgs,
+    method: Method,
+    path: &str,
+    body: Option<&Value>,
+) -> anyhow::Result<()> {
+    let client = Client::from_config(&args.config)?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    let answer = runtime.block_on(client.request(method, path, body))?;
+    println!("{}", serde_json::to_string_pretty(&answer)?);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory as _;
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn json_arguments_are_read_inline_and_from_files() {
+        assert_eq!(read_json_argument("X", "[1]").unwrap(), json!([1]));
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v.json");
+        std::fs::write(&path, r#"{"a": 1}"#).unwrap();
+        let arg = format!("@{}", path.display());
+        assert_eq!(read_json_argument("X", &arg).unwrap(), json!({"a": 1}));
+        let error = read_json_argument("X", "{oops").unwrap_err();
+        assert!(error.downcast_ref::<UsageError>().is_some());
+    }
+}

@@ -1,0 +1,438 @@
+//! The daemon's configuration file (`sync-node.toml`): its TOML shape, the
+//! checks made when it is loaded, and the paths it names, which are relative
+//! to the directory holding the file.
+//!
+//! A loaded [`Config`] is valid: the site name and addresses parsed, no peer
+//! listed twice, the site not its own peer. Errors name the file and the
+//! problem, because an operator reads them at startup.
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use archipelago::SiteName;
+use serde::{Deserialize, Serialize};
+
+use crate::api::ApiToken;
+
+/// Name of the configuration file `sync-node init` writes.
+pub const CONFIG_FILE_NAME: &str = "sync-node.toml";
+/// Name of the API token file `sync-node init` writes next to the config.
+pub const TOKEN_FILE_NAME: &str = "api.token";
+/// Name of the file, next to the config, where a running node writes the
+/// address its HTTP API is bound to.
+pub const API_ADDR_FILE_NAME: &str = "api.addr";
+/// Default data directory, relative to the config file.
+pub const DATA_DIR_NAME: &str = "data";
+/// Name of the SQLite database inside the data directory.
+pub const STORE_FILE_NAME: &str = "store.db";
+/// Most documents kept loaded that a config may ask for.
+pub const CACHE_DOCS_MAX_LIMIT: usize = 10_000_000;
+
+/// The configuration file as written in TOML.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigFile {
+    /// This node's site.
+    pub site: SiteName,
+    /// Where the store lives (relative to the config file's directory).
+    pub data_dir: PathBuf,
+    /// The HTTP API.
+    pub api: ApiConfig,
+    /// Site-to-site sync (stored for the QUIC transport, not used yet).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sync: Option<SyncConfig>,
+    /// Peer sites (stored for the QUIC transport, not used yet).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub peers: Vec<PeerConfig>,
+    /// Storage tuning.
+    #[serde(default)]
+    pub store: StoreConfig,
+    /// Conflict rules; accepted and ignored until the rule engine exists.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rules: Vec<toml::Table>,
+}
+
+/// The `[api]` table.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiConfig {
+    /// Address the HTTP API binds; port 0 picks a free port, which the node
+    /// then writes to [`API_ADDR_FILE_NAME`].
+    pub listen: SocketAddr,
+    /// File holding the bearer token (relative to the config's directory).
+    pub token_file: PathBuf,
+}
+
+/// The `[sync]` table.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SyncConfig {
+    /// Address the QUIC endpoint binds.
+    pub listen: SocketAddr,
+    /// Directory of the cluster CA.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_dir: Option<PathBuf>,
+}
+
+/// One `[[peers]]` entry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeerConfig {
+    /// The peer's site.
+    pub site: SiteName,
+    /// Where the peer's sync endpoint listens.
+    pub addr: PeerAddr,
+}
+
+impl FromStr for PeerConfig {
+    type Err = String;
+
+    /// Parses `SITE=HOST:PORT`, the form of the `--peer` option.
+    fn from_str(text: &str) -> Result<PeerConfig, String> {
+        let (site, addr) = text
+            .split_once('=')
+            .ok_or_else(|| format!("peer {text:?} is not SITE=HOST:PORT"))?;
+        Ok(PeerConfig {
+            site: site.parse().map_err(|e| format!("{e}"))?,
+            addr: addr.parse()?,
+        })
+    }
+}
+
+/// A `HOST:PORT` address of a peer: an IP address or a DNS name, and a port.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct PeerAddr(String);
+
+/// Longest accepted peer address, in bytes.
+const PEER_ADDR_BYTES_MAX: usize = 260;
+
+impl PeerAddr {
+    /// The address as written.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl FromStr for PeerAddr {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<PeerAddr, String> {
+        let invalid = |why: &str| format!("invalid peer address {text:?}: {why}");
+        if text.len() > PEER_ADDR_BYTES_MAX {
+            return Err(invalid("too long"));
+        }
+        if text.parse::<SocketAddr>().is_ok() {
+            return Ok(PeerAddr(text.to_owned()));
+        }
+        let (host, port) = text
+            .rsplit_once(':')
+            .ok_or_else(|| invalid("expected HOST:PORT"))?;
+        port.parse::<u16>()
+            .map_err(|_| invalid("the port is not a number from 0 to 65535"))?;
+        let host_ok = !host.is_empty()
+            && host
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-')
+            && !host.starts_with('-')
+            && !host.starts_with('.');
+        if !host_ok {
+            return Err(invalid("the host is neither an IP address nor a DNS name"));
+        }
+        Ok(PeerAddr(text.to_owned()))
+    }
+}
+
+impl TryFrom<String> for PeerAddr {
+    type Error = String;
+    fn try_from(text: String) -> Result<PeerAddr, String> {
+        text.parse()
+    }
+}
+
+impl From<PeerAddr> for String {
+    fn from(addr: PeerAddr) -> String {
+        addr.0
+    }
+}
+
+impl fmt::Display for PeerAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// The `[store]` table.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreConfig {
+    /// Most documents kept loaded in memory.
+    #[serde(default = "default_cache_docs_max")]
+    pub cache_docs_max: usize,
+}
+
+fn default_cache_docs_max() -> usize {
+    1024
+}
+
+impl Default for StoreConfig {
+    fn default() -> StoreConfig {
+        StoreConfig {
+            cache_docs_max: default_cache_docs_max(),
+        }
+    }
+}
+
+/// A configuration file that could not be used.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {}: {source}", path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML or does not have the expected shape.
+    #[error("config file {} is invalid: {message}", path.display())]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The parser's explanation, with line and column.
+        message: String,
+    },
+    /// The file parsed but its contents do not make sense.
+    #[error("config file {}: {message}", path.display())]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+    /// The API token file could not be used.
+    #[error("token file {} (named by config file {}): {message}", token_path.display(), path.display())]
+    Token {
+        /// The config file.
+        path: PathBuf,
+        /// The token file.
+        token_path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// A loaded and checked configuration, with the location it was read from
+/// (relative paths inside it are resolved against that directory).
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The contents.
+    pub file: ConfigFile,
+    path: PathBuf,
+    dir: PathBuf,
+}
+
+impl Config {
+    /// Reads and checks the configuration file at `path`.
+    pub fn load(path: impl AsRef<Path>) -> Result<Config, ConfigError> {
+        let path = path.as_ref();
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let file: ConfigFile = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string().trim_end().to_owned(),
+        })?;
+        Config::new(file, path)
+    }
+
+    /// Checks `file` as if it had been read from `path`.
+    pub fn new(file: ConfigFile, path: impl AsRef<Path>) -> Result<Config, ConfigError> {
+        let path = path.as_ref().to_path_buf();
+        if let Err(message) = validate(&file) {
+            return Err(ConfigError::Invalid { path, message });
+        }
+        let dir = match path.parent() {
+            Some(parent) if !parent.as_os_str().is_empty() => parent.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        Ok(Config { file, path, dir })
+    }
+
+    /// The configuration file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The directory holding the configuration file.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The data directory, resolved.
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.join(&self.file.data_dir)
+    }
+
+    /// The SQLite database file.
+    pub fn store_path(&self) -> PathBuf {
+        self.data_dir().join(STORE_FILE_NAME)
+    }
+
+    /// The API token file, resolved.
+    pub fn token_path(&self) -> PathBuf {
+        self.dir.join(&self.file.api.token_file)
+    }
+
+    /// The file where a running node writes its bound API address.
+    pub fn api_addr_path(&self) -> PathBuf {
+        self.dir.join(API_ADDR_FILE_NAME)
+    }
+
+    /// Reads the API token from the token file.
+    pub fn read_token(&self) -> Result<ApiToken, ConfigError> {
+        let token_path = self.token_path();
+        let error = |message: String| ConfigError::Token {
+            path: self.path.clone(),
+            token_path: token_path.clone(),
+            message,
+        };
+        let text = std::fs::read_to_string(&token_path).map_err(|e| error(e.to_string()))?;
+        ApiToken::new(text.trim()).map_err(|e| error(e.to_string()))
+    }
+}
+
+/// Checks what TOML parsing cannot: peers, limits.
+pub(crate) fn validate(file: &ConfigFile) -> Result<(), String> {
+    let mut seen = BTreeSet::new();
+    for peer in &file.peers {
+        if peer.site == file.site {
+            return Err(format!(
+                "site {} is listed as its own peer",
+                peer.site.as_str()
+            ));
+        }
+        if !seen.insert(peer.site.clone()) {
+            return Err(format!(
+                "peer {} is listed more than once",
+                peer.site.as_str()
+            ));
+        }
+    }
+    let cache = file.store.cache_docs_max;
+    if cache == 0 || cache > CACHE_DOCS_MAX_LIMIT {
+        return Err(format!(
+            "store.cache_docs_max must be from 1 to {CACHE_DOCS_MAX_LIMIT}, not {cache}"
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const EXAMPLE: &str = r#"
+site = "us-east"
+data_dir = "data"
+
+[api]
+listen = "127.0.0.1:7070"
+token_file = "api.token"
+
+[sync]
+listen = "127.0.0.1:7071"
+ca_dir = "/path/ca"
+
+[[peers]]
+site = "eu-west"
+addr = "127.0.0.1:7081"
+
+[[peers]]
+site = "ap-south"
+addr = "ap-south.example.com:7081"
+
+[store]
+cache_docs_max = 16
+
+[[rules]]
+name = "stock never negative"
+check = "min"
+"#;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        let file: ConfigFile = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: "x.toml".into(),
+            message: e.to_string(),
+        })?;
+        Config::new(file, "/etc/archipelago/x.toml")
+    }
+
+    #[test]
+    fn example_parses_and_paths_resolve_against_the_config_dir() {
+        let config = parse(EXAMPLE).unwrap();
+        assert_eq!(config.file.site.as_str(), "us-east");
+        assert_eq!(config.file.peers.len(), 2);
+        assert_eq!(config.file.store.cache_docs_max, 16);
+        assert_eq!(config.file.rules.len(), 1);
+        assert_eq!(
+            config.store_path(),
+            PathBuf::from("/etc/archipelago/data/store.db")
+        );
+        assert_eq!(
+            config.token_path(),
+            PathBuf::from("/etc/archipelago/api.token")
+        );
+    }
+
+    #[test]
+    fn unknown_fields_are_refused() {
+        let text = EXAMPLE.replace("[store]", "[store]\ncache_size = 3");
+        assert!(matches!(parse(&text), Err(ConfigError::Parse { .. })));
+        let text = format!("colour = \"blue\"\n{EXAMPLE}");
+        assert!(matches!(parse(&text), Err(ConfigError::Parse { .. })));
+    }
+
+    #[test]
+    fn duplicate_and_self_peers_are_refused() {
+        let dup = EXAMPLE.replace("ap-south\"\naddr", "eu-west\"\naddr");
+        let err = parse(&dup).unwrap_err().to_string();
+        assert!(err.contains("more than once"), "{err}");
+        let own = EXAMPLE.replace("\"eu-west\"", "\"us-east\"");
+        let err = parse(&own).unwrap_err().to_string();
+        assert!(err.contains("own peer"), "{err}");
+    }
+
+    #[test]
+    fn errors_name_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("broken.toml");
+        std::fs::write(&path, "site = \"US\"\n").unwrap();
+        let err = Config::load(&path).unwrap_err().to_string();
+        assert!(err.contains("broken.toml"), "{err}");
+        let err = Config::load(dir.path().join("absent.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("absent.toml"), "{err}");
+    }
+
+    #[test]
+    fn peer_addresses_are_checked() {
+        assert!("127.0.0.1:1".parse::<PeerAddr>().is_ok());
+        assert!("[::1]:7081".parse::<PeerAddr>().is_ok());
+        assert!("eu.example.com:7081".parse::<PeerAddr>().is_ok());
+        assert!("eu.example.com".parse::<PeerAddr>().is_err());
+        assert!("eu example:1".parse::<PeerAddr>().is_err());
+        assert!(":1".parse::<PeerAddr>().is_err());
+        assert!("host:99999".parse::<PeerAddr>().is_err());
+        let peer: PeerConfig = "eu-west=127.0.0.1:7081".parse().unwrap();
+        assert_eq!(peer.site.as_str(), "eu-west");
+        assert!("EU=127.0.0.1:1".parse::<PeerConfig>().is_err());
+        assert!("eu-west".parse::<PeerConfig>().is_err());
+    }
+}

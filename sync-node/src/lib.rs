@@ -1,0 +1,48 @@
+//! The `sync-node` daemon as a library: one node per site stores documents
+//! in SQLite and serves them over an HTTP API; the binary (`main.rs`) is a
+//! thin command line over this crate, and tests and benchmarks start nodes
+//! in-process with it.
+//!
+//! - [`config`]: the TOML configuration file and the paths it names.
+//! - [`init`]: writing a new node directory (config and API token).
+//! - [`node`]: a running node — store, replica, HTTP server, graceful
+//!   shutdown.
+//! - [`api`]: the HTTP API (axum router), usable on its own.
+//! - [`cli`]: the command line, including the client commands.
+//!
+//! Starting a node in-process on a free loopback port and calling it:
+//!
+//! ```
+//! use sync_node::config::Config;
+//! use sync_node::init::{init, InitOptions};
+//! use sync_node::Node;
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let dir = tempfile::tempdir()?;
+//! // API on 127.0.0.1:0: the node picks a free port.
+//! let config_path = init(&InitOptions::new("us-east".parse()?, dir.path()))?;
+//! let node = Node::start(&Config::load(&config_path)?).await?;
+//!
+//! let status: serde_json::Value = reqwest::Client::new()
+//!     .get(format!("{}/v1/status", node.url()))
+//!     .bearer_auth(node.token())
+//!     .send()
+//!     .await?
+//!     .json()
+//!     .await?;
+//! assert_eq!(status["site"], "us-east");
+//!
+//! node.shutdown().await?;
+//! # Ok(())
+//! # }
+//! ```
+
+pub mod api;
+pub mod cli;
+mod client;
+pub mod config;
+pub mod init;
+pub mod node;
+
+pub use node::{Node, NodeError};
