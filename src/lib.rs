@@ -49,7 +49,10 @@
 pub mod doc;
 mod error;
 pub mod id;
+pub mod protocol;
 mod replica;
+#[cfg(feature = "sim")]
+pub mod sim;
 pub mod store;
 
 pub use error::Error;

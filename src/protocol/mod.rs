@@ -1,0 +1,45 @@
+//! The sync protocol between sites, without I/O: the wire format
+//! ([`wire`]), replication scope ([`scope`]), set reconciliation of the
+//! document index ([`reconcile`]), and the per-peer [`session::Session`]
+//! state machine. The QUIC transport drives sessions; the simulation and
+//! the fuzz targets drive them directly.
+
+pub mod reconcile;
+pub mod scope;
+pub mod session;
+pub mod wire;
+
+pub use scope::{Glob, Scope};
+pub use session::{Event, Host, Lane, Session, SessionConfig, SessionStats};
+
+use automerge::ChangeHash;
+
+use crate::error::Error;
+use crate::id::{DocId, SiteName};
+use crate::replica::{Applied, Origin, Replica};
+
+impl Host for Replica {
+    fn index(&self) -> Vec<(DocId, Vec<ChangeHash>)> {
+        Replica::index(self)
+    }
+
+    fn heads(&self, doc: &DocId) -> Option<Vec<ChangeHash>> {
+        Replica::heads(self, doc)
+    }
+
+    fn known(&self, doc: &DocId, hashes: &[ChangeHash]) -> Result<Vec<ChangeHash>, Error> {
+        self.known_hashes(doc, hashes)
+    }
+
+    fn changes_after(&self, doc: &DocId, have: &[ChangeHash]) -> Result<Vec<Vec<u8>>, Error> {
+        Replica::changes_after(self, doc, have)?.ok_or_else(|| Error::NotFound(doc.clone()))
+    }
+
+    fn sample(&self, doc: &DocId) -> Result<Vec<ChangeHash>, Error> {
+        self.history_sample(doc)
+    }
+
+    fn apply(&self, doc: &DocId, changes: &[Vec<u8>], from: &SiteName) -> Result<Applied, Error> {
+        self.apply_changes(doc, changes, Origin::Peer(from.clone()))
+    }
+}

@@ -1,0 +1,758 @@
+//! One sync session with one peer, as a pure state machine in the shape of
+//! quinn-proto: callers feed received bytes, local commits and time through
+//! `handle_*`, and take frames to send, events and the next deadline with
+//! `poll_*`. The session never touches a socket or reads a clock; it reads
+//! and writes documents only through the [`Host`] passed to each call (the
+//! [`Replica`](crate::Replica) in production and in the simulation).
+//!
+//! Flow: both sides send `Hello`; the side whose site name sorts first
+//! starts range-based set reconciliation of `(doc id, heads)`; every
+//! document found to differ is caught up with a per-document exchange of
+//! heads that only ever sends changes after heads the sender has verified it
+//! knows (automerge answers unknown heads with the whole history). Local
+//! commits are pushed live on their own lane, coalesced per document while
+//! the live window is full, and acknowledged by batch number.
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::time::{Duration, Instant};
+
+use automerge::ChangeHash;
+
+use super::reconcile::{item_hash, ItemSet};
+use super::scope::Scope;
+use super::wire::{
+    self, capabilities, close_code, FrameDecoder, Hash, Message, CHANGES_PER_MESSAGE_MAX,
+    HASHES_PER_MESSAGE_MAX, MESSAGE_CHANGE_BYTES_TARGET, PROTOCOL_VERSION,
+};
+use crate::error::Error;
+use crate::id::{DocId, SiteName};
+use crate::replica::{Applied, Committed, Origin};
+
+/// What a session needs from the local replica.
+pub trait Host {
+    /// Every document with its heads.
+    fn index(&self) -> Vec<(DocId, Vec<ChangeHash>)>;
+    /// The heads of one document, if it exists.
+    fn heads(&self, doc: &DocId) -> Option<Vec<ChangeHash>>;
+    /// Which of `hashes` the document holds.
+    fn known(&self, doc: &DocId, hashes: &[ChangeHash]) -> Result<Vec<ChangeHash>, Error>;
+    /// Encoded changes after `have` (all known), in causal order.
+    fn changes_after(&self, doc: &DocId, have: &[ChangeHash]) -> Result<Vec<Vec<u8>>, Error>;
+    /// Hashes spread over the document's history, newest first.
+    fn sample(&self, doc: &DocId) -> Result<Vec<ChangeHash>, Error>;
+    /// Applies received changes durably, in one batch.
+    fn apply(&self, doc: &DocId, changes: &[Vec<u8>], from: &SiteName) -> Result<Applied, Error>;
+}
+
+/// Which stream a frame belongs on: live changes must never wait behind a
+/// large catch-up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Lane {
+    /// Handshake, reconciliation, catch-up, acks.
+    Control,
+    /// Live pushes of new commits.
+    Live,
+}
+
+/// Settings of a session.
+#[derive(Debug, Clone)]
+pub struct SessionConfig {
+    /// This site.
+    pub local: SiteName,
+    /// The site the peer must prove to be.
+    pub peer: SiteName,
+    /// What the peer may receive and write.
+    pub scope: Scope,
+    /// Unacknowledged live bytes allowed in flight.
+    pub live_window_bytes: usize,
+    /// Unacknowledged catch-up bytes allowed in flight.
+    pub catchup_window_bytes: usize,
+    /// Live changes queued per session before falling back to catch-up.
+    pub live_queue_bytes_max: usize,
+    /// Time allowed for the peer's `Hello`.
+    pub handshake_timeout: Duration,
+}
+
+impl SessionConfig {
+    /// Defaults for a session between `local` and `peer` replicating
+    /// everything.
+    pub fn new(local: SiteName, peer: SiteName) -> SessionConfig {
+        SessionConfig {
+            local,
+            peer,
+            scope: Scope::everything(),
+            live_window_bytes: 4 << 20,
+            catchup_window_bytes: 8 << 20,
+            live_queue_bytes_max: 64 << 20,
+            handshake_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Something the session reports to its driver.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// The peer proved its site name and protocol version.
+    Connected {
+        /// The peer.
+        peer: SiteName,
+    },
+    /// Set reconciliation finished.
+    Reconciled {
+        /// Documents found to differ.
+        differing: usize,
+        /// Reconciliation messages sent by this side.
+        messages_sent: usize,
+    },
+    /// Changes received from the peer were applied.
+    Applied {
+        /// The document.
+        doc: DocId,
+        /// New changes applied.
+        changes: usize,
+    },
+    /// Changes from the peer were refused; the session carries on.
+    Rejected {
+        /// The document.
+        doc: DocId,
+        /// Why.
+        reason: String,
+    },
+    /// The session ended.
+    Closed {
+        /// A [`close_code`].
+        code: u16,
+        /// Why.
+        reason: String,
+        /// True when the peer closed it.
+        by_peer: bool,
+    },
+}
+
+/// Counters of one session.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SessionStats {
+    /// Frame bytes handed out for sending.
+    pub bytes_sent: u64,
+    /// Frame bytes received.
+    pub bytes_received: u64,
+    /// Changes sent (live and catch-up).
+    pub changes_sent: u64,
+    /// New changes applied from the peer.
+    pub changes_applied: u64,
+    /// `Changes` messages sent.
+    pub batches_sent: u64,
+    /// `Changes` messages received.
+    pub batches_received: u64,
+    /// Reconciliation round messages sent.
+    pub reconcile_messages_sent: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    AwaitHello,
+    Open,
+    Closed,
+}
+
+/// One peer's sync session.
+#[derive(Debug)]
+pub struct Session {
+    config: SessionConfig,
+    phase: Phase,
+    deadline: Option<Instant>,
+    decoder: FrameDecoder,
+    transmits: VecDeque<(Lane, Vec<u8>)>,
+    events: VecDeque<Event>,
+    stats: SessionStats,
+    // Reconciliation.
+    items: Option<ItemSet>,
+    reconciled: HashSet<DocId>,
+    /// Set by whichever side ends the exchange (its `respond` had nothing
+    /// to send back) and by the other on hearing `ReconcileDone`.
+    reconcile_done: bool,
+    // Batches sent and not yet acknowledged: batch -> (lane, bytes).
+    next_batch: u64,
+    unacked: BTreeMap<u64, (Lane, usize)>,
+    unacked_bytes: HashMap<LaneKey, usize>,
+    // Live changes waiting for window space, coalesced per document.
+    live_queue: BTreeMap<DocId, Vec<Vec<u8>>>,
+    live_queue_bytes: usize,
+    // Catch-up work waiting for window space: document and base heads.
+    catchup_queue: VecDeque<(DocId, Vec<ChangeHash>)>,
+    catchup_queued: HashSet<DocId>,
+    // Heads the peer is known to hold, per document, in this session.
+    peer_heads: HashMap<DocId, Vec<ChangeHash>>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum LaneKey {
+    Control,
+    Live,
+}
+
+impl From<Lane> for LaneKey {
+    fn from(lane: Lane) -> LaneKey {
+        match lane {
+            Lane::Control => LaneKey::Control,
+            Lane::Live => LaneKey::Live,
+        }
+    }
+}
+
+fn to_wire(hashes: &[ChangeHash]) -> Vec<Hash> {
+    hashes.iter().map(|h| h.0).collect()
+}
+
+fn from_wire(hashes: &[Hash]) -> Vec<ChangeHash> {
+    hashes.iter().map(|h| ChangeHash(*h)).collect()
+}
+
+impl Session {
+    /// Starts a session; its `Hello` is ready to send at once.
+    pub fn new(config: SessionConfig, now: Instant) -> Session {
+        let mut session = Session {
+            deadline: Some(now + config.handshake_timeout),
+            config,
+            phase: Phase::AwaitHello,
+            decoder: FrameDecoder::new(),
+            transmits: VecDeque::new(),
+            events: VecDeque::new(),
+            stats: SessionStats::default(),
+            items: None,
+            reconciled: HashSet::new(),
+            reconcile_done: false,
+            next_batch: 1,
+            unacked: BTreeMap::new(),
+            unacked_bytes: HashMap::new(),
+            live_queue: BTreeMap::new(),
+            live_queue_bytes: 0,
+            catchup_queue: VecDeque::new(),
+            catchup_queued: HashSet::new(),
+            peer_heads: HashMap::new(),
+        };
+        session.send(
+            Lane::Control,
+            &Message::Hello {
+                version: PROTOCOL_VERSION,
+                site: session.config.local.clone(),
+                capabilities: capabilities::RANGE_RECONCILE,
+            },
+        );
+        session
+    }
+
+    /// The peer this session is for.
+    pub fn peer(&self) -> &SiteName {
+        &self.config.peer
+    }
+
+    /// True once the peer's `Hello` was accepted and until the session closes.
+    pub fn is_open(&self) -> bool {
+        self.phase == Phase::Open
+    }
+
+    /// True once the session ended.
+    pub fn is_closed(&self) -> bool {
+        self.phase == Phase::Closed
+    }
+
+    /// True when reconciliation finished on both sides.
+    pub fn is_reconciled(&self) -> bool {
+        self.reconcile_done
+    }
+
+    /// True when nothing is queued, in flight or waiting to be sent.
+    pub fn is_idle(&self) -> bool {
+        self.transmits.is_empty()
+            && self.unacked.is_empty()
+            && self.live_queue.is_empty()
+            && self.catchup_queue.is_empty()
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> SessionStats {
+        self.stats
+    }
+
+    /// Live bytes queued or in flight (for status: pending out).
+    pub fn pending_out_bytes(&self) -> usize {
+        self.live_queue_bytes + self.unacked_bytes.values().sum::<usize>()
+    }
+
+    /// The next frame to send and its lane.
+    pub fn poll_transmit(&mut self) -> Option<(Lane, Vec<u8>)> {
+        self.transmits.pop_front()
+    }
+
+    /// The next event.
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    /// When [`Session::handle_timeout`] must be called next.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.deadline
+    }
+
+    /// Closes the session locally.
+    pub fn close(&mut self, code: u16, reason: &str) {
+        if self.phase == Phase::Closed {
+            return;
+        }
+        self.send(
+            Lane::Control,
+            &Message::Close {
+                code,
+                reason: reason.to_owned(),
+            },
+        );
+        self.finish(code, reason.to_owned(), false);
+    }
+
+    /// Advances timers.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if self.deadline.is_some_and(|d| now >= d) && self.phase == Phase::AwaitHello {
+            self.close(close_code::PROTOCOL_ERROR, "no hello from the peer in time");
+        }
+    }
+
+    /// Feeds bytes received from the peer (any split).
+    pub fn handle_bytes(&mut self, now: Instant, host: &dyn Host, bytes: &[u8]) {
+        if self.phase == Phase::Closed {
+            return;
+        }
+        self.stats.bytes_received += bytes.len() as u64;
+        self.decoder.push(bytes);
+        loop {
+            match self.decoder.next_message() {
+                Ok(Some(message)) => {
+                    self.handle_message(now, host, message);
+                    if self.phase == Phase::Closed {
+                        return;
+                    }
+                }
+                Ok(None) => return,
+                Err(e) => {
+                    self.close(close_code::PROTOCOL_ERROR, &e.to_string());
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Feeds one already-decoded frame payload (for transports that frame
+    /// messages themselves).
+    pub fn handle_frame(&mut self, now: Instant, host: &dyn Host, payload: &[u8]) {
+        if self.phase == Phase::Closed {
+            return;
+        }
+        self.stats.bytes_received += payload.len() as u64 + 4;
+        match wire::decode_payload(payload) {
+            Ok(message) => self.handle_message(now, host, message),
+            Err(e) => self.close(close_code::PROTOCOL_ERROR, &e.to_string()),
+        }
+    }
+
+    /// Offers a locally durable commit (any origin) for live push.
+    pub fn handle_committed(&mut self, host: &dyn Host, committed: &Committed) {
+        if self.phase == Phase::Closed || !self.config.scope.may_send(&committed.doc) {
+            return;
+        }
+        if committed.origin == Origin::Peer(self.config.peer.clone()) {
+            // The peer has these already; remember so catch-up skips them.
+            self.peer_heads
+                .insert(committed.doc.clone(), committed.heads.clone());
+            return;
+        }
+        if self.phase != Phase::Open {
+            // Reconciliation after the handshake will find this document.
+            return;
+        }
+        let bytes: usize = committed.changes.iter().map(Vec::len).sum();
+        if self.live_queue_bytes + bytes > self.config.live_queue_bytes_max {
+            // Too much queued: fall back to a catch-up exchange for this
+            // document, which needs no memory per change.
+            self.send_have(host, &committed.doc, false);
+            return;
+        }
+        self.live_queue_bytes += bytes;
+        self.live_queue
+            .entry(committed.doc.clone())
+            .or_default()
+            .extend(committed.changes.iter().cloned());
+        self.pump_live();
+        let _ = host;
+    }
+
+    fn handle_message(&mut self, now: Instant, host: &dyn Host, message: Message) {
+        let _ = now;
+        match (self.phase, message) {
+            (
+                Phase::AwaitHello,
+                Message::Hello {
+                    version,
+                    site,
+                    capabilities: caps,
+                },
+            ) => {
+                if version != PROTOCOL_VERSION {
+                    return self.close(
+                        close_code::VERSION,
+                        &format!("protocol version {version} is not {PROTOCOL_VERSION}"),
+                    );
+                }
+                if site != self.config.peer {
+                    return self.close(
+                        close_code::IDENTITY,
+                        &format!("peer says it is {site}, expected {}", self.config.peer),
+                    );
+                }
+                if caps & capabilities::RANGE_RECONCILE == 0 {
+                    return self.close(close_code::VERSION, "peer lacks range reconciliation");
+                }
+                self.phase = Phase::Open;
+                self.deadline = None;
+                self.events.push_back(Event::Connected { peer: site });
+                self.start_reconcile(host);
+            }
+            (Phase::AwaitHello, Message::Close { code, reason }) => self.finish(code, reason, true),
+            (Phase::AwaitHello, other) => self.close(
+                close_code::PROTOCOL_ERROR,
+                &format!("{} before hello", other.kind()),
+            ),
+            (Phase::Open, Message::Hello { .. }) => {
+                self.close(close_code::PROTOCOL_ERROR, "second hello")
+            }
+            (Phase::Open, Message::Reconcile(round)) => self.on_reconcile(host, &round),
+            (Phase::Open, Message::ReconcileDone) => {
+                self.reconcile_done = true;
+                self.maybe_reconciled();
+            }
+            (Phase::Open, Message::Have { doc, heads, reply }) => {
+                self.on_have(host, doc, from_wire(&heads), reply)
+            }
+            (Phase::Open, Message::Sample { doc, hashes }) => {
+                self.on_sample(host, doc, from_wire(&hashes))
+            }
+            (Phase::Open, Message::Base { doc, hashes }) => {
+                self.on_base(host, doc, from_wire(&hashes))
+            }
+            (
+                Phase::Open,
+                Message::Changes {
+                    doc,
+                    changes,
+                    batch,
+                },
+            ) => self.on_changes(host, doc, &changes, batch),
+            (Phase::Open, Message::Ack { batch }) => self.on_ack(host, batch),
+            (Phase::Open, Message::Close { code, reason }) => self.finish(code, reason, true),
+            (Phase::Closed, _) => {}
+        }
+    }
+
+    fn start_reconcile(&mut self, host: &dyn Host) {
+        let items = host
+            .index()
+            .into_iter()
+            .filter(|(doc, _)| self.config.scope.covers(doc))
+            .map(|(doc, heads)| {
+                let raw: Vec<[u8; 32]> = heads.iter().map(|h| h.0).collect();
+                let hash = item_hash(&doc, &raw);
+                (doc, hash)
+            });
+        let items = match ItemSet::new(items) {
+            Ok(items) => items,
+            Err(e) => return self.close(close_code::INTERNAL, &format!("index: {e}")),
+        };
+        if self.config.local < self.config.peer {
+            let first = items.initiate();
+            self.stats.reconcile_messages_sent += 1;
+            self.send(Lane::Control, &Message::Reconcile(first));
+        }
+        self.items = Some(items);
+    }
+
+    fn on_reconcile(&mut self, host: &dyn Host, round: &super::reconcile::RangeMessage) {
+        let Some(items) = &self.items else {
+            return self.close(close_code::PROTOCOL_ERROR, "reconcile before hello");
+        };
+        let (reply, differences) = match items.respond(round) {
+            Ok(outcome) => outcome,
+            Err(e) => return self.close(close_code::PROTOCOL_ERROR, &format!("reconcile: {e}")),
+        };
+        match reply {
+            Some(reply) => {
+                self.stats.reconcile_messages_sent += 1;
+                self.send(Lane::Control, &Message::Reconcile(reply));
+            }
+            None => {
+                self.send(Lane::Control, &Message::ReconcileDone);
+                self.reconcile_done = true;
+            }
+        }
+        let docs = differences
+            .differ
+            .into_iter()
+            .chain(differences.only_mine)
+            .chain(differences.only_theirs);
+        for doc in docs {
+            if self.reconciled.insert(doc.clone()) {
+                self.send_have(host, &doc, false);
+            }
+        }
+        self.maybe_reconciled();
+    }
+
+    fn maybe_reconciled(&mut self) {
+        if self.is_reconciled() && self.items.is_some() {
+            self.items = None;
+            self.events.push_back(Event::Reconciled {
+                differing: self.reconciled.len(),
+                messages_sent: self.stats.reconcile_messages_sent as usize,
+            });
+        }
+    }
+
+    fn send_have(&mut self, host: &dyn Host, doc: &DocId, reply: bool) {
+        let heads = host.heads(doc).unwrap_or_default();
+        self.send(
+            Lane::Control,
+            &Message::Have {
+                doc: doc.clone(),
+                heads: to_wire(&heads),
+                reply,
+            },
+        );
+    }
+
+    fn on_have(&mut self, host: &dyn Host, doc: DocId, theirs: Vec<ChangeHash>, reply: bool) {
+        if !self.config.scope.covers(&doc) {
+            return self.reject(doc, "outside the replication scope");
+        }
+        let known = match host.known(&doc, &theirs) {
+            Ok(known) => known,
+            Err(e) => return self.host_error(e),
+        };
+        if known.len() == theirs.len() {
+            // We know everything the peer has: send what it lacks.
+            self.peer_heads.insert(doc.clone(), theirs.clone());
+            if self.config.scope.may_send(&doc) {
+                self.queue_catchup(host, doc, theirs);
+            }
+        } else if !reply {
+            // The peer has changes we lack: tell it what we have.
+            self.send_have(host, &doc, true);
+        } else {
+            // Both sides hold changes the other lacks: find a common base.
+            match host.sample(&doc) {
+                Ok(sample) => {
+                    let sample: Vec<ChangeHash> =
+                        sample.into_iter().take(HASHES_PER_MESSAGE_MAX).collect();
+                    self.send(
+                        Lane::Control,
+                        &Message::Sample {
+                            doc,
+                            hashes: to_wire(&sample),
+                        },
+                    );
+                }
+                Err(e) => self.host_error(e),
+            }
+        }
+    }
+
+    fn on_sample(&mut self, host: &dyn Host, doc: DocId, sample: Vec<ChangeHash>) {
+        if !self.config.scope.covers(&doc) {
+            return self.reject(doc, "outside the replication scope");
+        }
+        let base = match host.known(&doc, &sample) {
+            Ok(known) => known,
+            Err(e) => return self.host_error(e),
+        };
+        self.send(
+            Lane::Control,
+            &Message::Base {
+                doc: doc.clone(),
+                hashes: to_wire(&base),
+            },
+        );
+        if self.config.scope.may_send(&doc) {
+            self.queue_catchup(host, doc, base);
+        }
+    }
+
+    fn on_base(&mut self, host: &dyn Host, doc: DocId, base: Vec<ChangeHash>) {
+        if !self.config.scope.covers(&doc) {
+            return self.reject(doc, "outside the replication scope");
+        }
+        // Never trust heads from the wire: keep only those we hold.
+        let base = match host.known(&doc, &base) {
+            Ok(known) => known,
+            Err(e) => return self.host_error(e),
+        };
+        if self.config.scope.may_send(&doc) {
+            self.queue_catchup(host, doc, base);
+        }
+    }
+
+    fn on_changes(&mut self, host: &dyn Host, doc: DocId, changes: &[Vec<u8>], batch: u64) {
+        self.stats.batches_received += 1;
+        if !self.config.scope.may_receive(&doc) {
+            self.reject(doc, "the peer may not write this document");
+        } else {
+            match host.apply(&doc, changes, &self.config.peer) {
+                Ok(applied) => {
+                    if !applied.applied.is_empty() {
+                        self.stats.changes_applied += applied.applied.len() as u64;
+                        self.events.push_back(Event::Applied {
+                            doc: doc.clone(),
+                            changes: applied.applied.len(),
+                        });
+                    }
+                    if !applied.missing_deps.is_empty() {
+                        // Arrived ahead of changes they depend on (lanes
+                        // reorder): ask for a catch-up from our heads.
+                        self.send_have(host, &doc, false);
+                    }
+                }
+                Err(Error::BadChange { reason, .. }) => {
+                    self.reject(doc, &format!("malformed change: {reason}"))
+                }
+                Err(e) => return self.host_error(e),
+            }
+        }
+        self.send(Lane::Control, &Message::Ack { batch });
+    }
+
+    fn on_ack(&mut self, host: &dyn Host, batch: u64) {
+        let acked: Vec<u64> = self.unacked.range(..=batch).map(|(b, _)| *b).collect();
+        for b in acked {
+            if let Some((lane, bytes)) = self.unacked.remove(&b) {
+                let entry = self.unacked_bytes.entry(lane.into()).or_default();
+                *entry = entry.saturating_sub(bytes);
+            }
+        }
+        self.pump_live();
+        self.pump_catchup(host);
+    }
+
+    fn queue_catchup(&mut self, host: &dyn Host, doc: DocId, base: Vec<ChangeHash>) {
+        if self.catchup_queued.insert(doc.clone()) {
+            self.catchup_queue.push_back((doc, base));
+        }
+        self.pump_catchup(host);
+    }
+
+    /// Sends queued catch-up work while the catch-up window has room.
+    fn pump_catchup(&mut self, host: &dyn Host) {
+        while self.in_flight(Lane::Control) < self.config.catchup_window_bytes {
+            let Some((doc, mut base)) = self.catchup_queue.pop_front() else {
+                return;
+            };
+            self.catchup_queued.remove(&doc);
+            // Skip what the peer is known to hold already, when we know it too.
+            if let Some(peer_heads) = self.peer_heads.get(&doc) {
+                if let Ok(known) = host.known(&doc, peer_heads) {
+                    base.extend(known);
+                    base.sort();
+                    base.dedup();
+                }
+            }
+            let changes = match host.changes_after(&doc, &base) {
+                Ok(changes) => changes,
+                Err(Error::NotFound(_)) => continue,
+                Err(e) => return self.host_error(e),
+            };
+            if let Some(heads) = host.heads(&doc) {
+                self.peer_heads.insert(doc.clone(), heads);
+            }
+            self.send_changes(Lane::Control, doc, changes);
+        }
+    }
+
+    /// Sends queued live changes while the live window has room.
+    fn pump_live(&mut self) {
+        while self.in_flight(Lane::Live) < self.config.live_window_bytes {
+            let Some((doc, changes)) = self.live_queue.pop_first() else {
+                return;
+            };
+            let bytes: usize = changes.iter().map(Vec::len).sum();
+            self.live_queue_bytes = self.live_queue_bytes.saturating_sub(bytes);
+            self.send_changes(Lane::Live, doc, changes);
+        }
+    }
+
+    /// Sends changes of one document, cut into messages under the limits.
+    fn send_changes(&mut self, lane: Lane, doc: DocId, changes: Vec<Vec<u8>>) {
+        let mut chunk: Vec<Vec<u8>> = Vec::new();
+        let mut chunk_bytes = 0;
+        for change in changes {
+            if !chunk.is_empty()
+                && (chunk_bytes + change.len() > MESSAGE_CHANGE_BYTES_TARGET
+                    || chunk.len() == CHANGES_PER_MESSAGE_MAX)
+            {
+                self.send_batch(lane, doc.clone(), std::mem::take(&mut chunk), chunk_bytes);
+                chunk_bytes = 0;
+            }
+            chunk_bytes += change.len();
+            chunk.push(change);
+        }
+        if !chunk.is_empty() {
+            self.send_batch(lane, doc, chunk, chunk_bytes);
+        }
+    }
+
+    fn send_batch(&mut self, lane: Lane, doc: DocId, changes: Vec<Vec<u8>>, bytes: usize) {
+        let batch = self.next_batch;
+        self.next_batch += 1;
+        self.stats.batches_sent += 1;
+        self.stats.changes_sent += changes.len() as u64;
+        self.unacked.insert(batch, (lane, bytes));
+        *self.unacked_bytes.entry(lane.into()).or_default() += bytes;
+        self.send(
+            lane,
+            &Message::Changes {
+                doc,
+                changes,
+                batch,
+            },
+        );
+    }
+
+    fn in_flight(&self, lane: Lane) -> usize {
+        self.unacked_bytes.get(&lane.into()).copied().unwrap_or(0)
+    }
+
+    fn reject(&mut self, doc: DocId, reason: &str) {
+        self.events.push_back(Event::Rejected {
+            doc,
+            reason: reason.to_owned(),
+        });
+    }
+
+    fn host_error(&mut self, error: Error) {
+        self.close(close_code::INTERNAL, &format!("local failure: {error}"));
+    }
+
+    fn send(&mut self, lane: Lane, message: &Message) {
+        let frame = wire::encode(message);
+        self.stats.bytes_sent += frame.len() as u64;
+        self.transmits.push_back((lane, frame));
+    }
+
+    fn finish(&mut self, code: u16, reason: String, by_peer: bool) {
+        self.phase = Phase::Closed;
+        self.deadline = None;
+        self.live_queue.clear();
+        self.live_queue_bytes = 0;
+        self.catchup_queue.clear();
+        self.catchup_queued.clear();
+        self.events.push_back(Event::Closed {
+            code,
+            reason,
+            by_peer,
+        });
+    }
+}

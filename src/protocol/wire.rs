@@ -1,0 +1,366 @@
+//! The sync protocol's wire format: length-prefixed, versioned frames
+//! carrying one [`Message`] each, with hard limits checked on decode.
+//!
+//! A frame is `u32` big-endian payload length, then the payload: one byte of
+//! wire version followed by the postcard encoding of a [`Message`]. Decoding
+//! never panics and never allocates more than the frame limit for one frame;
+//! anything malformed is a [`WireError`] that closes the session.
+
+use serde::{Deserialize, Serialize};
+
+use super::reconcile::RangeMessage;
+use crate::id::{DocId, SiteName};
+
+/// The wire version written in every frame.
+pub const WIRE_VERSION: u8 = 1;
+/// The protocol version announced in [`Message::Hello`].
+pub const PROTOCOL_VERSION: u16 = 1;
+/// Largest frame payload accepted, in bytes.
+pub const FRAME_BYTES_MAX: usize = 8 << 20;
+/// Catch-up and live batches are cut to stay under this many bytes of
+/// changes per message (a single larger change travels alone).
+pub const MESSAGE_CHANGE_BYTES_TARGET: usize = 1 << 20;
+/// Most changes in one [`Message::Changes`].
+pub const CHANGES_PER_MESSAGE_MAX: usize = 16_384;
+/// Most hashes in one heads, sample or base list.
+pub const HASHES_PER_MESSAGE_MAX: usize = 4096;
+/// Longest reason text in [`Message::Close`].
+pub const REASON_BYTES_MAX: usize = 1024;
+
+/// A change hash on the wire.
+pub type Hash = [u8; 32];
+
+/// Capability bits announced in [`Message::Hello`].
+pub mod capabilities {
+    /// Range-based set reconciliation of the document index.
+    pub const RANGE_RECONCILE: u64 = 1;
+}
+
+/// One protocol message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Message {
+    /// First message on a session, both ways.
+    Hello {
+        /// [`PROTOCOL_VERSION`] of the sender.
+        version: u16,
+        /// The sender's site.
+        site: SiteName,
+        /// Bits of [`capabilities`].
+        capabilities: u64,
+    },
+    /// A round of set reconciliation over `(doc id, heads)`.
+    Reconcile(RangeMessage),
+    /// Reconciliation finished on the sender's side.
+    ReconcileDone,
+    /// The sender's heads of a document (empty: it has none). With `reply`
+    /// the receiver answers with its own heads when it lacks some of these.
+    Have {
+        /// The document.
+        doc: DocId,
+        /// The sender's heads.
+        heads: Vec<Hash>,
+        /// True when this answers a `Have`: never answered with another.
+        reply: bool,
+    },
+    /// Hashes spread over the sender's recent history, newest first, sent
+    /// when both sides hold changes the other lacks: the receiver finds the
+    /// newest it knows to use as a common base.
+    Sample {
+        /// The document.
+        doc: DocId,
+        /// The sampled hashes.
+        hashes: Vec<Hash>,
+    },
+    /// The common base found from a [`Message::Sample`]: the receiver sends
+    /// its changes after these.
+    Base {
+        /// The document.
+        doc: DocId,
+        /// Hashes both sides hold.
+        hashes: Vec<Hash>,
+    },
+    /// Encoded automerge changes of one document, in causal order.
+    Changes {
+        /// The document.
+        doc: DocId,
+        /// The changes.
+        changes: Vec<Vec<u8>>,
+        /// Sequence number of this batch on the session, for [`Message::Ack`].
+        batch: u64,
+    },
+    /// Every batch up to and including `batch` was applied durably (or
+    /// refused, with an event at the receiver).
+    Ack {
+        /// The highest batch handled.
+        batch: u64,
+    },
+    /// The sender closes the session.
+    Close {
+        /// A [`close_code`].
+        code: u16,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// Codes of [`Message::Close`].
+pub mod close_code {
+    /// Orderly shutdown.
+    pub const NORMAL: u16 = 0;
+    /// The peer broke the protocol (malformed or unexpected message).
+    pub const PROTOCOL_ERROR: u16 = 1;
+    /// Incompatible protocol version.
+    pub const VERSION: u16 = 2;
+    /// The peer is not who it must be.
+    pub const IDENTITY: u16 = 3;
+    /// A local failure (storage).
+    pub const INTERNAL: u16 = 4;
+}
+
+/// Why bytes could not be decoded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum WireError {
+    /// The length prefix exceeds [`FRAME_BYTES_MAX`].
+    #[error("frame of {0} bytes exceeds the limit")]
+    FrameTooLarge(usize),
+    /// An empty frame.
+    #[error("empty frame")]
+    EmptyFrame,
+    /// The frame's wire version is not ours.
+    #[error("unsupported wire version {0}")]
+    Version(u8),
+    /// The payload is not a valid message.
+    #[error("malformed message: {0}")]
+    Malformed(String),
+    /// A message exceeds a per-message limit.
+    #[error("message over a limit: {0}")]
+    OverLimit(&'static str),
+}
+
+impl Message {
+    /// Checks per-message limits that the encoding alone does not bound.
+    pub fn validate(&self) -> Result<(), WireError> {
+        match self {
+            Message::Have { heads: hashes, .. }
+            | Message::Sample { hashes, .. }
+            | Message::Base { hashes, .. } => {
+                if hashes.len() > HASHES_PER_MESSAGE_MAX {
+                    return Err(WireError::OverLimit("hashes per message"));
+                }
+            }
+            Message::Changes { changes, .. } => {
+                if changes.len() > CHANGES_PER_MESSAGE_MAX {
+                    return Err(WireError::OverLimit("changes per message"));
+                }
+                if changes.iter().any(Vec::is_empty) {
+                    return Err(WireError::Malformed("empty change".into()));
+                }
+            }
+            Message::Close { reason, .. } => {
+                if reason.len() > REASON_BYTES_MAX {
+                    return Err(WireError::OverLimit("close reason"));
+                }
+            }
+            Message::Hello { .. }
+            | Message::Reconcile(_)
+            | Message::ReconcileDone
+            | Message::Ack { .. } => {}
+        }
+        Ok(())
+    }
+
+    /// A short name for logs and metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Message::Hello { .. } => "hello",
+            Message::Reconcile(_) => "reconcile",
+            Message::ReconcileDone => "reconcile_done",
+            Message::Have { .. } => "have",
+            Message::Sample { .. } => "sample",
+            Message::Base { .. } => "base",
+            Message::Changes { .. } => "changes",
+            Message::Ack { .. } => "ack",
+            Message::Close { .. } => "close",
+        }
+    }
+}
+
+/// Encodes one message as a frame.
+pub fn encode(message: &Message) -> Vec<u8> {
+    let mut frame = vec![0u8; 4];
+    frame.push(WIRE_VERSION);
+    // Writing into a Vec cannot fail, and every Message is serializable.
+    let frame = postcard::to_extend(message, frame).expect("encoding into a Vec cannot fail");
+    let len = u32::try_from(frame.len() - 4).expect("frames stay far below 4 GiB");
+    let mut frame = frame;
+    frame[..4].copy_from_slice(&len.to_be_bytes());
+    frame
+}
+
+/// Decodes one frame payload (without its length prefix).
+pub fn decode_payload(payload: &[u8]) -> Result<Message, WireError> {
+    let (&version, body) = payload.split_first().ok_or(WireError::EmptyFrame)?;
+    if version != WIRE_VERSION {
+        return Err(WireError::Version(version));
+    }
+    let message: Message =
+        postcard::from_bytes(body).map_err(|e| WireError::Malformed(e.to_string()))?;
+    message.validate()?;
+    Ok(message)
+}
+
+/// Splits a byte stream into frames, enforcing [`FRAME_BYTES_MAX`] before
+/// buffering a frame.
+#[derive(Debug, Default)]
+pub struct FrameDecoder {
+    buffer: Vec<u8>,
+}
+
+impl FrameDecoder {
+    /// An empty decoder.
+    pub fn new() -> FrameDecoder {
+        FrameDecoder::default()
+    }
+
+    /// Appends received bytes.
+    pub fn push(&mut self, bytes: &[u8]) {
+        self.buffer.extend_from_slice(bytes);
+    }
+
+    /// Bytes buffered and not yet decoded.
+    pub fn buffered(&self) -> usize {
+        self.buffer.len()
+    }
+
+    /// The next complete message, `None` when more bytes are needed. After an
+    /// error the stream is unusable.
+    pub fn next_message(&mut self) -> Result<Option<Message>, WireError> {
+        let Some(prefix) = self.buffer.get(..4) else {
+            return Ok(None);
+        };
+        let len = u32::from_be_bytes([prefix[0], prefix[1], prefix[2], prefix[3]]) as usize;
+        if len > FRAME_BYTES_MAX {
+            return Err(WireError::FrameTooLarge(len));
+        }
+        if self.buffer.len() < 4 + len {
+            return Ok(None);
+        }
+        let message = decode_payload(&self.buffer[4..4 + len]);
+        self.buffer.drain(..4 + len);
+        message.map(Some)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn message() -> impl Strategy<Value = Message> {
+        let doc = "[a-z]{1,6}(/[a-z0-9]{1,4}){0,2}"
+            .prop_map(|s| DocId::new(&s).expect("pattern is a valid id"));
+        let hashes = proptest::collection::vec(any::<[u8; 32]>(), 0..4);
+        prop_oneof![
+            (any::<u16>(), "[a-z]{1,10}", any::<u64>()).prop_map(
+                |(version, site, capabilities)| {
+                    Message::Hello {
+                        version,
+                        site: SiteName::new(&site).expect("valid"),
+                        capabilities,
+                    }
+                }
+            ),
+            Just(Message::ReconcileDone),
+            (doc.clone(), hashes.clone(), any::<bool>())
+                .prop_map(|(doc, heads, reply)| Message::Have { doc, heads, reply }),
+            (doc.clone(), hashes.clone()).prop_map(|(doc, hashes)| Message::Sample { doc, hashes }),
+            (doc.clone(), hashes).prop_map(|(doc, hashes)| Message::Base { doc, hashes }),
+            (
+                doc,
+                proptest::collection::vec(proptest::collection::vec(any::<u8>(), 1..40), 0..4),
+                any::<u64>()
+            )
+                .prop_map(|(doc, changes, batch)| Message::Changes {
+                    doc,
+                    changes,
+                    batch
+                }),
+            any::<u64>().prop_map(|batch| Message::Ack { batch }),
+            (any::<u16>(), "[ -~]{0,20}")
+                .prop_map(|(code, reason)| Message::Close { code, reason }),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn frames_round_trip_through_a_split_stream(messages in proptest::collection::vec(message(), 1..8), split in 1usize..64) {
+            let bytes: Vec<u8> = messages.iter().flat_map(encode).collect();
+            let mut decoder = FrameDecoder::new();
+            let mut out = Vec::new();
+            for chunk in bytes.chunks(split) {
+                decoder.push(chunk);
+                while let Some(m) = decoder.next_message().unwrap() {
+                    out.push(m);
+                }
+            }
+            prop_assert_eq!(out, messages);
+            prop_assert_eq!(decoder.buffered(), 0);
+        }
+
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let mut decoder = FrameDecoder::new();
+            decoder.push(&bytes);
+            for _ in 0..8 {
+                match decoder.next_message() {
+                    Ok(Some(_)) => {}
+                    _ => break,
+                }
+            }
+            let _ = decode_payload(&bytes);
+        }
+    }
+
+    #[test]
+    fn oversized_frames_are_refused_before_buffering() {
+        let mut decoder = FrameDecoder::new();
+        decoder.push(&u32::MAX.to_be_bytes());
+        assert_eq!(
+            decoder.next_message(),
+            Err(WireError::FrameTooLarge(u32::MAX as usize))
+        );
+    }
+
+    #[test]
+    fn invalid_ids_and_versions_are_refused() {
+        let mut frame = encode(&Message::Have {
+            doc: DocId::new("ok").unwrap(),
+            heads: vec![],
+            reply: false,
+        });
+        // Corrupt the id's first byte into a space.
+        let at = frame.iter().rposition(|&b| b == b'o').unwrap();
+        frame[at] = b' ';
+        assert!(matches!(
+            decode_payload(&frame[4..]),
+            Err(WireError::Malformed(_))
+        ));
+        let mut frame = encode(&Message::ReconcileDone);
+        frame[4] = 99;
+        assert_eq!(decode_payload(&frame[4..]), Err(WireError::Version(99)));
+    }
+
+    #[test]
+    fn too_many_hashes_are_refused() {
+        let doc = DocId::new("d").unwrap();
+        let frame = encode(&Message::Sample {
+            doc,
+            hashes: vec![[0; 32]; HASHES_PER_MESSAGE_MAX + 1],
+        });
+        assert_eq!(
+            decode_payload(&frame[4..]),
+            Err(WireError::OverLimit("hashes per message"))
+        );
+    }
+}

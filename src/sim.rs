@@ -1,0 +1,598 @@
+//! A seeded, deterministic simulation of several sites replicating through
+//! sync sessions over a faulty in-memory network (feature `sim`).
+//!
+//! Each site is a [`Replica`] over a [`Memory`] store; each pair of sites is
+//! linked by two [`Session`]s exchanging frames through per-lane queues (a
+//! lane is ordered, like a QUIC stream). Seeded actions edit documents in
+//! many ways (often the same fields at several sites), deliver, duplicate
+//! and reorder frames, reset connections, partition and heal sites, and
+//! crash and restart them (losing everything in memory; commits were durable
+//! when acknowledged). After the final heal the network runs fault-free
+//! until quiet, and every site must hold the same documents: equal sorted
+//! heads and equal JSON values.
+//!
+//! The same seed always replays the same run.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use tokio::sync::broadcast;
+
+use crate::doc::Op;
+use crate::id::{DocId, SiteName};
+use crate::protocol::session::{Lane, Session, SessionConfig};
+use crate::replica::{Committed, Replica, ReplicaOptions};
+use crate::store::Memory;
+use crate::ChangeHash;
+
+/// A small, stable pseudo-random generator (SplitMix64): the same seed gives
+/// the same sequence on every platform and every version of this crate's
+/// dependencies.
+#[derive(Debug, Clone)]
+pub struct SimRng(u64);
+
+impl SimRng {
+    /// A generator for `seed`.
+    pub fn new(seed: u64) -> SimRng {
+        SimRng(seed ^ 0x5851_f42d_4c95_7f2d)
+    }
+
+    /// The next 64 random bits.
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// A number in `0..n` (`n > 0`).
+    pub fn below(&mut self, n: usize) -> usize {
+        (self.next_u64() % n.max(1) as u64) as usize
+    }
+
+    /// True with probability `percent`/100.
+    pub fn chance(&mut self, percent: u64) -> bool {
+        self.next_u64() % 100 < percent
+    }
+}
+
+/// Settings of one simulation run.
+#[derive(Debug, Clone)]
+pub struct SimConfig {
+    /// Number of sites.
+    pub sites: usize,
+    /// Number of distinct documents edited.
+    pub docs: usize,
+    /// Seeded actions before the final heal.
+    pub steps: usize,
+    /// Inject faults (duplication, reordering, resets, partitions, crashes).
+    pub faults: bool,
+    /// Deliveries allowed in the final fault-free phase before giving up.
+    pub settle_deliveries_max: usize,
+}
+
+impl Default for SimConfig {
+    fn default() -> SimConfig {
+        SimConfig {
+            sites: 5,
+            docs: 8,
+            steps: 400,
+            faults: true,
+            settle_deliveries_max: 200_000,
+        }
+    }
+}
+
+struct SimSite {
+    name: SiteName,
+    store: Arc<Memory>,
+    replica: Option<Replica>,
+    events: Option<broadcast::Receiver<Committed>>,
+}
+
+/// A connection between sites `low` and `high` (`low < high`).
+struct Link {
+    low_session: Session,
+    high_session: Session,
+    /// Frames in flight towards each end, per lane.
+    to_low: BTreeMap<LaneKey, VecDeque<Vec<u8>>>,
+    to_high: BTreeMap<LaneKey, VecDeque<Vec<u8>>>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum LaneKey {
+    Control,
+    Live,
+}
+
+impl From<Lane> for LaneKey {
+    fn from(lane: Lane) -> LaneKey {
+        match lane {
+            Lane::Control => LaneKey::Control,
+            Lane::Live => LaneKey::Live,
+        }
+    }
+}
+
+/// What a finished run observed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SimReport {
+    /// Edits that committed.
+    pub edits: usize,
+    /// Frames delivered.
+    pub deliveries: usize,
+    /// Connections reset by faults or protocol errors.
+    pub resets: usize,
+    /// Crashes.
+    pub crashes: usize,
+    /// Documents at every site at the end.
+    pub docs: usize,
+}
+
+/// A simulation run.
+pub struct Sim {
+    seed: u64,
+    config: SimConfig,
+    rng: SimRng,
+    sites: Vec<SimSite>,
+    links: BTreeMap<(usize, usize), Link>,
+    partitioned: BTreeSet<usize>,
+    start: Instant,
+    elapsed: Duration,
+    report: SimReport,
+    trace: VecDeque<String>,
+}
+
+const TRACE_LINES_MAX: usize = 60;
+
+impl Sim {
+    /// A run of `config` driven by `seed`.
+    pub fn new(seed: u64, config: SimConfig) -> Sim {
+        let sites = (0..config.sites)
+            .map(|i| {
+                let name = SiteName::new(&format!("site-{i}")).expect("valid site name");
+                let store = Arc::new(Memory::new());
+                SimSite {
+                    name,
+                    store,
+                    replica: None,
+                    events: None,
+                }
+            })
+            .collect();
+        let mut sim = Sim {
+            seed,
+            rng: SimRng::new(seed),
+            config,
+            sites,
+            links: BTreeMap::new(),
+            partitioned: BTreeSet::new(),
+            start: Instant::now(),
+            elapsed: Duration::ZERO,
+            report: SimReport::default(),
+            trace: VecDeque::new(),
+        };
+        for i in 0..sim.sites.len() {
+            sim.restart(i);
+        }
+        sim
+    }
+
+    /// Runs the seeded actions, heals everything, settles, and checks
+    /// convergence. The error names the seed and the last actions.
+    pub fn run(mut self) -> Result<SimReport, String> {
+        for _ in 0..self.config.steps {
+            self.step();
+        }
+        self.heal_all();
+        self.settle()?;
+        self.check_converged()?;
+        Ok(self.report)
+    }
+
+    fn now(&self) -> Instant {
+        self.start + self.elapsed
+    }
+
+    fn note(&mut self, line: String) {
+        if self.trace.len() == TRACE_LINES_MAX {
+            self.trace.pop_front();
+        }
+        self.trace.push_back(line);
+    }
+
+    fn failure(&self, what: String) -> String {
+        let trace: Vec<&str> = self.trace.iter().map(String::as_str).collect();
+        format!(
+            "simulation seed {} failed: {what}\nreplay: SIM_SEEDS={}..{} cargo test --release --test simulation\nlast actions:\n  {}",
+            self.seed,
+            self.seed,
+            self.seed + 1,
+            trace.join("\n  ")
+        )
+    }
+
+    fn step(&mut self) {
+        let faults = self.config.faults;
+        let roll = self.rng.below(100);
+        match roll {
+            0..=34 => self.edit(),
+            35..=84 => {
+                for _ in 0..1 + self.rng.below(4) {
+                    self.deliver_random(faults);
+                }
+            }
+            85..=89 => self.elapsed += Duration::from_millis(1 + self.rng.below(500) as u64),
+            90..=92 if faults => {
+                let keys: Vec<(usize, usize)> = self.links.keys().copied().collect();
+                if !keys.is_empty() {
+                    let key = keys[self.rng.below(keys.len())];
+                    self.note(format!("reset link {key:?}"));
+                    self.drop_link(key);
+                }
+            }
+            93..=95 if faults => {
+                let site = self.rng.below(self.sites.len());
+                if self.partitioned.contains(&site) {
+                    self.note(format!("heal site {site}"));
+                    self.partitioned.remove(&site);
+                } else {
+                    self.note(format!("partition site {site}"));
+                    self.partitioned.insert(site);
+                    let cut: Vec<(usize, usize)> = self
+                        .links
+                        .keys()
+                        .filter(|(a, b)| *a == site || *b == site)
+                        .copied()
+                        .collect();
+                    for key in cut {
+                        self.drop_link(key);
+                    }
+                }
+            }
+            96..=97 if faults => {
+                let site = self.rng.below(self.sites.len());
+                if self.sites[site].replica.is_some() {
+                    self.note(format!("crash site {site}"));
+                    self.crash(site);
+                } else {
+                    self.note(format!("restart site {site}"));
+                    self.restart(site);
+                }
+            }
+            _ => self.edit(),
+        }
+        self.pump();
+    }
+
+    fn heal_all(&mut self) {
+        self.note("heal all".into());
+        self.partitioned.clear();
+        for i in 0..self.sites.len() {
+            if self.sites[i].replica.is_none() {
+                self.restart(i);
+            }
+        }
+        self.pump();
+    }
+
+    fn crash(&mut self, site: usize) {
+        self.report.crashes += 1;
+        let site_state = &mut self.sites[site];
+        site_state.replica = None;
+        site_state.events = None;
+        let cut: Vec<(usize, usize)> = self
+            .links
+            .keys()
+            .filter(|(a, b)| *a == site || *b == site)
+            .copied()
+            .collect();
+        for key in cut {
+            self.links.remove(&key);
+        }
+    }
+
+    fn restart(&mut self, site: usize) {
+        let state = &mut self.sites[site];
+        let mut options = ReplicaOptions::new(state.name.clone());
+        // A tiny cache exercises eviction and reloading.
+        options.cache_docs_max = 3;
+        options.compact_changes_min = 8;
+        let replica =
+            Replica::open(options, state.store.clone()).expect("memory stores always open");
+        state.events = Some(replica.subscribe());
+        state.replica = Some(replica);
+    }
+
+    fn doc_id(&mut self) -> DocId {
+        let k = self.rng.below(self.config.docs);
+        DocId::new(&format!("ns-{}/doc-{k}", k % 3)).expect("valid id")
+    }
+
+    fn edit(&mut self) {
+        let site = self.rng.below(self.sites.len());
+        let Some(replica) = self.sites[site].replica.clone() else {
+            return;
+        };
+        let doc = self.doc_id();
+        let field = self.rng.below(4);
+        let value = self.rng.below(1000);
+        let ops = match self.rng.below(7) {
+            0 | 1 => json!([{"op": "set", "path": format!("/f{field}"), "value": value}]),
+            2 => json!([{"op": "del", "path": format!("/f{field}")}]),
+            3 => json!([{"op": "inc", "path": "/count", "by": value as i64 - 500}]),
+            4 => json!([{"op": "set", "path": "/items/-", "value": {"n": value}}]),
+            5 => {
+                json!([{"op": "splice", "path": "/text", "index": 0, "delete": self.rng.below(2), "text": format!("{value}")}])
+            }
+            _ => json!([
+                {"op": "set", "path": "/count", "value": value, "as": "counter"},
+                {"op": "set", "path": "/text", "value": "start", "as": "text"},
+                {"op": "set", "path": "/items", "value": []},
+            ]),
+        };
+        let ops: Vec<Op> = serde_json::from_value(ops).expect("ops parse");
+        // Ops that do not fit the document's current state are refused;
+        // that is part of the workload.
+        if replica.apply_ops(&doc, &ops, None).is_ok() {
+            self.report.edits += 1;
+            self.note(format!("edit site {site} {doc} {:?}", ops[0].path()));
+        }
+    }
+
+    /// Delivers one frame on a random link, with faults when enabled.
+    fn deliver_random(&mut self, faults: bool) {
+        let keys: Vec<(usize, usize)> = self.links.keys().copied().collect();
+        if keys.is_empty() {
+            return;
+        }
+        let key = keys[self.rng.below(keys.len())];
+        let to_high = self.rng.below(2) == 0;
+        let lane = if self.rng.below(2) == 0 {
+            LaneKey::Control
+        } else {
+            LaneKey::Live
+        };
+        let duplicate = faults && self.rng.chance(2);
+        let out_of_order = faults && self.rng.chance(1);
+        let pick = self.rng.next_u64();
+        let Some(link) = self.links.get_mut(&key) else {
+            return;
+        };
+        let queue = if to_high {
+            link.to_high.entry(lane).or_default()
+        } else {
+            link.to_low.entry(lane).or_default()
+        };
+        if queue.is_empty() {
+            return;
+        }
+        let index = if out_of_order {
+            (pick % queue.len() as u64) as usize
+        } else {
+            0
+        };
+        let Some(frame) = (if duplicate {
+            queue.get(index).cloned()
+        } else {
+            queue.remove(index)
+        }) else {
+            return;
+        };
+        self.deliver(key, to_high, &frame);
+    }
+
+    fn deliver(&mut self, key: (usize, usize), to_high: bool, frame: &[u8]) {
+        self.report.deliveries += 1;
+        let site = if to_high { key.1 } else { key.0 };
+        let Some(replica) = self.sites[site].replica.clone() else {
+            return;
+        };
+        let now = self.now();
+        let Some(link) = self.links.get_mut(&key) else {
+            return;
+        };
+        let session = if to_high {
+            &mut link.high_session
+        } else {
+            &mut link.low_session
+        };
+        // Frames carry their length prefix; the session takes the payload.
+        session.handle_frame(now, &replica, &frame[4..]);
+    }
+
+    /// Moves frames from sessions to the network, committed changes to
+    /// sessions, tears down closed links and connects missing ones, until
+    /// nothing moves.
+    fn pump(&mut self) {
+        loop {
+            let mut moved = false;
+            // Committed changes at each site go to that site's sessions.
+            for site in 0..self.sites.len() {
+                let Some(replica) = self.sites[site].replica.clone() else {
+                    continue;
+                };
+                let mut committed = Vec::new();
+                if let Some(events) = self.sites[site].events.as_mut() {
+                    loop {
+                        match events.try_recv() {
+                            Ok(c) => committed.push(c),
+                            Err(broadcast::error::TryRecvError::Lagged(_)) => continue,
+                            Err(_) => break,
+                        }
+                    }
+                }
+                for c in &committed {
+                    moved = true;
+                    for (&(low, high), link) in self.links.iter_mut() {
+                        if low == site {
+                            link.low_session.handle_committed(&replica, c);
+                        } else if high == site {
+                            link.high_session.handle_committed(&replica, c);
+                        }
+                    }
+                }
+            }
+            // Frames from sessions into lanes.
+            let mut closed = Vec::new();
+            for (&key, link) in self.links.iter_mut() {
+                while let Some((lane, frame)) = link.low_session.poll_transmit() {
+                    link.to_high
+                        .entry(lane.into())
+                        .or_default()
+                        .push_back(frame);
+                    moved = true;
+                }
+                while let Some((lane, frame)) = link.high_session.poll_transmit() {
+                    link.to_low.entry(lane.into()).or_default().push_back(frame);
+                    moved = true;
+                }
+                while link.low_session.poll_event().is_some() {}
+                while link.high_session.poll_event().is_some() {}
+                if link.low_session.is_closed() || link.high_session.is_closed() {
+                    closed.push(key);
+                }
+            }
+            for key in closed {
+                self.note(format!("link {key:?} closed"));
+                self.drop_link(key);
+                moved = true;
+            }
+            // Connect every pair of live, reachable sites.
+            for low in 0..self.sites.len() {
+                for high in low + 1..self.sites.len() {
+                    if self.links.contains_key(&(low, high))
+                        || self.sites[low].replica.is_none()
+                        || self.sites[high].replica.is_none()
+                        || self.partitioned.contains(&low)
+                        || self.partitioned.contains(&high)
+                    {
+                        continue;
+                    }
+                    let now = self.now();
+                    let (a, b) = (self.sites[low].name.clone(), self.sites[high].name.clone());
+                    self.links.insert(
+                        (low, high),
+                        Link {
+                            low_session: Session::new(
+                                SessionConfig::new(a.clone(), b.clone()),
+                                now,
+                            ),
+                            high_session: Session::new(SessionConfig::new(b, a), now),
+                            to_low: BTreeMap::new(),
+                            to_high: BTreeMap::new(),
+                        },
+                    );
+                    moved = true;
+                }
+            }
+            if !moved {
+                return;
+            }
+        }
+    }
+
+    fn drop_link(&mut self, key: (usize, usize)) {
+        if self.links.remove(&key).is_some() {
+            self.report.resets += 1;
+        }
+    }
+
+    /// Runs the network without faults until nothing is in flight and every
+    /// session is reconciled and idle.
+    fn settle(&mut self) -> Result<(), String> {
+        let mut deliveries = 0usize;
+        loop {
+            self.pump();
+            let pending: Vec<((usize, usize), bool, LaneKey)> = self
+                .links
+                .iter()
+                .flat_map(|(&key, link)| {
+                    let high = link
+                        .to_high
+                        .iter()
+                        .filter(|(_, q)| !q.is_empty())
+                        .map(move |(&l, _)| (key, true, l));
+                    let low = link
+                        .to_low
+                        .iter()
+                        .filter(|(_, q)| !q.is_empty())
+                        .map(move |(&l, _)| (key, false, l));
+                    high.chain(low)
+                })
+                .collect();
+            if pending.is_empty() {
+                let busy = self.links.values().any(|l| {
+                    !(l.low_session.is_reconciled()
+                        && l.high_session.is_reconciled()
+                        && l.low_session.is_idle()
+                        && l.high_session.is_idle())
+                });
+                if !busy {
+                    return Ok(());
+                }
+                return Err(self.failure("network is quiet but a session is not idle".into()));
+            }
+            for (key, to_high, lane) in pending {
+                let frame = self.links.get_mut(&key).and_then(|link| {
+                    let queue = if to_high {
+                        link.to_high.get_mut(&lane)
+                    } else {
+                        link.to_low.get_mut(&lane)
+                    };
+                    queue.and_then(VecDeque::pop_front)
+                });
+                if let Some(frame) = frame {
+                    self.deliver(key, to_high, &frame);
+                    deliveries += 1;
+                }
+            }
+            if deliveries > self.config.settle_deliveries_max {
+                return Err(self.failure(format!("no quiescence after {deliveries} deliveries")));
+            }
+        }
+    }
+
+    fn check_converged(&mut self) -> Result<(), String> {
+        let replicas: Vec<Replica> = self
+            .sites
+            .iter()
+            .filter_map(|s| s.replica.clone())
+            .collect();
+        let first = &replicas[0];
+        let ids: Vec<DocId> = first.doc_ids("");
+        for (i, replica) in replicas.iter().enumerate().skip(1) {
+            let other = replica.doc_ids("");
+            if other != ids {
+                return Err(self.failure(format!("site {i} holds {other:?}, site 0 holds {ids:?}")));
+            }
+        }
+        for id in &ids {
+            let mut reference: Option<(Vec<ChangeHash>, serde_json::Value)> = None;
+            for (i, replica) in replicas.iter().enumerate() {
+                let view = replica
+                    .read_json(id, None)
+                    .map_err(|e| self.failure(format!("site {i} cannot read {id}: {e}")))?
+                    .ok_or_else(|| self.failure(format!("site {i} lost {id}")))?;
+                let mut heads = view.heads;
+                heads.sort();
+                match &reference {
+                    None => reference = Some((heads, view.value)),
+                    Some((h, v)) => {
+                        if *h != heads || *v != view.value {
+                            return Err(self.failure(format!(
+                                "{id} differs: site 0 heads {h:?} value {v}; site {i} heads {heads:?} value {}",
+                                view.value
+                            )));
+                        }
+                    }
+                }
+            }
+        }
+        self.report.docs = ids.len();
+        Ok(())
+    }
+}
