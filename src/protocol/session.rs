@@ -181,8 +181,10 @@ pub struct Session {
     // Catch-up work waiting for window space: document and base heads.
     catchup_queue: VecDeque<(DocId, Vec<ChangeHash>)>,
     catchup_queued: HashSet<DocId>,
-    // Heads the peer is known to hold, per document, in this session.
-    peer_heads: HashMap<DocId, Vec<ChangeHash>>,
+    // Hashes the peer is known to hold (with all their ancestors), per
+    // document, learned in this session. Only ever grows: a `Have` from the
+    // peer may predate changes we already sent it.
+    peer_has: HashMap<DocId, Vec<ChangeHash>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -229,7 +231,7 @@ impl Session {
             live_queue_bytes: 0,
             catchup_queue: VecDeque::new(),
             catchup_queued: HashSet::new(),
-            peer_heads: HashMap::new(),
+            peer_has: HashMap::new(),
         };
         session.send(
             Lane::Control,
@@ -360,9 +362,8 @@ impl Session {
             return;
         }
         if committed.origin == Origin::Peer(self.config.peer.clone()) {
-            // The peer has these already; remember so catch-up skips them.
-            self.peer_heads
-                .insert(committed.doc.clone(), committed.heads.clone());
+            // The peer made or relayed these: remember so catch-up skips them.
+            self.learn_peer_has(&committed.doc, &committed.hashes);
             return;
         }
         if self.phase != Phase::Open {
@@ -537,7 +538,7 @@ impl Session {
         };
         if known.len() == theirs.len() {
             // We know everything the peer has: send what it lacks.
-            self.peer_heads.insert(doc.clone(), theirs.clone());
+            self.learn_peer_has(&doc, &theirs);
             if self.config.scope.may_send(&doc) {
                 self.queue_catchup(host, doc, theirs);
             }
@@ -653,8 +654,8 @@ impl Session {
             };
             self.catchup_queued.remove(&doc);
             // Skip what the peer is known to hold already, when we know it too.
-            if let Some(peer_heads) = self.peer_heads.get(&doc) {
-                if let Ok(known) = host.known(&doc, peer_heads) {
+            if let Some(peer_has) = self.peer_has.get(&doc) {
+                if let Ok(known) = host.known(&doc, peer_has) {
                     base.extend(known);
                     base.sort();
                     base.dedup();
@@ -665,8 +666,9 @@ impl Session {
                 Err(Error::NotFound(_)) => continue,
                 Err(e) => return self.host_error(e),
             };
+            // Streams are reliable: once sent, the peer will hold these.
             if let Some(heads) = host.heads(&doc) {
-                self.peer_heads.insert(doc.clone(), heads);
+                self.learn_peer_has(&doc, &heads);
             }
             self.send_changes(Lane::Control, doc, changes);
         }
@@ -719,6 +721,18 @@ impl Session {
                 batch,
             },
         );
+    }
+
+    fn learn_peer_has(&mut self, doc: &DocId, hashes: &[ChangeHash]) {
+        let known = self.peer_has.entry(doc.clone()).or_default();
+        known.extend_from_slice(hashes);
+        known.sort();
+        known.dedup();
+        if known.len() > HASHES_PER_MESSAGE_MAX {
+            // Forget older knowledge: at worst some changes are resent and
+            // dropped as duplicates.
+            *known = hashes.to_vec();
+        }
     }
 
     fn in_flight(&self, lane: Lane) -> usize {

@@ -1,0 +1,462 @@
+//! The sans-IO sync session driven directly between two replicas: handshake
+//! and identity, catch-up, live push, scope enforcement, and hostile input.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use archipelago::doc::Op;
+use archipelago::protocol::wire::{self, close_code, Message};
+use archipelago::protocol::{Event, Glob, Lane, Scope, Session, SessionConfig};
+use archipelago::store::Memory;
+use archipelago::{Committed, DocId, Replica, ReplicaOptions, SiteName};
+use serde_json::json;
+use tokio::sync::broadcast;
+
+fn site(name: &str) -> SiteName {
+    name.parse().unwrap()
+}
+
+fn id(s: &str) -> DocId {
+    s.parse().unwrap()
+}
+
+fn set(replica: &Replica, doc: &str, key: &str, value: serde_json::Value) {
+    let ops: Vec<Op> =
+        serde_json::from_value(json!([{"op": "set", "path": format!("/{key}"), "value": value}]))
+            .unwrap();
+    replica.apply_ops(&id(doc), &ops, None).unwrap();
+}
+
+/// One end: a replica, its session with the other end, and its change feed.
+struct End {
+    replica: Replica,
+    session: Session,
+    feed: broadcast::Receiver<Committed>,
+    events: Vec<Event>,
+}
+
+struct Pair {
+    a: End,
+    b: End,
+    now: Instant,
+    /// Frames in flight to a and to b, per lane.
+    to_a: Vec<(Lane, VecDeque<Vec<u8>>)>,
+    to_b: Vec<(Lane, VecDeque<Vec<u8>>)>,
+    bytes_on_wire: usize,
+}
+
+impl Pair {
+    fn new(a: Replica, b: Replica, a_scope: Scope, b_scope: Scope) -> Pair {
+        let now = Instant::now();
+        let mut a_config = SessionConfig::new(a.site().clone(), b.site().clone());
+        a_config.scope = a_scope;
+        let mut b_config = SessionConfig::new(b.site().clone(), a.site().clone());
+        b_config.scope = b_scope;
+        let lanes = || {
+            vec![
+                (Lane::Control, VecDeque::new()),
+                (Lane::Live, VecDeque::new()),
+            ]
+        };
+        Pair {
+            a: End {
+                feed: a.subscribe(),
+                session: Session::new(a_config, now),
+                replica: a,
+                events: Vec::new(),
+            },
+            b: End {
+                feed: b.subscribe(),
+                session: Session::new(b_config, now),
+                replica: b,
+                events: Vec::new(),
+            },
+            now,
+            to_a: lanes(),
+            to_b: lanes(),
+            bytes_on_wire: 0,
+        }
+    }
+
+    fn everything(a: Replica, b: Replica) -> Pair {
+        Pair::new(a, b, Scope::everything(), Scope::everything())
+    }
+
+    /// Moves outputs into lanes and committed changes into sessions.
+    fn pump(&mut self) {
+        for (end, out) in [(&mut self.a, &mut self.to_b), (&mut self.b, &mut self.to_a)] {
+            while let Ok(committed) = end.feed.try_recv() {
+                end.session.handle_committed(&end.replica, &committed);
+            }
+            while let Some((lane, frame)) = end.session.poll_transmit() {
+                self.bytes_on_wire += frame.len();
+                out.iter_mut()
+                    .find(|(l, _)| *l == lane)
+                    .unwrap()
+                    .1
+                    .push_back(frame);
+            }
+            while let Some(event) = end.session.poll_event() {
+                end.events.push(event);
+            }
+        }
+    }
+
+    /// Delivers everything, lane by lane in the given order, until quiet.
+    fn run(&mut self, lane_order: [Lane; 2]) {
+        for _ in 0..10_000 {
+            self.pump();
+            let mut delivered = false;
+            for lane in lane_order {
+                for to_b in [true, false] {
+                    let queue = if to_b { &mut self.to_b } else { &mut self.to_a };
+                    let frames: Vec<Vec<u8>> = queue
+                        .iter_mut()
+                        .find(|(l, _)| *l == lane)
+                        .unwrap()
+                        .1
+                        .drain(..)
+                        .collect();
+                    let end = if to_b { &mut self.b } else { &mut self.a };
+                    for frame in frames {
+                        delivered = true;
+                        end.session.handle_bytes(self.now, &end.replica, &frame);
+                    }
+                }
+            }
+            if !delivered {
+                return;
+            }
+        }
+        panic!("no quiescence");
+    }
+
+    fn assert_converged(&self, doc: &str) {
+        let a = self
+            .a
+            .replica
+            .read_json(&id(doc), None)
+            .unwrap()
+            .expect("a has it");
+        let b = self
+            .b
+            .replica
+            .read_json(&id(doc), None)
+            .unwrap()
+            .expect("b has it");
+        assert_eq!(a.value, b.value);
+        let (mut ha, mut hb) = (a.heads, b.heads);
+        ha.sort();
+        hb.sort();
+        assert_eq!(ha, hb);
+    }
+}
+
+fn replica(name: &str) -> Replica {
+    Replica::open(ReplicaOptions::new(site(name)), Arc::new(Memory::new())).unwrap()
+}
+
+#[test]
+fn sites_catch_up_then_stream_live_changes() {
+    let (a, b) = (replica("east"), replica("west"));
+    for i in 0..20 {
+        set(&a, &format!("inv/{i}"), "stock", json!(i));
+    }
+    set(&b, "inv/only-west", "stock", json!(1));
+    let mut pair = Pair::everything(a, b);
+    pair.run([Lane::Control, Lane::Live]);
+    assert!(pair.a.session.is_reconciled() && pair.b.session.is_reconciled());
+    assert!(pair
+        .a
+        .events
+        .iter()
+        .any(|e| matches!(e, Event::Connected { .. })));
+    assert_eq!(pair.b.replica.doc_ids("inv/").len(), 21);
+    assert_eq!(pair.a.replica.doc_ids("inv/").len(), 21);
+    // Live: a commit at a reaches b with no reconciliation.
+    set(&pair.a.replica, "inv/3", "stock", json!(99));
+    pair.run([Lane::Live, Lane::Control]);
+    pair.assert_converged("inv/3");
+    assert!(pair.a.session.is_idle() && pair.b.session.is_idle());
+}
+
+#[test]
+fn reconnecting_identical_sites_costs_one_small_exchange() {
+    let (a, b) = (replica("east"), replica("west"));
+    for i in 0..500 {
+        set(&a, &format!("inv/{i}"), "stock", json!(i));
+    }
+    let mut first = Pair::everything(a.clone(), b.clone());
+    first.run([Lane::Control, Lane::Live]);
+    let mut again = Pair::everything(a, b);
+    again.run([Lane::Control, Lane::Live]);
+    // Two hellos, one fingerprint, one done: well under a kilobyte.
+    assert!(again.bytes_on_wire < 300, "{} bytes", again.bytes_on_wire);
+}
+
+#[test]
+fn concurrent_histories_find_a_common_base_instead_of_resending_everything() {
+    let (a, b) = (replica("east"), replica("west"));
+    for i in 0..300 {
+        set(&a, "ledger/1", &format!("k{}", i % 7), json!(i));
+    }
+    Pair::everything(a.clone(), b.clone()).run([Lane::Control, Lane::Live]);
+    // Both sides edit while apart.
+    set(&a, "ledger/1", "east", json!(1));
+    set(&b, "ledger/1", "west", json!(2));
+    let mut pair = Pair::everything(a, b);
+    pair.run([Lane::Control, Lane::Live]);
+    pair.assert_converged("ledger/1");
+    let sent = pair.a.session.stats().changes_sent + pair.b.session.stats().changes_sent;
+    assert!(
+        sent <= 40,
+        "sent {sent} changes for 2 new ones (history is 300)"
+    );
+}
+
+#[test]
+fn large_catch_up_is_cut_into_bounded_messages() {
+    let (a, b) = (replica("east"), replica("west"));
+    let blob = "x".repeat(2000);
+    for i in 0..1500 {
+        set(
+            &a,
+            "big/doc",
+            &format!("k{}", i % 50),
+            json!(format!("{blob}{i}")),
+        );
+    }
+    let mut pair = Pair::everything(a, b);
+    pair.run([Lane::Control, Lane::Live]);
+    pair.assert_converged("big/doc");
+    let stats = pair.a.session.stats();
+    assert!(stats.batches_sent >= 3, "{stats:?}");
+    assert_eq!(stats.changes_sent, 1500);
+}
+
+#[test]
+fn live_changes_that_overtake_their_dependencies_are_caught_up() {
+    let (a, b) = (replica("east"), replica("west"));
+    set(&a, "d", "v", json!(0));
+    let mut pair = Pair::everything(a, b);
+    pair.run([Lane::Control, Lane::Live]);
+    for i in 1..5 {
+        set(&pair.a.replica, "d", "v", json!(i));
+        pair.pump();
+    }
+    // Deliver the live lane in reverse order: later changes arrive first.
+    let live = &mut pair
+        .to_b
+        .iter_mut()
+        .find(|(l, _)| *l == Lane::Live)
+        .unwrap()
+        .1;
+    let frames: Vec<Vec<u8>> = live.drain(..).rev().collect();
+    for frame in frames {
+        pair.b
+            .session
+            .handle_bytes(pair.now, &pair.b.replica, &frame);
+    }
+    pair.run([Lane::Control, Lane::Live]);
+    pair.assert_converged("d");
+}
+
+#[test]
+fn a_peer_claiming_another_site_is_refused() {
+    let (a, b) = (replica("east"), replica("mallory"));
+    let now = Instant::now();
+    let mut session = Session::new(SessionConfig::new(site("east"), site("west")), now);
+    let mut impostor = Session::new(SessionConfig::new(site("mallory"), site("east")), now);
+    let (_, hello) = impostor.poll_transmit().unwrap();
+    session.handle_bytes(now, &a, &hello);
+    let events: Vec<Event> = std::iter::from_fn(|| session.poll_event()).collect();
+    assert!(
+        matches!(
+            events.last(),
+            Some(Event::Closed {
+                code: close_code::IDENTITY,
+                by_peer: false,
+                ..
+            })
+        ),
+        "{events:?}"
+    );
+    assert!(session.is_closed());
+    drop(b);
+}
+
+#[test]
+fn another_protocol_version_is_refused() {
+    let a = replica("east");
+    let now = Instant::now();
+    let mut session = Session::new(SessionConfig::new(site("east"), site("west")), now);
+    let hello = wire::encode(&Message::Hello {
+        version: 99,
+        site: site("west"),
+        capabilities: 1,
+    });
+    session.handle_bytes(now, &a, &hello);
+    assert!(session.is_closed());
+    let events: Vec<Event> = std::iter::from_fn(|| session.poll_event()).collect();
+    assert!(matches!(
+        events.last(),
+        Some(Event::Closed {
+            code: close_code::VERSION,
+            ..
+        })
+    ));
+}
+
+#[test]
+fn a_silent_peer_times_out() {
+    let a = replica("east");
+    let now = Instant::now();
+    let mut session = Session::new(SessionConfig::new(site("east"), site("west")), now);
+    let deadline = session.poll_timeout().unwrap();
+    session.handle_timeout(now + Duration::from_millis(1));
+    assert!(!session.is_closed());
+    session.handle_timeout(deadline);
+    assert!(session.is_closed());
+    drop(a);
+}
+
+#[test]
+fn malformed_frames_close_the_session_and_touch_nothing() {
+    let a = replica("east");
+    set(&a, "d", "v", json!(1));
+    let before = a.index();
+    for garbage in [
+        vec![0, 0, 0, 3, 1, 0xff, 0xff],
+        vec![0xff; 8],
+        vec![0, 0, 0, 1, 7],
+    ] {
+        let now = Instant::now();
+        let mut session = Session::new(SessionConfig::new(site("east"), site("west")), now);
+        let hello = wire::encode(&Message::Hello {
+            version: 1,
+            site: site("west"),
+            capabilities: 1,
+        });
+        session.handle_bytes(now, &a, &hello);
+        assert!(session.is_open());
+        session.handle_bytes(now, &a, &garbage);
+        assert!(
+            session.is_closed(),
+            "garbage {garbage:?} closes the session"
+        );
+    }
+    assert_eq!(a.index(), before);
+}
+
+/// A session at `east` that has accepted `west`'s hello.
+fn open_session(replica: &Replica, scope: Scope) -> Session {
+    let now = Instant::now();
+    let mut config = SessionConfig::new(site("east"), site("west"));
+    config.scope = scope;
+    let mut session = Session::new(config, now);
+    let hello = wire::encode(&Message::Hello {
+        version: 1,
+        site: site("west"),
+        capabilities: 1,
+    });
+    session.handle_bytes(now, replica, &hello);
+    assert!(session.is_open());
+    while session.poll_transmit().is_some() {}
+    while session.poll_event().is_some() {}
+    session
+}
+
+#[test]
+fn malformed_changes_are_rejected_and_the_session_carries_on() {
+    let (a, west) = (replica("east"), replica("west"));
+    set(&west, "d", "v", json!(7));
+    let good = west.changes_after(&id("d"), &[]).unwrap().unwrap();
+    let mut session = open_session(&a, Scope::everything());
+    let now = Instant::now();
+    // Bytes shaped like an automerge change header, then junk.
+    let bad = Message::Changes {
+        doc: id("d"),
+        changes: vec![vec![0x85, 0x6f, 0x4a, 0x83, 9, 9, 9, 9, 1, 2, 3]],
+        batch: 1,
+    };
+    session.handle_bytes(now, &a, &wire::encode(&bad));
+    let ok = Message::Changes {
+        doc: id("d"),
+        changes: good,
+        batch: 2,
+    };
+    session.handle_bytes(now, &a, &wire::encode(&ok));
+    assert!(session.is_open());
+    let events: Vec<Event> = std::iter::from_fn(|| session.poll_event()).collect();
+    assert!(
+        matches!(&events[0], Event::Rejected { reason, .. } if reason.contains("malformed")),
+        "{events:?}"
+    );
+    assert!(
+        matches!(&events[1], Event::Applied { changes: 1, .. }),
+        "{events:?}"
+    );
+    assert_eq!(
+        a.read_json(&id("d"), None).unwrap().unwrap().value,
+        json!({"v": 7})
+    );
+    // Both batches were acknowledged.
+    let acks: Vec<Message> = std::iter::from_fn(|| session.poll_transmit())
+        .map(|(_, f)| wire::decode_payload(&f[4..]).unwrap())
+        .filter(|m| matches!(m, Message::Ack { .. }))
+        .collect();
+    assert_eq!(
+        acks,
+        vec![Message::Ack { batch: 1 }, Message::Ack { batch: 2 }]
+    );
+}
+
+#[test]
+fn writes_outside_the_peer_scope_are_rejected_and_the_rest_applies() {
+    let (a, west) = (replica("east"), replica("west"));
+    set(&west, "eu/patient-1", "name", json!("x"));
+    set(&west, "shared/catalog", "name", json!("y"));
+    let scope = Scope {
+        send: vec![Glob::new("*")],
+        receive: vec![Glob::new("shared/*")],
+    };
+    let mut session = open_session(&a, scope);
+    let now = Instant::now();
+    for (batch, doc) in [(1, "eu/patient-1"), (2, "shared/catalog")] {
+        let changes = west.changes_after(&id(doc), &[]).unwrap().unwrap();
+        session.handle_bytes(
+            now,
+            &a,
+            &wire::encode(&Message::Changes {
+                doc: id(doc),
+                changes,
+                batch,
+            }),
+        );
+    }
+    let events: Vec<Event> = std::iter::from_fn(|| session.poll_event()).collect();
+    assert!(
+        matches!(&events[0], Event::Rejected { doc, .. } if doc.as_str() == "eu/patient-1"),
+        "{events:?}"
+    );
+    assert!(session.is_open());
+    assert_eq!(a.heads(&id("eu/patient-1")), None);
+    assert!(a.heads(&id("shared/catalog")).is_some());
+}
+
+#[test]
+fn documents_outside_the_send_scope_never_leave() {
+    let (a, b) = (replica("eu-central"), replica("us-east"));
+    set(&a, "eu/patient-1", "name", json!("x"));
+    set(&a, "catalog/1", "name", json!("y"));
+    let eu_only_home = Scope {
+        send: vec![Glob::new("catalog/*")],
+        receive: vec![Glob::new("catalog/*")],
+    };
+    let mut pair = Pair::new(a, b, eu_only_home.clone(), eu_only_home);
+    pair.run([Lane::Control, Lane::Live]);
+    set(&pair.a.replica, "eu/patient-1", "name", json!("z"));
+    pair.run([Lane::Live, Lane::Control]);
+    assert_eq!(pair.b.replica.doc_ids(""), vec![id("catalog/1")]);
+}
