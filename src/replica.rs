@@ -809,10 +809,28 @@ pub fn load_document(stored: &StoredDoc) -> Result<Automerge, String> {
     result.unwrap_or_else(|_| Err("automerge panicked decoding the stored bytes".to_owned()))
 }
 
-/// Decodes one change, containing automerge decoder panics.
+/// Decodes one change received from elsewhere and checks it is well formed.
+///
+/// automerge's decoder does not verify a change's checksum and accepts
+/// changes whose columns are inconsistent (applying those can corrupt the
+/// document's op order). So besides containing decoder panics, this checks
+/// the header checksum against the change's hash, and that decoding and
+/// re-encoding the change gives back the same hash: a change automerge
+/// itself wrote always does.
 pub fn decode_change(bytes: &[u8]) -> Result<Change, String> {
-    std::panic::catch_unwind(|| Change::try_from(bytes).map_err(|e| e.to_string()))
-        .unwrap_or_else(|_| Err("automerge panicked decoding the change".to_owned()))
+    let checked = std::panic::catch_unwind(|| {
+        let change = Change::try_from(bytes).map_err(|e| e.to_string())?;
+        let hash = change.hash();
+        if bytes.get(4..8) != Some(&hash.0[..4]) {
+            return Err("checksum does not match the change's contents".to_owned());
+        }
+        let canonical = Change::from(change.decode());
+        if canonical.hash() != hash {
+            return Err("change is not in canonical form".to_owned());
+        }
+        Ok(change)
+    });
+    checked.unwrap_or_else(|_| Err("automerge panicked decoding the change".to_owned()))
 }
 
 /// The hashes among `hashes` that the document does not hold. Cheap: it

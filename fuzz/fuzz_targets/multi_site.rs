@@ -1,0 +1,4 @@
+//! Fuzz target: see `archipelago::sim::fuzz::multi_site`.
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| archipelago::sim::fuzz::multi_site(data));
