@@ -12,7 +12,7 @@
 //! held until the store reports the change durable; commits to different
 //! documents proceed in parallel and share the store's group commit.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -101,9 +101,11 @@ pub struct Committed {
     pub doc: DocId,
     /// Its heads after the changes.
     pub heads: Vec<ChangeHash>,
-    /// The new changes, encoded, in causal order.
+    /// The new changes, encoded, in causal order. Empty when a whole
+    /// document arrived in saved form: then only `heads` says what is new.
     pub changes: Arc<Vec<Vec<u8>>>,
-    /// Their hashes, in the same order.
+    /// The hashes of `changes`, in the same order (the new heads when
+    /// `changes` is empty).
     pub hashes: Vec<ChangeHash>,
     /// Who made them.
     pub origin: Origin,
@@ -626,6 +628,104 @@ impl Replica {
         })
     }
 
+    /// The document in automerge's saved form, for a peer that holds none
+    /// of it.
+    pub fn save_bytes(&self, id: &DocId) -> Result<Option<Vec<u8>>, Error> {
+        self.with_doc(id, Automerge::save)
+    }
+
+    /// Merges a whole document received in saved form. The bytes are
+    /// verified on load (automerge checks the heads against the contents;
+    /// decoder panics are contained); a document new here is stored as the
+    /// received snapshot, an existing one merges it. Subscribers get a
+    /// [`Committed`] with no change bytes: it names the new heads only.
+    pub fn apply_snapshot(&self, id: &DocId, bytes: &[u8], from: Origin) -> Result<Applied, Error> {
+        let stored = StoredDoc {
+            snapshot: Some(bytes.to_vec()),
+            changes: Vec::new(),
+        };
+        let mut incoming = load_document(&stored).map_err(|reason| Error::BadChange {
+            doc: id.clone(),
+            index: 0,
+            reason,
+        })?;
+        let slot = self.slot(id);
+        let mut guard = lock(&slot.loaded);
+        let loaded = self.ensure_loaded_or_new(id, &mut guard)?;
+        let before = loaded.doc.get_heads();
+        let write = if before.is_empty() {
+            incoming.set_actor(self.shared.actor.clone());
+            loaded.doc = incoming;
+            loaded.snapshot_bytes = bytes.len();
+            loaded.appended_changes = 0;
+            loaded.appended_bytes = 0;
+            Write::Snapshot {
+                doc: id.clone(),
+                bytes: bytes.to_vec(),
+                heads: loaded.doc.get_heads(),
+            }
+        } else {
+            let merged =
+                std::panic::catch_unwind(AssertUnwindSafe(|| loaded.doc.merge(&mut incoming)));
+            match merged {
+                Ok(Ok(new)) if new.is_empty() => {
+                    return Ok(Applied {
+                        duplicates: 1,
+                        heads: before,
+                        ..Applied::default()
+                    });
+                }
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => {
+                    *guard = None;
+                    return Err(Error::BadChange {
+                        doc: id.clone(),
+                        index: 0,
+                        reason: e.to_string(),
+                    });
+                }
+                Err(_) => {
+                    *guard = None;
+                    return Err(Error::BadChange {
+                        doc: id.clone(),
+                        index: 0,
+                        reason: "automerge panicked merging the snapshot".into(),
+                    });
+                }
+            }
+            let saved = loaded.doc.save();
+            loaded.snapshot_bytes = saved.len();
+            loaded.appended_changes = 0;
+            loaded.appended_bytes = 0;
+            Write::Snapshot {
+                doc: id.clone(),
+                bytes: saved,
+                heads: loaded.doc.get_heads(),
+            }
+        };
+        let heads = loaded.doc.get_heads();
+        if let Err(e) = self.shared.store.commit(vec![write]) {
+            *guard = None;
+            return Err(e.into());
+        }
+        lock(&self.shared.state)
+            .index
+            .insert(id.clone(), heads.clone());
+        let _ = self.shared.events.send(Committed {
+            doc: id.clone(),
+            heads: heads.clone(),
+            changes: Arc::new(Vec::new()),
+            hashes: heads.clone(),
+            origin: from,
+        });
+        Ok(Applied {
+            applied: heads.clone(),
+            duplicates: 0,
+            missing_deps: Vec::new(),
+            heads,
+        })
+    }
+
     /// Writes new changes of a loaded document durably (compacting when
     /// due), updates the index and notifies subscribers. On a store error the
     /// loaded document is dropped so the next use reloads the durable state.
@@ -843,46 +943,69 @@ pub(crate) fn unknown_hashes(doc: &Automerge, hashes: &[ChangeHash]) -> Vec<Chan
     missing
 }
 
-fn has_change(doc: &Automerge, hash: &ChangeHash) -> bool {
-    doc.get_missing_deps(std::slice::from_ref(hash)).is_empty()
-}
-
 /// Splits received changes into those to apply (new, dependencies met, in
 /// causal order), a count of duplicates, and those with unmet dependencies.
+/// Linear in the batch: one batched lookup against the document, then a
+/// topological sort.
 fn order_new_changes(
     doc: &Automerge,
     changes: Vec<Change>,
 ) -> (Vec<Change>, usize, Vec<ChangeHash>) {
-    let mut pending: BTreeMap<ChangeHash, Change> = BTreeMap::new();
+    let incoming: Vec<ChangeHash> = changes.iter().map(Change::hash).collect();
+    let absent: HashSet<ChangeHash> = unknown_hashes(doc, &incoming).into_iter().collect();
+    let mut pending: HashMap<ChangeHash, Change> = HashMap::with_capacity(changes.len());
     let mut duplicates = 0;
     for change in changes {
         let hash = change.hash();
-        if has_change(doc, &hash) || pending.contains_key(&hash) {
+        if !absent.contains(&hash) || pending.contains_key(&hash) {
             duplicates += 1;
         } else {
             pending.insert(hash, change);
         }
     }
-    let mut ready = Vec::with_capacity(pending.len());
-    let mut ready_set = std::collections::HashSet::new();
-    loop {
-        let next: Vec<ChangeHash> = pending
-            .iter()
-            .filter(|(_, c)| {
-                c.deps()
-                    .iter()
-                    .all(|d| ready_set.contains(d) || has_change(doc, d))
-            })
-            .map(|(h, _)| *h)
-            .collect();
-        if next.is_empty() {
-            break;
+    // Dependencies outside the batch must be in the document.
+    let outside: Vec<ChangeHash> = pending
+        .values()
+        .flat_map(|c| c.deps().iter().copied())
+        .filter(|d| !pending.contains_key(d))
+        .collect();
+    let missing_outside: HashSet<ChangeHash> = unknown_hashes(doc, &outside).into_iter().collect();
+    let mut unmet: HashMap<ChangeHash, usize> = HashMap::with_capacity(pending.len());
+    let mut dependents: HashMap<ChangeHash, Vec<ChangeHash>> = HashMap::new();
+    let mut ready_queue: Vec<ChangeHash> = Vec::new();
+    let mut blocked = HashSet::new();
+    for (hash, change) in &pending {
+        let mut count = 0;
+        for dep in change.deps() {
+            if pending.contains_key(dep) {
+                count += 1;
+                dependents.entry(*dep).or_default().push(*hash);
+            } else if missing_outside.contains(dep) {
+                blocked.insert(*hash);
+            }
         }
-        for hash in next {
-            let change = pending.remove(&hash).expect("selected from pending");
-            ready_set.insert(hash);
-            ready.push(change);
+        unmet.insert(*hash, count);
+        if count == 0 && !blocked.contains(hash) {
+            ready_queue.push(*hash);
         }
     }
-    (ready, duplicates, pending.into_keys().collect())
+    // Deterministic order among changes ready at the same time.
+    ready_queue.sort_unstable();
+    let mut ready = Vec::with_capacity(pending.len());
+    while let Some(hash) = ready_queue.pop() {
+        let change = pending.remove(&hash).expect("each change is released once");
+        ready.push(change);
+        if let Some(next) = dependents.get(&hash) {
+            for dependent in next {
+                let count = unmet.get_mut(dependent).expect("counted above");
+                *count -= 1;
+                if *count == 0 && !blocked.contains(dependent) {
+                    ready_queue.push(*dependent);
+                }
+            }
+        }
+    }
+    let mut missing: Vec<ChangeHash> = pending.into_keys().collect();
+    missing.sort_unstable();
+    (ready, duplicates, missing)
 }

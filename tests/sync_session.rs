@@ -218,6 +218,9 @@ fn concurrent_histories_find_a_common_base_instead_of_resending_everything() {
 #[test]
 fn large_catch_up_is_cut_into_bounded_messages() {
     let (a, b) = (replica("east"), replica("west"));
+    set(&a, "big/doc", "start", json!(0));
+    Pair::everything(a.clone(), b.clone()).run([Lane::Control, Lane::Live]);
+    // While apart, a adds ~3 MB of changes that b must catch up on.
     let blob = "x".repeat(2000);
     for i in 0..1500 {
         set(
@@ -233,6 +236,51 @@ fn large_catch_up_is_cut_into_bounded_messages() {
     let stats = pair.a.session.stats();
     assert!(stats.batches_sent >= 3, "{stats:?}");
     assert_eq!(stats.changes_sent, 1500);
+}
+
+#[test]
+fn a_peer_without_the_document_gets_it_whole_in_saved_form() {
+    let (a, b) = (replica("east"), replica("west"));
+    for i in 0..200 {
+        set(&a, "orders/1", &format!("k{}", i % 9), json!(i));
+    }
+    let mut pair = Pair::everything(a, b.clone());
+    pair.run([Lane::Control, Lane::Live]);
+    pair.assert_converged("orders/1");
+    let stats = pair.a.session.stats();
+    assert_eq!(
+        (stats.snapshots_sent, stats.changes_sent),
+        (1, 0),
+        "{stats:?}"
+    );
+    // The received document keeps its history and takes new edits.
+    assert_eq!(b.history(&id("orders/1")).unwrap().unwrap().len(), 200);
+    set(&b, "orders/1", "k0", json!("west"));
+    pair.run([Lane::Live, Lane::Control]);
+    pair.assert_converged("orders/1");
+}
+
+#[test]
+fn a_forged_snapshot_is_rejected_and_stores_nothing() {
+    let (a, west) = (replica("east"), replica("west"));
+    set(&west, "d", "v", json!(1));
+    let mut bytes = west.save_bytes(&id("d")).unwrap().unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0x55;
+    let mut session = open_session(&a, Scope::everything());
+    session.handle_bytes(
+        Instant::now(),
+        &a,
+        &wire::encode(&Message::Snapshot {
+            doc: id("d"),
+            bytes,
+            batch: 1,
+        }),
+    );
+    assert!(session.is_open());
+    let events: Vec<Event> = std::iter::from_fn(|| session.poll_event()).collect();
+    assert!(matches!(&events[0], Event::Rejected { .. }), "{events:?}");
+    assert_eq!(a.heads(&id("d")), None);
 }
 
 #[test]

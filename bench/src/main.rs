@@ -6,6 +6,7 @@
 //! ```
 
 mod scenarios;
+mod sync_core;
 
 use std::time::Instant;
 

@@ -17,6 +17,8 @@ pub(crate) const NAMES: &[&str] = &[
     "library_commits_single_doc",
     "api_commits",
     "api_commits_single_doc",
+    "sync_reconcile",
+    "sync_catchup",
 ];
 
 pub(crate) fn run(name: &str, quick: bool) -> anyhow::Result<Map<String, Value>> {
@@ -26,11 +28,13 @@ pub(crate) fn run(name: &str, quick: bool) -> anyhow::Result<Map<String, Value>>
         "library_commits_single_doc" => library_commits(quick, 1),
         "api_commits" => api_commits(quick, 100),
         "api_commits_single_doc" => api_commits(quick, 1),
+        "sync_reconcile" => crate::sync_core::reconcile(quick),
+        "sync_catchup" => crate::sync_core::catchup(quick),
         other => anyhow::bail!("unknown scenario {other}"),
     }
 }
 
-fn metrics(pairs: &[(&str, Value)]) -> Map<String, Value> {
+pub(crate) fn metrics(pairs: &[(&str, Value)]) -> Map<String, Value> {
     pairs
         .iter()
         .map(|(k, v)| ((*k).to_owned(), v.clone()))

@@ -42,4 +42,13 @@ impl Host for Replica {
     fn apply(&self, doc: &DocId, changes: &[Vec<u8>], from: &SiteName) -> Result<Applied, Error> {
         self.apply_changes(doc, changes, Origin::Peer(from.clone()))
     }
+
+    fn snapshot(&self, doc: &DocId) -> Result<Vec<u8>, Error> {
+        self.save_bytes(doc)?
+            .ok_or_else(|| Error::NotFound(doc.clone()))
+    }
+
+    fn apply_snapshot(&self, doc: &DocId, bytes: &[u8], from: &SiteName) -> Result<Applied, Error> {
+        Replica::apply_snapshot(self, doc, bytes, Origin::Peer(from.clone()))
+    }
 }

@@ -25,6 +25,10 @@ use super::wire::{
     HASHES_PER_MESSAGE_MAX, MESSAGE_CHANGE_BYTES_TARGET, PROTOCOL_VERSION,
 };
 use crate::error::Error;
+
+/// Largest document sent whole in saved form; larger ones travel as
+/// changes, cut into messages under the frame limit.
+const SNAPSHOT_BYTES_MAX: usize = wire::FRAME_BYTES_MAX - (64 << 10);
 use crate::id::{DocId, SiteName};
 use crate::replica::{Applied, Committed, Origin};
 
@@ -42,6 +46,10 @@ pub trait Host {
     fn sample(&self, doc: &DocId) -> Result<Vec<ChangeHash>, Error>;
     /// Applies received changes durably, in one batch.
     fn apply(&self, doc: &DocId, changes: &[Vec<u8>], from: &SiteName) -> Result<Applied, Error>;
+    /// The whole document in automerge's saved form.
+    fn snapshot(&self, doc: &DocId) -> Result<Vec<u8>, Error>;
+    /// Merges a whole document received in saved form, durably.
+    fn apply_snapshot(&self, doc: &DocId, bytes: &[u8], from: &SiteName) -> Result<Applied, Error>;
 }
 
 /// Which stream a frame belongs on: live changes must never wait behind a
@@ -146,6 +154,8 @@ pub struct SessionStats {
     pub batches_received: u64,
     /// Reconciliation round messages sent.
     pub reconcile_messages_sent: u64,
+    /// Whole documents sent in saved form.
+    pub snapshots_sent: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -153,6 +163,13 @@ enum Phase {
     AwaitHello,
     Open,
     Closed,
+}
+
+/// What a batch from the peer carries.
+#[derive(Debug, Clone, Copy)]
+enum Payload<'a> {
+    Changes(&'a [Vec<u8>]),
+    Snapshot(&'a [u8]),
 }
 
 /// One peer's sync session.
@@ -371,9 +388,12 @@ impl Session {
             return;
         }
         let bytes: usize = committed.changes.iter().map(Vec::len).sum();
-        if self.live_queue_bytes + bytes > self.config.live_queue_bytes_max {
-            // Too much queued: fall back to a catch-up exchange for this
-            // document, which needs no memory per change.
+        if committed.changes.is_empty()
+            || self.live_queue_bytes + bytes > self.config.live_queue_bytes_max
+        {
+            // A whole document arrived in saved form (no change bytes to
+            // forward), or too much is queued: offer our heads and let the
+            // peer pull what it lacks, which needs no memory per change.
             self.send_have(host, &committed.doc, false);
             return;
         }
@@ -446,7 +466,10 @@ impl Session {
                     changes,
                     batch,
                 },
-            ) => self.on_changes(host, doc, &changes, batch),
+            ) => self.on_changes(host, doc, Payload::Changes(&changes), batch),
+            (Phase::Open, Message::Snapshot { doc, bytes, batch }) => {
+                self.on_changes(host, doc, Payload::Snapshot(&bytes), batch)
+            }
             (Phase::Open, Message::Ack { batch }) => self.on_ack(host, batch),
             (Phase::Open, Message::Close { code, reason }) => self.finish(code, reason, true),
             (Phase::Closed, _) => {}
@@ -598,12 +621,16 @@ impl Session {
         }
     }
 
-    fn on_changes(&mut self, host: &dyn Host, doc: DocId, changes: &[Vec<u8>], batch: u64) {
+    fn on_changes(&mut self, host: &dyn Host, doc: DocId, payload: Payload<'_>, batch: u64) {
         self.stats.batches_received += 1;
         if !self.config.scope.may_receive(&doc) {
             self.reject(doc, "the peer may not write this document");
         } else {
-            match host.apply(&doc, changes, &self.config.peer) {
+            let applied = match payload {
+                Payload::Changes(changes) => host.apply(&doc, changes, &self.config.peer),
+                Payload::Snapshot(bytes) => host.apply_snapshot(&doc, bytes, &self.config.peer),
+            };
+            match applied {
                 Ok(applied) => {
                     if !applied.applied.is_empty() {
                         self.stats.changes_applied += applied.applied.len() as u64;
@@ -661,6 +688,22 @@ impl Session {
                     base.dedup();
                 }
             }
+            if base.is_empty() {
+                // The peer holds none of it: the saved form is far cheaper
+                // to produce and to apply than the changes one by one.
+                match host.snapshot(&doc) {
+                    Ok(bytes) if bytes.len() <= SNAPSHOT_BYTES_MAX => {
+                        if let Some(heads) = host.heads(&doc) {
+                            self.learn_peer_has(&doc, &heads);
+                        }
+                        self.send_snapshot(doc, bytes);
+                        continue;
+                    }
+                    Ok(_) => {}
+                    Err(Error::NotFound(_)) => continue,
+                    Err(e) => return self.host_error(e),
+                }
+            }
             let changes = match host.changes_after(&doc, &base) {
                 Ok(changes) => changes,
                 Err(Error::NotFound(_)) => continue,
@@ -704,6 +747,16 @@ impl Session {
         if !chunk.is_empty() {
             self.send_batch(lane, doc, chunk, chunk_bytes);
         }
+    }
+
+    fn send_snapshot(&mut self, doc: DocId, bytes: Vec<u8>) {
+        let batch = self.next_batch;
+        self.next_batch += 1;
+        self.stats.batches_sent += 1;
+        self.stats.snapshots_sent += 1;
+        self.unacked.insert(batch, (Lane::Control, bytes.len()));
+        *self.unacked_bytes.entry(LaneKey::Control).or_default() += bytes.len();
+        self.send(Lane::Control, &Message::Snapshot { doc, bytes, batch });
     }
 
     fn send_batch(&mut self, lane: Lane, doc: DocId, changes: Vec<Vec<u8>>, bytes: usize) {

@@ -88,6 +88,18 @@ pub enum Message {
         /// Sequence number of this batch on the session, for [`Message::Ack`].
         batch: u64,
     },
+    /// A whole document in automerge's saved form, sent to a peer that holds
+    /// none of it: far cheaper to produce and apply than its changes one by
+    /// one. The receiver verifies it (automerge checks the heads against the
+    /// contents) before storing it.
+    Snapshot {
+        /// The document.
+        doc: DocId,
+        /// `save()` bytes.
+        bytes: Vec<u8>,
+        /// Sequence number of this batch on the session, for [`Message::Ack`].
+        batch: u64,
+    },
     /// Every batch up to and including `batch` was applied durably (or
     /// refused, with an event at the receiver).
     Ack {
@@ -157,6 +169,11 @@ impl Message {
                     return Err(WireError::Malformed("empty change".into()));
                 }
             }
+            Message::Snapshot { bytes, .. } => {
+                if bytes.is_empty() {
+                    return Err(WireError::Malformed("empty snapshot".into()));
+                }
+            }
             Message::Close { reason, .. } => {
                 if reason.len() > REASON_BYTES_MAX {
                     return Err(WireError::OverLimit("close reason"));
@@ -180,6 +197,7 @@ impl Message {
             Message::Sample { .. } => "sample",
             Message::Base { .. } => "base",
             Message::Changes { .. } => "changes",
+            Message::Snapshot { .. } => "snapshot",
             Message::Ack { .. } => "ack",
             Message::Close { .. } => "close",
         }
@@ -286,6 +304,13 @@ mod tests {
                     changes,
                     batch
                 }),
+            (proptest::collection::vec(any::<u8>(), 1..40), any::<u64>()).prop_map(
+                |(bytes, batch)| Message::Snapshot {
+                    doc: DocId::new("snap").expect("valid"),
+                    bytes,
+                    batch
+                }
+            ),
             any::<u64>().prop_map(|batch| Message::Ack { batch }),
             (any::<u16>(), "[ -~]{0,20}")
                 .prop_map(|(code, reason)| Message::Close { code, reason }),
