@@ -645,6 +645,15 @@ pub mod fuzz {
     use crate::replica::{Replica, ReplicaOptions};
     use crate::store::Memory;
 
+    /// Replaces libFuzzer's abort-on-any-panic hook with a silent one: a
+    /// panic inside automerge that our code contains with `catch_unwind` (and
+    /// turns into an error) is the behaviour under test, not a crash. A panic
+    /// that escapes a harness still aborts the fuzzer (libfuzzer-sys catches
+    /// it at the top) and its input is saved.
+    pub fn contain_panics() {
+        std::panic::set_hook(Box::new(|_| {}));
+    }
+
     /// Arbitrary bytes through the frame decoder: never a panic, and every
     /// message that decodes re-encodes to a frame that decodes the same.
     pub fn wire_decode(data: &[u8]) {

@@ -508,3 +508,73 @@ fn documents_outside_the_send_scope_never_leave() {
     pair.run([Lane::Live, Lane::Control]);
     assert_eq!(pair.b.replica.doc_ids(""), vec![id("catalog/1")]);
 }
+
+#[test]
+fn an_interrupted_catch_up_resumes_where_it_stopped() {
+    let store_b = Arc::new(Memory::new());
+    let a = replica("east");
+    let b = Replica::open(ReplicaOptions::new(site("west")), store_b.clone()).unwrap();
+    // b holds the start of every document, so the rest travels as changes.
+    for d in 0..50 {
+        set(&a, &format!("inv/{d}"), "k", json!(0));
+    }
+    Pair::everything(a.clone(), b.clone()).run([Lane::Control, Lane::Live]);
+    for d in 0..50 {
+        for i in 1..40 {
+            set(&a, &format!("inv/{d}"), &format!("k{}", i % 5), json!(i));
+        }
+    }
+    let needed = 50 * 39;
+
+    // First connection: b applies about half of the batches, then b crashes.
+    let mut first = Pair::everything(a.clone(), b);
+    let mut applied_first = 0;
+    'cut: for _ in 0..1000 {
+        first.pump();
+        let frames: Vec<Vec<u8>> = first
+            .to_b
+            .iter_mut()
+            .flat_map(|(_, q)| q.drain(..))
+            .collect();
+        let back: Vec<Vec<u8>> = first
+            .to_a
+            .iter_mut()
+            .flat_map(|(_, q)| q.drain(..))
+            .collect();
+        for frame in back {
+            first
+                .a
+                .session
+                .handle_bytes(first.now, &first.a.replica, &frame);
+        }
+        for frame in frames {
+            first
+                .b
+                .session
+                .handle_bytes(first.now, &first.b.replica, &frame);
+            applied_first = first.b.session.stats().changes_applied;
+            if applied_first >= needed as u64 / 2 {
+                break 'cut;
+            }
+        }
+    }
+    assert!(
+        applied_first >= needed as u64 / 2 && applied_first < needed as u64,
+        "{applied_first}"
+    );
+    drop(first);
+
+    // b restarts from its store; the new session sends only what is missing.
+    let b = Replica::open(ReplicaOptions::new(site("west")), store_b).unwrap();
+    let mut second = Pair::everything(a, b);
+    second.run([Lane::Control, Lane::Live]);
+    for d in 0..50 {
+        second.assert_converged(&format!("inv/{d}"));
+    }
+    let resent = second.a.session.stats().changes_sent;
+    assert_eq!(
+        resent,
+        needed as u64 - applied_first,
+        "only the missing changes travel again"
+    );
+}

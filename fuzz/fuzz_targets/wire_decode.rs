@@ -1,4 +1,6 @@
 //! Fuzz target: see `archipelago::sim::fuzz::wire_decode`.
 #![no_main]
 
-libfuzzer_sys::fuzz_target!(|data: &[u8]| archipelago::sim::fuzz::wire_decode(data));
+libfuzzer_sys::fuzz_target!(init: archipelago::sim::fuzz::contain_panics(), |data: &[u8]| {
+    archipelago::sim::fuzz::wire_decode(data)
+});
