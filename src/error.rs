@@ -15,7 +15,7 @@ pub enum Error {
     InvalidId(#[from] InvalidId),
     /// An op or value does not fit the document.
     #[error(transparent)]
-    Op(#[from] OpError),
+    Op(Box<OpError>),
     /// The store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -50,11 +50,49 @@ pub enum Error {
     },
     /// The document does not fit the Rust type.
     #[error("hydrate: {0}")]
-    Hydrate(#[from] autosurgeon::HydrateError),
+    Hydrate(Box<autosurgeon::HydrateError>),
     /// The Rust value could not be written.
     #[error("reconcile: {0}")]
-    Reconcile(#[from] autosurgeon::ReconcileError),
+    Reconcile(Box<autosurgeon::ReconcileError>),
     /// automerge refused an operation.
     #[error("automerge: {0}")]
-    Automerge(#[from] automerge::AutomergeError),
+    Automerge(Box<automerge::AutomergeError>),
+}
+
+// The large foreign errors are boxed so `Result<_, Error>` stays small on
+// the happy path.
+impl From<OpError> for Error {
+    fn from(e: OpError) -> Error {
+        Error::Op(Box::new(e))
+    }
+}
+
+impl From<autosurgeon::HydrateError> for Error {
+    fn from(e: autosurgeon::HydrateError) -> Error {
+        Error::Hydrate(Box::new(e))
+    }
+}
+
+impl From<autosurgeon::ReconcileError> for Error {
+    fn from(e: autosurgeon::ReconcileError) -> Error {
+        Error::Reconcile(Box::new(e))
+    }
+}
+
+impl From<automerge::AutomergeError> for Error {
+    fn from(e: automerge::AutomergeError) -> Error {
+        Error::Automerge(Box::new(e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn errors_stay_small() {
+        assert!(
+            std::mem::size_of::<super::Error>() <= 64,
+            "{}",
+            std::mem::size_of::<super::Error>()
+        );
+    }
 }

@@ -296,6 +296,25 @@ impl Replica {
             .collect()
     }
 
+    /// At most `limit` ids of stored documents starting with `prefix` and
+    /// sorting after `after` (exclusive), in order: a page of
+    /// [`Replica::doc_ids`].
+    pub fn doc_ids_page(&self, prefix: &str, after: Option<&str>, limit: usize) -> Vec<DocId> {
+        let state = lock(&self.shared.state);
+        let start = match after {
+            Some(after) if after >= prefix => after,
+            _ => prefix,
+        };
+        state
+            .index
+            .keys()
+            .skip_while(|id| id.as_str() < start || after.is_some_and(|a| id.as_str() == a))
+            .take_while(|id| id.as_str().starts_with(prefix))
+            .take(limit)
+            .cloned()
+            .collect()
+    }
+
     /// Every stored document with its heads.
     pub fn index(&self) -> Vec<(DocId, Vec<ChangeHash>)> {
         lock(&self.shared.state)

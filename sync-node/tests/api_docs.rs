@@ -674,3 +674,33 @@ async fn metrics_render_prometheus_text() {
     }
     node.stop().await;
 }
+
+#[tokio::test]
+async fn listing_pages_with_limit_and_after() {
+    let node = TestNode::start().await;
+    for i in 0..5 {
+        let (status, body) = node
+            .ops(
+                &format!("page%2F{i}"),
+                json!([{"op": "set", "path": "/n", "value": i}]),
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+    }
+    let (status, first) = node.get("/v1/docs?prefix=page/&limit=2").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        first,
+        json!({"docs": ["page/0", "page/1"], "next": "page/1"})
+    );
+    let (_, second) = node.get("/v1/docs?prefix=page/&limit=2&after=page/1").await;
+    assert_eq!(
+        second,
+        json!({"docs": ["page/2", "page/3"], "next": "page/3"})
+    );
+    let (_, last) = node.get("/v1/docs?prefix=page/&limit=2&after=page/3").await;
+    assert_eq!(last, json!({"docs": ["page/4"]}));
+    let (_, all) = node.get("/v1/docs?prefix=page/").await;
+    assert_eq!(all["docs"].as_array().unwrap().len(), 5);
+    node.stop().await;
+}

@@ -58,14 +58,36 @@ fn check_message(message: Option<&str>) -> Result<(), ApiError> {
 pub(crate) struct ListQuery {
     #[serde(default)]
     prefix: String,
+    /// Most ids in one answer (at most [`LIST_LIMIT_MAX`]).
+    limit: Option<usize>,
+    /// Continue after this id (the `next` of the previous page).
+    after: Option<String>,
 }
 
-/// `GET /v1/docs?prefix=P`.
+/// Most document ids in one `GET /v1/docs` answer; a longer listing is
+/// paged with `next` and `after`.
+pub const LIST_LIMIT_MAX: usize = 100_000;
+
+/// `GET /v1/docs?prefix=P[&limit=N][&after=ID]` → `{"docs": [...]}`, with
+/// `"next": ID` when more ids follow (pass it as `after`).
 pub(crate) async fn list(
     State(state): State<ApiState>,
     ApiQuery(query): ApiQuery<ListQuery>,
 ) -> Json<Value> {
-    let ids = state.replica.doc_ids(&query.prefix);
+    let limit = query
+        .limit
+        .unwrap_or(LIST_LIMIT_MAX)
+        .clamp(1, LIST_LIMIT_MAX);
+    // One extra id tells whether there is a next page; `next` appears only
+    // then, so an unpaged listing is exactly `{"docs": [...]}`.
+    let mut ids = state
+        .replica
+        .doc_ids_page(&query.prefix, query.after.as_deref(), limit + 1);
+    if ids.len() > limit {
+        ids.truncate(limit);
+        let next = ids.last().map(|id| id.to_string());
+        return Json(json!({ "docs": ids, "next": next }));
+    }
     Json(json!({ "docs": ids }))
 }
 
