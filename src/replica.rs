@@ -614,29 +614,9 @@ impl Replica {
         }
         let hashes: Vec<ChangeHash> = ready.iter().map(Change::hash).collect();
         let bytes: Vec<Vec<u8>> = ready.iter().map(|c| c.raw_bytes().to_vec()).collect();
-        let outcome =
-            std::panic::catch_unwind(AssertUnwindSafe(|| loaded.doc.apply_changes(ready)));
-        match outcome {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => {
-                *guard = None;
-                return Err(Error::BadChange {
-                    doc: id.clone(),
-                    index: 0,
-                    reason: e.to_string(),
-                });
-            }
-            Err(_) => {
-                // automerge panicked mid-apply: the loaded state is suspect,
-                // so drop it and reload from the store next time.
-                *guard = None;
-                return Err(Error::BadChange {
-                    doc: id.clone(),
-                    index: 0,
-                    reason: "automerge panicked applying the changes".into(),
-                });
-            }
-        }
+        contain(id, "applying the changes", &mut guard, |doc| {
+            doc.apply_changes(ready)
+        })?;
         let origin = from;
         let heads = self.persist(id, &mut guard, bytes, hashes.clone(), origin)?;
         Ok(Applied {
@@ -670,59 +650,39 @@ impl Replica {
         })?;
         let slot = self.slot(id);
         let mut guard = lock(&slot.loaded);
-        let loaded = self.ensure_loaded_or_new(id, &mut guard)?;
-        let before = loaded.doc.get_heads();
-        let write = if before.is_empty() {
+        let before = self.ensure_loaded_or_new(id, &mut guard)?.doc.get_heads();
+        let snapshot = if before.is_empty() {
+            // New here: adopt the document and store the bytes as received.
             incoming.set_actor(self.shared.actor.clone());
-            loaded.doc = incoming;
-            loaded.snapshot_bytes = bytes.len();
-            loaded.appended_changes = 0;
-            loaded.appended_bytes = 0;
-            Write::Snapshot {
-                doc: id.clone(),
-                bytes: bytes.to_vec(),
-                heads: loaded.doc.get_heads(),
-            }
+            guard.as_mut().expect("loaded above").doc = incoming;
+            bytes.to_vec()
         } else {
-            let merged =
-                std::panic::catch_unwind(AssertUnwindSafe(|| loaded.doc.merge(&mut incoming)));
-            match merged {
-                Ok(Ok(new)) if new.is_empty() => {
-                    return Ok(Applied {
-                        duplicates: 1,
-                        heads: before,
-                        ..Applied::default()
-                    });
-                }
-                Ok(Ok(_)) => {}
-                Ok(Err(e)) => {
-                    *guard = None;
-                    return Err(Error::BadChange {
-                        doc: id.clone(),
-                        index: 0,
-                        reason: e.to_string(),
-                    });
-                }
-                Err(_) => {
-                    *guard = None;
-                    return Err(Error::BadChange {
-                        doc: id.clone(),
-                        index: 0,
-                        reason: "automerge panicked merging the snapshot".into(),
-                    });
-                }
+            let new = contain(id, "merging the snapshot", &mut guard, |doc| {
+                doc.merge(&mut incoming)
+            })?;
+            if new.is_empty() {
+                return Ok(Applied {
+                    duplicates: 1,
+                    heads: before,
+                    ..Applied::default()
+                });
             }
-            let saved = loaded.doc.save();
-            loaded.snapshot_bytes = saved.len();
-            loaded.appended_changes = 0;
-            loaded.appended_bytes = 0;
-            Write::Snapshot {
-                doc: id.clone(),
-                bytes: saved,
-                heads: loaded.doc.get_heads(),
-            }
+            guard
+                .as_ref()
+                .expect("contain keeps the document on success")
+                .doc
+                .save()
         };
+        let loaded = guard.as_mut().expect("loaded above");
+        loaded.snapshot_bytes = snapshot.len();
+        loaded.appended_changes = 0;
+        loaded.appended_bytes = 0;
         let heads = loaded.doc.get_heads();
+        let write = Write::Snapshot {
+            doc: id.clone(),
+            bytes: snapshot,
+            heads: heads.clone(),
+        };
         if let Err(e) = self.shared.store.commit(vec![write]) {
             *guard = None;
             return Err(e.into());
@@ -902,6 +862,32 @@ impl Replica {
             snapshot_bytes: stored.snapshot.as_ref().map_or(0, Vec::len),
         })
     }
+}
+
+/// Runs an automerge call that may fail or panic on bad input against the
+/// loaded document. On either, the loaded state is suspect: it is dropped so
+/// the next use reloads the durable state, and the failure is a
+/// [`Error::BadChange`].
+fn contain<R>(
+    id: &DocId,
+    what: &str,
+    guard: &mut MutexGuard<'_, Option<Loaded>>,
+    f: impl FnOnce(&mut Automerge) -> Result<R, automerge::AutomergeError>,
+) -> Result<R, Error> {
+    let loaded = guard
+        .as_mut()
+        .expect("contain is called with a loaded document");
+    let reason = match std::panic::catch_unwind(AssertUnwindSafe(|| f(&mut loaded.doc))) {
+        Ok(Ok(result)) => return Ok(result),
+        Ok(Err(e)) => e.to_string(),
+        Err(_) => format!("automerge panicked {what}"),
+    };
+    **guard = None;
+    Err(Error::BadChange {
+        doc: id.clone(),
+        index: 0,
+        reason,
+    })
 }
 
 /// Builds a document from stored bytes. automerge's decoder can panic on

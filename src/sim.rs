@@ -120,23 +120,8 @@ struct Link {
     low_session: Session,
     high_session: Session,
     /// Frames in flight towards each end, per lane.
-    to_low: BTreeMap<LaneKey, VecDeque<Vec<u8>>>,
-    to_high: BTreeMap<LaneKey, VecDeque<Vec<u8>>>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-enum LaneKey {
-    Control,
-    Live,
-}
-
-impl From<Lane> for LaneKey {
-    fn from(lane: Lane) -> LaneKey {
-        match lane {
-            Lane::Control => LaneKey::Control,
-            Lane::Live => LaneKey::Live,
-        }
-    }
+    to_low: BTreeMap<Lane, VecDeque<Vec<u8>>>,
+    to_high: BTreeMap<Lane, VecDeque<Vec<u8>>>,
 }
 
 /// What a finished run observed.
@@ -383,9 +368,9 @@ impl Sim {
         let key = keys[self.rng.below(keys.len())];
         let to_high = self.rng.below(2) == 0;
         let lane = if self.rng.below(2) == 0 {
-            LaneKey::Control
+            Lane::Control
         } else {
-            LaneKey::Live
+            Lane::Live
         };
         let duplicate = faults && self.rng.chance(2);
         let out_of_order = faults && self.rng.chance(1);
@@ -471,14 +456,11 @@ impl Sim {
             let mut closed = Vec::new();
             for (&key, link) in self.links.iter_mut() {
                 while let Some((lane, frame)) = link.low_session.poll_transmit() {
-                    link.to_high
-                        .entry(lane.into())
-                        .or_default()
-                        .push_back(frame);
+                    link.to_high.entry(lane).or_default().push_back(frame);
                     moved = true;
                 }
                 while let Some((lane, frame)) = link.high_session.poll_transmit() {
-                    link.to_low.entry(lane.into()).or_default().push_back(frame);
+                    link.to_low.entry(lane).or_default().push_back(frame);
                     moved = true;
                 }
                 while link.low_session.poll_event().is_some() {}
@@ -538,7 +520,7 @@ impl Sim {
         let mut deliveries = 0usize;
         loop {
             self.pump();
-            let pending: Vec<((usize, usize), bool, LaneKey)> = self
+            let pending: Vec<((usize, usize), bool, Lane)> = self
                 .links
                 .iter()
                 .flat_map(|(&key, link)| {

@@ -54,7 +54,7 @@ pub trait Host {
 
 /// Which stream a frame belongs on: live changes must never wait behind a
 /// large catch-up.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Lane {
     /// Handshake, reconciliation, catch-up, acks.
     Control,
@@ -191,7 +191,7 @@ pub struct Session {
     // Batches sent and not yet acknowledged: batch -> (lane, bytes).
     next_batch: u64,
     unacked: BTreeMap<u64, (Lane, usize)>,
-    unacked_bytes: HashMap<LaneKey, usize>,
+    unacked_bytes: HashMap<Lane, usize>,
     // Live changes waiting for window space, coalesced per document.
     live_queue: BTreeMap<DocId, Vec<Vec<u8>>>,
     live_queue_bytes: usize,
@@ -202,21 +202,6 @@ pub struct Session {
     // document, learned in this session. Only ever grows: a `Have` from the
     // peer may predate changes we already sent it.
     peer_has: HashMap<DocId, Vec<ChangeHash>>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-enum LaneKey {
-    Control,
-    Live,
-}
-
-impl From<Lane> for LaneKey {
-    fn from(lane: Lane) -> LaneKey {
-        match lane {
-            Lane::Control => LaneKey::Control,
-            Lane::Live => LaneKey::Live,
-        }
-    }
 }
 
 fn to_wire(hashes: &[ChangeHash]) -> Vec<Hash> {
@@ -658,7 +643,7 @@ impl Session {
         let acked: Vec<u64> = self.unacked.range(..=batch).map(|(b, _)| *b).collect();
         for b in acked {
             if let Some((lane, bytes)) = self.unacked.remove(&b) {
-                let entry = self.unacked_bytes.entry(lane.into()).or_default();
+                let entry = self.unacked_bytes.entry(lane).or_default();
                 *entry = entry.saturating_sub(bytes);
             }
         }
@@ -755,7 +740,7 @@ impl Session {
         self.stats.batches_sent += 1;
         self.stats.snapshots_sent += 1;
         self.unacked.insert(batch, (Lane::Control, bytes.len()));
-        *self.unacked_bytes.entry(LaneKey::Control).or_default() += bytes.len();
+        *self.unacked_bytes.entry(Lane::Control).or_default() += bytes.len();
         self.send(Lane::Control, &Message::Snapshot { doc, bytes, batch });
     }
 
@@ -765,7 +750,7 @@ impl Session {
         self.stats.batches_sent += 1;
         self.stats.changes_sent += changes.len() as u64;
         self.unacked.insert(batch, (lane, bytes));
-        *self.unacked_bytes.entry(lane.into()).or_default() += bytes;
+        *self.unacked_bytes.entry(lane).or_default() += bytes;
         self.send(
             lane,
             &Message::Changes {
@@ -789,7 +774,7 @@ impl Session {
     }
 
     fn in_flight(&self, lane: Lane) -> usize {
-        self.unacked_bytes.get(&lane.into()).copied().unwrap_or(0)
+        self.unacked_bytes.get(&lane).copied().unwrap_or(0)
     }
 
     fn reject(&mut self, doc: DocId, reason: &str) {
