@@ -54,6 +54,7 @@ mod replica;
 #[cfg(feature = "sim")]
 pub mod sim;
 pub mod store;
+pub mod transport;
 
 pub use error::Error;
 pub use id::{ChangeHash, DocId, InvalidId, SiteName};

@@ -1,5 +1,5 @@
-//! The `sync-node` command line (clap): `init`, `run`, and client commands
-//! against a running node (`status`, `doc get|put|ops|history|list`).
+//! The `sync-node` command line (clap): `ca init`, `init`, `run`, and client
+//! commands against a running node (`status`, `doc get|put|ops|history|list`).
 //!
 //! Exit codes: 0 on success, 1 when the command fails (including an error
 //! answer from the node, whose message goes to stderr), 2 for usage errors
@@ -17,8 +17,9 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use reqwest::Method;
 use serde_json::{json, Value};
 
+use crate::ca::{init_ca, CA_CERT_FILE_NAME};
 use crate::client::{encode, Client};
-use crate::config::{Config, PeerConfig};
+use crate::config::{Config, PeerConfig, SITE_CERT_FILE_NAME, SITE_KEY_FILE_NAME};
 use crate::init::{init, InitError, InitOptions};
 use crate::node::Node;
 
@@ -33,7 +34,11 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Write a node directory: config file and API token.
+    /// Manage the cluster certificate authority.
+    #[command(subcommand)]
+    Ca(CaCommand),
+    /// Write a node directory: config file, API token and, with `--ca-dir`,
+    /// the site's key and certificate.
     Init(InitArgs),
     /// Run a node.
     Run(RunArgs),
@@ -42,6 +47,19 @@ enum Command {
     /// Read and write documents of a running node.
     #[command(subcommand)]
     Doc(DocCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum CaCommand {
+    /// Create a new CA: `ca.crt` and `ca.key` (mode 0600) in a directory.
+    Init {
+        /// Directory to write the CA into, created if missing.
+        #[arg(long, value_name = "CA")]
+        dir: PathBuf,
+        /// Replace an existing CA (sites it issued will no longer be trusted).
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -58,7 +76,8 @@ struct InitArgs {
     /// Address of the site-to-site sync endpoint.
     #[arg(long, value_name = "HOST:PORT")]
     listen: SocketAddr,
-    /// Directory of the cluster CA.
+    /// Directory of the cluster CA (`sync-node ca init`): issue the site's
+    /// key and certificate from it.
     #[arg(long, value_name = "CA")]
     ca_dir: Option<PathBuf>,
     /// A peer site; repeat for several.
@@ -178,6 +197,15 @@ pub fn main() -> ExitCode {
 
 fn run_command(command: Command) -> anyhow::Result<()> {
     match command {
+        Command::Ca(CaCommand::Init { dir, force }) => {
+            let files = init_ca(&dir, force)?;
+            println!("wrote {}", files.cert.display());
+            println!(
+                "wrote {} (private: keep it off the sites)",
+                files.key.display()
+            );
+            Ok(())
+        }
         Command::Init(args) => init_node(args),
         Command::Run(args) => run_node(&args),
         Command::Status(client) => client_request(&client, Method::GET, "/v1/status", None),
@@ -186,6 +214,7 @@ fn run_command(command: Command) -> anyhow::Result<()> {
 }
 
 fn init_node(args: InitArgs) -> anyhow::Result<()> {
+    let identity = args.ca_dir.is_some();
     let options = InitOptions {
         site: args.site,
         dir: args.dir,
@@ -197,6 +226,11 @@ fn init_node(args: InitArgs) -> anyhow::Result<()> {
     };
     match init(&options) {
         Ok(path) => {
+            if identity {
+                for name in [SITE_KEY_FILE_NAME, SITE_CERT_FILE_NAME, CA_CERT_FILE_NAME] {
+                    println!("wrote {}", options.dir.join(name).display());
+                }
+            }
             println!("wrote {}", path.display());
             Ok(())
         }
@@ -208,6 +242,11 @@ fn init_node(args: InitArgs) -> anyhow::Result<()> {
 fn run_node(args: &RunArgs) -> anyhow::Result<()> {
     init_logging(args.log_format);
     let config = Config::load(&args.config)?;
+    // Nothing uses the identity until the QUIC transport exists, but a
+    // missing or wrong certificate is reported now, at startup.
+    if let Some(sync) = config.load_sync_identity()? {
+        tracing::info!(site = %sync.identity.site(), "site identity loaded");
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("sync-node")

@@ -12,6 +12,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
+use archipelago::transport::tls::{ca_cert_from_pem, CertificateDer, SiteIdentity};
 use archipelago::SiteName;
 use serde::{Deserialize, Serialize};
 
@@ -28,6 +29,10 @@ pub const API_ADDR_FILE_NAME: &str = "api.addr";
 pub const DATA_DIR_NAME: &str = "data";
 /// Name of the SQLite database inside the data directory.
 pub const STORE_FILE_NAME: &str = "store.db";
+/// Name of the site certificate file `sync-node init --ca-dir` writes.
+pub const SITE_CERT_FILE_NAME: &str = "site.crt";
+/// Name of the site private key file `sync-node init --ca-dir` writes.
+pub const SITE_KEY_FILE_NAME: &str = "site.key";
 /// Most documents kept loaded that a config may ask for.
 pub const CACHE_DOCS_MAX_LIMIT: usize = 10_000_000;
 
@@ -72,9 +77,21 @@ pub struct ApiConfig {
 pub struct SyncConfig {
     /// Address the QUIC endpoint binds.
     pub listen: SocketAddr,
-    /// Directory of the cluster CA.
+    /// Directory of the cluster CA the identity was issued from; recorded
+    /// for the operator, the node itself reads only the files below.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ca_dir: Option<PathBuf>,
+    /// The site's certificate (PEM, relative to the config's directory).
+    /// `cert`, `key` and `ca_cert` are given together or not at all.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cert: Option<PathBuf>,
+    /// The site's private key (PEM, relative to the config's directory).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<PathBuf>,
+    /// The cluster CA certificate (PEM, relative to the config's
+    /// directory), the only root trusted for peers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_cert: Option<PathBuf>,
 }
 
 /// One `[[peers]]` entry.
@@ -224,6 +241,26 @@ pub enum ConfigError {
         /// What is wrong.
         message: String,
     },
+    /// A site certificate, key or CA certificate file could not be used.
+    #[error("{} (named by config file {}): {message}", file.display(), path.display())]
+    Tls {
+        /// The config file.
+        path: PathBuf,
+        /// The certificate or key file.
+        file: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// The site identity named by the `[sync]` table, loaded and checked.
+#[derive(Debug)]
+pub struct SyncIdentity {
+    /// The site's certificate and key; the certificate names the
+    /// configured site.
+    pub identity: SiteIdentity,
+    /// The cluster CA certificate.
+    pub ca_cert: CertificateDer<'static>,
 }
 
 /// A loaded and checked configuration, with the location it was read from
@@ -294,6 +331,58 @@ impl Config {
         self.dir.join(API_ADDR_FILE_NAME)
     }
 
+    /// The site certificate, key and CA certificate files named by
+    /// `[sync]`, resolved, if it names them.
+    pub fn tls_paths(&self) -> Option<TlsPaths> {
+        let sync = self.file.sync.as_ref()?;
+        match (&sync.cert, &sync.key, &sync.ca_cert) {
+            (Some(cert), Some(key), Some(ca_cert)) => Some(TlsPaths {
+                cert: self.dir.join(cert),
+                key: self.dir.join(key),
+                ca_cert: self.dir.join(ca_cert),
+            }),
+            // `validate` allows all three or none.
+            _ => None,
+        }
+    }
+
+    /// Loads the site identity and CA certificate named by `[sync]`, or
+    /// `None` when the config names none. Fails, naming the file, when a
+    /// file is missing or unusable, or when the certificate is not for this
+    /// config's site.
+    pub fn load_sync_identity(&self) -> Result<Option<SyncIdentity>, ConfigError> {
+        let Some(paths) = self.tls_paths() else {
+            return Ok(None);
+        };
+        let error = |file: &Path, message: String| ConfigError::Tls {
+            path: self.path.clone(),
+            file: file.to_path_buf(),
+            message,
+        };
+        let read = |file: &Path| {
+            std::fs::read_to_string(file).map_err(|e| error(file, format!("cannot read it: {e}")))
+        };
+        let cert_pem = read(&paths.cert)?;
+        let key_pem = read(&paths.key)?;
+        let ca_pem = read(&paths.ca_cert)?;
+        warn_if_readable_by_others(&paths.key);
+        let identity = SiteIdentity::from_pem(&cert_pem, &key_pem)
+            .map_err(|e| error(&paths.cert, e.to_string()))?;
+        if identity.site() != &self.file.site {
+            return Err(error(
+                &paths.cert,
+                format!(
+                    "the certificate is for site {}, not {}",
+                    identity.site(),
+                    self.file.site
+                ),
+            ));
+        }
+        let ca_cert =
+            ca_cert_from_pem(&ca_pem).map_err(|e| error(&paths.ca_cert, e.to_string()))?;
+        Ok(Some(SyncIdentity { identity, ca_cert }))
+    }
+
     /// Reads the API token from the token file.
     pub fn read_token(&self) -> Result<ApiToken, ConfigError> {
         let token_path = self.token_path();
@@ -307,8 +396,44 @@ impl Config {
     }
 }
 
-/// Checks what TOML parsing cannot: peers, limits.
+/// The site identity files named by `[sync]`, resolved against the config's
+/// directory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsPaths {
+    /// The site certificate.
+    pub cert: PathBuf,
+    /// The site private key.
+    pub key: PathBuf,
+    /// The cluster CA certificate.
+    pub ca_cert: PathBuf,
+}
+
+/// Logs a warning when a private key file can be read by other users.
+fn warn_if_readable_by_others(path: &Path) {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        if let Ok(metadata) = std::fs::metadata(path) {
+            if metadata.permissions().mode() & 0o077 != 0 {
+                tracing::warn!(file = %path.display(), "private key is readable by other users; chmod 600 it");
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = path;
+}
+
+/// Checks what TOML parsing cannot: peers, limits, identity files.
 pub(crate) fn validate(file: &ConfigFile) -> Result<(), String> {
+    if let Some(sync) = &file.sync {
+        let named = [&sync.cert, &sync.key, &sync.ca_cert]
+            .iter()
+            .filter(|path| path.is_some())
+            .count();
+        if named != 0 && named != 3 {
+            return Err("sync.cert, sync.key and sync.ca_cert must be given together".to_owned());
+        }
+    }
     let mut seen = BTreeSet::new();
     for peer in &file.peers {
         if peer.site == file.site {
@@ -419,6 +544,48 @@ check = "min"
             .unwrap_err()
             .to_string();
         assert!(err.contains("absent.toml"), "{err}");
+    }
+
+    #[test]
+    fn identity_files_are_named_together_and_must_exist_and_match_the_site() {
+        let only_cert = EXAMPLE.replace("ca_dir = \"/path/ca\"", "cert = \"site.crt\"");
+        let err = parse(&only_cert).unwrap_err().to_string();
+        assert!(err.contains("together"), "{err}");
+
+        let temp = tempfile::tempdir().unwrap();
+        let text = EXAMPLE.replace(
+            "ca_dir = \"/path/ca\"",
+            "cert = \"site.crt\"\nkey = \"site.key\"\nca_cert = \"ca.crt\"",
+        );
+        let path = temp.path().join("sync-node.toml");
+        std::fs::write(&path, &text).unwrap();
+        let config = Config::load(&path).unwrap();
+        assert_eq!(
+            config.tls_paths().unwrap().key,
+            temp.path().join("site.key")
+        );
+        let err = config.load_sync_identity().unwrap_err().to_string();
+        assert!(
+            err.contains("site.crt") && err.contains("sync-node.toml"),
+            "{err}"
+        );
+
+        let ca = archipelago::transport::tls::CertificateAuthority::generate("t").unwrap();
+        let (cert, key) = ca.issue_site(&"eu-west".parse().unwrap()).unwrap().to_pem();
+        std::fs::write(temp.path().join("site.crt"), cert).unwrap();
+        std::fs::write(temp.path().join("site.key"), key).unwrap();
+        let err = config.load_sync_identity().unwrap_err().to_string();
+        assert!(err.contains("ca.crt"), "{err}");
+        std::fs::write(temp.path().join("ca.crt"), ca.cert_pem()).unwrap();
+        let err = config.load_sync_identity().unwrap_err().to_string();
+        assert!(err.contains("for site eu-west, not us-east"), "{err}");
+
+        let (cert, key) = ca.issue_site(&"us-east".parse().unwrap()).unwrap().to_pem();
+        std::fs::write(temp.path().join("site.crt"), cert).unwrap();
+        std::fs::write(temp.path().join("site.key"), key).unwrap();
+        let sync = config.load_sync_identity().unwrap().unwrap();
+        assert_eq!(sync.identity.site().as_str(), "us-east");
+        assert_eq!(&sync.ca_cert, ca.cert_der());
     }
 
     #[test]

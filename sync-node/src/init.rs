@@ -1,19 +1,24 @@
-//! `sync-node init`: writes a new node directory — the configuration file
-//! and a freshly generated API token readable only by its owner.
+//! `sync-node init`: writes a new node directory — the configuration file,
+//! a freshly generated API token readable only by its owner and, given the
+//! cluster CA's directory, the site's identity: a key (readable only by its
+//! owner), a certificate naming the site, and a copy of the CA certificate.
 //!
-//! Both files are written to a temporary name and renamed into place, so a
-//! crash never leaves a half-written config or token behind.
+//! Every file is written to a temporary name and renamed into place, and the
+//! configuration file last, so a crash never leaves a half-written file, nor
+//! a configuration naming files that do not exist yet.
 
 use std::io::Write as _;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
+use archipelago::transport::tls::{SiteIdentity, TlsError};
 use archipelago::SiteName;
 
 use crate::api::ApiToken;
+use crate::ca::{load_ca, CaError, CA_CERT_FILE_NAME};
 use crate::config::{
     validate, ApiConfig, ConfigFile, PeerConfig, StoreConfig, SyncConfig, CONFIG_FILE_NAME,
-    DATA_DIR_NAME, TOKEN_FILE_NAME,
+    DATA_DIR_NAME, SITE_CERT_FILE_NAME, SITE_KEY_FILE_NAME, TOKEN_FILE_NAME,
 };
 
 /// What `sync-node init` writes.
@@ -27,7 +32,8 @@ pub struct InitOptions {
     pub api_listen: SocketAddr,
     /// Address of the sync endpoint (for the QUIC transport).
     pub sync_listen: SocketAddr,
-    /// Directory of the cluster CA (for the QUIC transport).
+    /// Directory of the cluster CA (`sync-node ca init`); when given, the
+    /// site's key and certificate are issued from it.
     pub ca_dir: Option<PathBuf>,
     /// Peer sites (for the QUIC transport).
     pub peers: Vec<PeerConfig>,
@@ -61,6 +67,12 @@ pub enum InitError {
     /// The options contradict each other.
     #[error("{0}")]
     Invalid(String),
+    /// The CA directory could not be used.
+    #[error(transparent)]
+    Ca(#[from] CaError),
+    /// The site identity could not be issued.
+    #[error("cannot issue the site identity: {0}")]
+    Tls(TlsError),
     /// Writing failed.
     #[error("cannot write {}: {source}", path.display())]
     Io {
@@ -71,8 +83,9 @@ pub enum InitError {
     },
 }
 
-/// Writes `DIR/sync-node.toml` and `DIR/api.token` (mode 0600) and returns
-/// the path of the configuration file.
+/// Writes `DIR/sync-node.toml` and `DIR/api.token` (mode 0600) and, with a
+/// CA directory, `DIR/site.key` (mode 0600), `DIR/site.crt` and
+/// `DIR/ca.crt`; returns the path of the configuration file.
 pub fn init(options: &InitOptions) -> Result<PathBuf, InitError> {
     let ca_dir = match &options.ca_dir {
         // Paths in the config are relative to the config's directory, so a
@@ -83,6 +96,20 @@ pub fn init(options: &InitOptions) -> Result<PathBuf, InitError> {
         })?),
         None => None,
     };
+    // Issue the identity before writing anything, so a bad CA leaves no
+    // half-made node directory behind.
+    let identity = match &ca_dir {
+        Some(dir) => {
+            let ca = load_ca(dir)?;
+            let identity = ca.issue_site(&options.site).map_err(|error| match error {
+                TlsError::SiteNotDnsName(_) => InitError::Invalid(error.to_string()),
+                error => InitError::Tls(error),
+            })?;
+            Some((identity, ca.cert_pem().to_owned()))
+        }
+        None => None,
+    };
+    let named = |name: &str| identity.as_ref().map(|_| PathBuf::from(name));
     let file = ConfigFile {
         site: options.site.clone(),
         data_dir: PathBuf::from(DATA_DIR_NAME),
@@ -93,6 +120,9 @@ pub fn init(options: &InitOptions) -> Result<PathBuf, InitError> {
         sync: Some(SyncConfig {
             listen: options.sync_listen,
             ca_dir,
+            cert: named(SITE_CERT_FILE_NAME),
+            key: named(SITE_KEY_FILE_NAME),
+            ca_cert: named(CA_CERT_FILE_NAME),
         }),
         peers: options.peers.clone(),
         store: StoreConfig::default(),
@@ -119,8 +149,27 @@ pub fn init(options: &InitOptions) -> Result<PathBuf, InitError> {
         true,
     )
     .map_err(io(&token_path))?;
+    if let Some((identity, ca_cert_pem)) = &identity {
+        write_identity(&options.dir, identity, ca_cert_pem)?;
+    }
     write_atomically(&config_path, text.as_bytes(), false).map_err(io(&config_path))?;
     Ok(config_path)
+}
+
+/// Writes the site's key, certificate and the CA certificate into `dir`.
+fn write_identity(dir: &Path, identity: &SiteIdentity, ca_cert_pem: &str) -> Result<(), InitError> {
+    let (cert_pem, key_pem) = identity.to_pem();
+    let files = [
+        (SITE_KEY_FILE_NAME, key_pem.as_str(), true),
+        (SITE_CERT_FILE_NAME, cert_pem.as_str(), false),
+        (CA_CERT_FILE_NAME, ca_cert_pem, false),
+    ];
+    for (name, text, private) in files {
+        let path = dir.join(name);
+        write_atomically(&path, text.as_bytes(), private)
+            .map_err(|source| InitError::Io { path, source })?;
+    }
+    Ok(())
 }
 
 /// Writes `bytes` to a temporary file next to `path`, makes it durable and
@@ -159,18 +208,36 @@ mod tests {
     use super::*;
     use crate::config::Config;
 
+    fn mode(path: &Path) -> u32 {
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt as _;
+            std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = path;
+            0o600
+        }
+    }
+
     #[test]
     fn init_writes_a_loadable_config_and_a_private_token() {
         let dir = tempfile::tempdir().unwrap();
+        let ca_dir = dir.path().join("ca");
+        crate::ca::init_ca(&ca_dir, false).unwrap();
         let mut options = InitOptions::new("us-east".parse().unwrap(), dir.path().join("node"));
         options.peers = vec!["eu-west=127.0.0.1:7081".parse().unwrap()];
-        options.ca_dir = Some("ca".into());
+        options.ca_dir = Some(ca_dir);
         let path = init(&options).unwrap();
         let config = Config::load(&path).unwrap();
         assert_eq!(config.file.site.as_str(), "us-east");
         assert_eq!(config.file.peers, options.peers);
         let ca = config.file.sync.as_ref().unwrap().ca_dir.as_ref().unwrap();
         assert!(ca.is_absolute());
+        let sync = config.load_sync_identity().unwrap().unwrap();
+        assert_eq!(sync.identity.site().as_str(), "us-east");
+        assert_eq!(mode(&options.dir.join(SITE_KEY_FILE_NAME)), 0o600);
         let token = config.read_token().unwrap();
         assert_eq!(token.as_str().len(), 64);
         #[cfg(unix)]
@@ -187,6 +254,33 @@ mod tests {
         init(&options).unwrap();
         let new_token = Config::load(&path).unwrap().read_token().unwrap();
         assert_ne!(new_token.as_str(), token.as_str());
+    }
+
+    #[test]
+    fn init_without_a_ca_names_no_identity() {
+        let dir = tempfile::tempdir().unwrap();
+        let options = InitOptions::new("us-east".parse().unwrap(), dir.path());
+        let config = Config::load(init(&options).unwrap()).unwrap();
+        assert_eq!(config.tls_paths(), None);
+        assert!(config.load_sync_identity().unwrap().is_none());
+        assert!(!dir.path().join(SITE_KEY_FILE_NAME).exists());
+    }
+
+    #[test]
+    fn init_with_a_missing_ca_or_an_unusable_site_name_writes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut options = InitOptions::new("us-east".parse().unwrap(), dir.path().join("node"));
+        options.ca_dir = Some(dir.path().join("no-ca"));
+        let error = init(&options).unwrap_err();
+        assert!(matches!(error, InitError::Ca(_)), "{error}");
+        assert!(error.to_string().contains("ca.crt"), "{error}");
+        assert!(!options.dir.exists());
+
+        crate::ca::init_ca(&dir.path().join("ca"), false).unwrap();
+        options.ca_dir = Some(dir.path().join("ca"));
+        options.site = "-east".parse().unwrap();
+        assert!(matches!(init(&options), Err(InitError::Invalid(_))));
+        assert!(!options.dir.exists());
     }
 
     #[test]

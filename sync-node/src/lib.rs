@@ -4,7 +4,9 @@
 //! in-process with it.
 //!
 //! - [`config`]: the TOML configuration file and the paths it names.
-//! - [`init`]: writing a new node directory (config and API token).
+//! - [`ca`]: the cluster certificate authority's directory (`ca init`).
+//! - [`init`]: writing a new node directory (config, API token and, from
+//!   the CA, the site's key and certificate).
 //! - [`node`]: a running node — store, replica, HTTP server, graceful
 //!   shutdown.
 //! - [`api`]: the HTTP API (axum router), usable on its own.
@@ -39,6 +41,7 @@
 //! ```
 
 pub mod api;
+pub mod ca;
 pub mod cli;
 mod client;
 pub mod config;

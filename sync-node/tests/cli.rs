@@ -1,6 +1,7 @@
-//! The `sync-node` binary end to end: `init` writes a config and a private
-//! token and refuses bad input, `run` serves on a free loopback port, the
-//! client commands talk to it, and SIGTERM stops it cleanly.
+//! The `sync-node` binary end to end: `ca init` writes a private CA, `init`
+//! writes a config, a private token and (from the CA) a site identity and
+//! refuses bad input, `run` serves on a free loopback port, the client
+//! commands talk to it, and SIGTERM stops it cleanly.
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
@@ -390,4 +391,112 @@ fn client_commands_fail_cleanly_without_a_running_node() {
     assert_eq!(output.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("/nonexistent/sync-node.toml"), "{stderr}");
+}
+
+#[cfg(unix)]
+fn mode(path: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+}
+
+#[test]
+fn ca_init_and_init_with_a_ca_issue_site_identities_and_refuse_to_overwrite_the_ca() {
+    use archipelago::transport::tls::{ca_cert_from_pem, site_name_of, SiteIdentity};
+
+    let temp = tempfile::tempdir().unwrap();
+    let ca = temp.path().join("ca");
+    let output = sync_node(&["ca", "init", "--dir", path_str(&ca)]);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        stdout.contains("ca.crt") && stdout.contains("ca.key"),
+        "{stdout}"
+    );
+    let ca_cert = std::fs::read_to_string(ca.join("ca.crt")).unwrap();
+    #[cfg(unix)]
+    assert_eq!(mode(&ca.join("ca.key")), 0o600);
+
+    let again = sync_node(&["ca", "init", "--dir", path_str(&ca)]);
+    assert_eq!(again.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&again.stderr).contains("--force"));
+    assert_eq!(std::fs::read_to_string(ca.join("ca.crt")).unwrap(), ca_cert);
+
+    for (site, peer) in [("us-east", "eu-west"), ("eu-west", "us-east")] {
+        let dir = temp.path().join(site);
+        let peer_arg = format!("{peer}=127.0.0.1:7081");
+        let output = sync_node(&[
+            "init",
+            "--site",
+            site,
+            "--dir",
+            path_str(&dir),
+            "--ca-dir",
+            path_str(&ca),
+            "--api",
+            "127.0.0.1:0",
+            "--listen",
+            "127.0.0.1:0",
+            "--peer",
+            &peer_arg,
+        ]);
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(stdout.contains("site.key"), "{stdout}");
+        #[cfg(unix)]
+        {
+            assert_eq!(mode(&dir.join("site.key")), 0o600);
+            assert_eq!(mode(&dir.join("api.token")), 0o600);
+        }
+        let config = std::fs::read_to_string(dir.join("sync-node.toml")).unwrap();
+        assert!(config.contains("cert = \"site.crt\""), "{config}");
+        assert!(config.contains("key = \"site.key\""), "{config}");
+        assert!(config.contains("ca_cert = \"ca.crt\""), "{config}");
+        assert!(config.contains(peer), "{config}");
+
+        let cert_pem = std::fs::read_to_string(dir.join("site.crt")).unwrap();
+        let key_pem = std::fs::read_to_string(dir.join("site.key")).unwrap();
+        let identity = SiteIdentity::from_pem(&cert_pem, &key_pem).unwrap();
+        assert_eq!(identity.site().as_str(), site);
+        assert_eq!(
+            site_name_of(&identity.cert_chain()[0]).unwrap().as_str(),
+            site
+        );
+        let copied = std::fs::read_to_string(dir.join("ca.crt")).unwrap();
+        assert_eq!(copied, ca_cert);
+        ca_cert_from_pem(&copied).unwrap();
+    }
+
+    // `run` refuses a config whose identity files are missing, naming the file.
+    let config = temp.path().join("us-east/sync-node.toml");
+    std::fs::remove_file(temp.path().join("us-east/site.crt")).unwrap();
+    let output = sync_node(&["run", "--config", path_str(&config)]);
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("site.crt"), "{stderr}");
+
+    // `init --ca-dir` with no CA there fails and writes nothing.
+    let dir = temp.path().join("ap-south");
+    let output = sync_node(&[
+        "init",
+        "--site",
+        "ap-south",
+        "--dir",
+        path_str(&dir),
+        "--ca-dir",
+        path_str(&temp.path().join("no-ca")),
+        "--api",
+        "127.0.0.1:0",
+        "--listen",
+        "127.0.0.1:0",
+    ]);
+    assert_eq!(output.status.code(), Some(1));
+    assert!(!dir.join("sync-node.toml").exists());
 }

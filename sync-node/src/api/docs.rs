@@ -66,7 +66,7 @@ pub(crate) struct ListQuery {
 
 /// Most document ids in one `GET /v1/docs` answer; a longer listing is
 /// paged with `next` and `after`.
-pub const LIST_LIMIT_MAX: usize = 100_000;
+pub(crate) const LIST_LIMIT_MAX: usize = 100_000;
 
 /// `GET /v1/docs?prefix=P[&limit=N][&after=ID]` → `{"docs": [...]}`, with
 /// `"next": ID` when more ids follow (pass it as `after`).
