@@ -19,6 +19,9 @@ pub enum Error {
     /// The store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The network transport failed.
+    #[error(transparent)]
+    Transport(Box<crate::transport::quic::TransportError>),
     /// The document does not exist.
     #[error("document {0} not found")]
     NotFound(DocId),
@@ -64,6 +67,12 @@ pub enum Error {
 impl From<OpError> for Error {
     fn from(e: OpError) -> Error {
         Error::Op(Box::new(e))
+    }
+}
+
+impl From<crate::transport::quic::TransportError> for Error {
+    fn from(e: crate::transport::quic::TransportError) -> Error {
+        Error::Transport(Box::new(e))
     }
 }
 

@@ -1,6 +1,8 @@
 //! What touches the network: the identities sites prove to each other with
-//! mutual TLS ([`tls`]) now, and the QUIC driver around the sans-IO
-//! [`protocol`](crate::protocol) session next. Nothing outside this module
-//! (and `sync-node`) knows about certificates, sockets or QUIC.
+//! mutual TLS ([`tls`]) and the QUIC driver ([`quic`]) that runs a sans-IO
+//! [`protocol`](crate::protocol) session per peer over two streams, with
+//! reconnection and status. Nothing outside this module (and `sync-node`)
+//! knows about certificates, sockets or QUIC.
 
+pub mod quic;
 pub mod tls;
