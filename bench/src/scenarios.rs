@@ -19,6 +19,8 @@ pub(crate) const NAMES: &[&str] = &[
     "api_commits_single_doc",
     "sync_reconcile",
     "sync_catchup",
+    "quic_live",
+    "quic_bulk",
 ];
 
 pub(crate) fn run(name: &str, quick: bool) -> anyhow::Result<Map<String, Value>> {
@@ -30,6 +32,8 @@ pub(crate) fn run(name: &str, quick: bool) -> anyhow::Result<Map<String, Value>>
         "api_commits_single_doc" => api_commits(quick, 1),
         "sync_reconcile" => crate::sync_core::reconcile(quick),
         "sync_catchup" => crate::sync_core::catchup(quick),
+        "quic_live" => crate::quic_nodes::live(quick),
+        "quic_bulk" => crate::quic_nodes::bulk(quick),
         other => anyhow::bail!("unknown scenario {other}"),
     }
 }

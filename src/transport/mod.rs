@@ -3,6 +3,8 @@
 //! [`protocol`](crate::protocol) session per peer over two streams, with
 //! reconnection and status. Nothing outside this module (and `sync-node`)
 //! knows about certificates, sockets or QUIC.
+//! [`relay`] is a fault-injecting UDP relay on 127.0.0.1 for tests and benchmarks.
 
 pub mod quic;
+pub mod relay;
 pub mod tls;
