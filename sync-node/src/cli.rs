@@ -47,6 +47,22 @@ enum Command {
     /// Read and write documents of a running node.
     #[command(subcommand)]
     Doc(DocCommand),
+    /// Run three sites on 127.0.0.1 (real QUIC and SQLite), write
+    /// concurrently, partition one site, heal, and check they converge.
+    Demo(DemoArgs),
+}
+
+#[derive(Debug, Args)]
+struct DemoArgs {
+    /// Keep the sites' files here instead of a temporary directory.
+    #[arg(long)]
+    dir: Option<PathBuf>,
+    /// Orders each site writes in the concurrent phase.
+    #[arg(long, default_value_t = 200)]
+    docs: usize,
+    /// How long one site stays cut off, in milliseconds.
+    #[arg(long, default_value_t = 3000)]
+    partition_ms: u64,
 }
 
 #[derive(Debug, Subcommand)]
@@ -210,7 +226,22 @@ fn run_command(command: Command) -> anyhow::Result<()> {
         Command::Run(args) => run_node(&args),
         Command::Status(client) => client_request(&client, Method::GET, "/v1/status", None),
         Command::Doc(doc) => doc_command(doc),
+        Command::Demo(args) => run_demo(args),
     }
+}
+
+fn run_demo(args: DemoArgs) -> anyhow::Result<()> {
+    let options = crate::demo::DemoOptions {
+        dir: args.dir,
+        docs: args.docs.clamp(1, 100_000),
+        partition: std::time::Duration::from_millis(args.partition_ms.min(600_000)),
+        ..crate::demo::DemoOptions::default()
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(crate::demo::run(options))
 }
 
 fn init_node(args: InitArgs) -> anyhow::Result<()> {

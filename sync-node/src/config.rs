@@ -25,6 +25,9 @@ pub const TOKEN_FILE_NAME: &str = "api.token";
 /// Name of the file, next to the config, where a running node writes the
 /// address its HTTP API is bound to.
 pub const API_ADDR_FILE_NAME: &str = "api.addr";
+/// Name of the file, next to the config, where a running node with a site
+/// identity writes the address its sync endpoint is bound to.
+pub const SYNC_ADDR_FILE_NAME: &str = "sync.addr";
 /// Default data directory, relative to the config file.
 pub const DATA_DIR_NAME: &str = "data";
 /// Name of the SQLite database inside the data directory.
@@ -46,10 +49,12 @@ pub struct ConfigFile {
     pub data_dir: PathBuf,
     /// The HTTP API.
     pub api: ApiConfig,
-    /// Site-to-site sync (stored for the QUIC transport, not used yet).
+    /// Site-to-site sync over QUIC; without a site identity (`cert`, `key`,
+    /// `ca_cert`) the node runs alone.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sync: Option<SyncConfig>,
-    /// Peer sites (stored for the QUIC transport, not used yet).
+    /// Peer sites the sync endpoint accepts and (those whose name sorts
+    /// after this site's) dials.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub peers: Vec<PeerConfig>,
     /// Storage tuning.
@@ -75,7 +80,8 @@ pub struct ApiConfig {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SyncConfig {
-    /// Address the QUIC endpoint binds.
+    /// Address the QUIC endpoint binds; port 0 picks a free port, which the
+    /// node then writes to [`SYNC_ADDR_FILE_NAME`].
     pub listen: SocketAddr,
     /// Directory of the cluster CA the identity was issued from; recorded
     /// for the operator, the node itself reads only the files below.
@@ -329,6 +335,11 @@ impl Config {
     /// The file where a running node writes its bound API address.
     pub fn api_addr_path(&self) -> PathBuf {
         self.dir.join(API_ADDR_FILE_NAME)
+    }
+
+    /// The file where a running node writes its bound sync address.
+    pub fn sync_addr_path(&self) -> PathBuf {
+        self.dir.join(SYNC_ADDR_FILE_NAME)
     }
 
     /// The site certificate, key and CA certificate files named by

@@ -1,14 +1,17 @@
 //! The `sync-node` daemon as a library: one node per site stores documents
-//! in SQLite and serves them over an HTTP API; the binary (`main.rs`) is a
-//! thin command line over this crate, and tests and benchmarks start nodes
-//! in-process with it.
+//! in SQLite, syncs them with peer sites over QUIC and serves them over an
+//! HTTP API; the binary (`main.rs`) is a thin command line over this crate,
+//! and tests, benchmarks and the demo start nodes in-process with it.
 //!
 //! - [`config`]: the TOML configuration file and the paths it names.
 //! - [`ca`]: the cluster certificate authority's directory (`ca init`).
 //! - [`init`]: writing a new node directory (config, API token and, from
 //!   the CA, the site's key and certificate).
-//! - [`node`]: a running node — store, replica, HTTP server, graceful
-//!   shutdown.
+//! - [`node`]: a running node — store, replica, sync endpoint, HTTP
+//!   server, graceful shutdown; how to run several sites in one process.
+//! - [`events`]: the node's sequence-numbered event log (`/v1/events`), its
+//!   view of peers and replication lag (`/v1/status`), and the task feeding
+//!   both and the peer metrics.
 //! - [`api`]: the HTTP API (axum router), usable on its own.
 //! - [`cli`]: the command line, including the client commands.
 //!
@@ -45,6 +48,8 @@ pub mod ca;
 pub mod cli;
 mod client;
 pub mod config;
+pub mod demo;
+pub mod events;
 pub mod init;
 pub mod node;
 

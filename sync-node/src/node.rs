@@ -1,9 +1,55 @@
-//! A running node: opens the store and the replica, serves the HTTP API,
-//! and shuts down gracefully — in-flight requests finish, then the store is
+//! A running node: opens the store and the replica, syncs with its peer
+//! sites over QUIC when the config names a site identity, serves the HTTP
+//! API and its event stream, and shuts down gracefully — event streams end,
+//! in-flight requests finish, sessions with peers close, then the store is
 //! closed so every acknowledged commit is on disk.
 //!
-//! [`Node`] is what `sync-node run` drives, and what tests and benchmarks
-//! start in-process.
+//! [`Node`] is what `sync-node run` drives, and what tests, benchmarks and
+//! the demo start in-process.
+//!
+//! # Several sites in one process
+//!
+//! Each site needs its own directory, written by [`crate::init::init`] with
+//! a `ca_dir` (from [`crate::ca::init_ca`]) so that it gets a site identity,
+//! and the other sites as peers. With `sync_listen` on port 0 a node's sync
+//! port is known only once it runs ([`Node::sync_addr`], also written to
+//! `sync.addr`); since a site dials only the peers whose names sort after
+//! its own, start the sites from the highest name down: the address a site
+//! lists for a lower-named peer is never dialed, so any placeholder (such
+//! as `127.0.0.1:9`) does.
+//!
+//! ```
+//! use sync_node::config::Config;
+//! use sync_node::init::{init, InitOptions};
+//! use sync_node::Node;
+//!
+//! # #[tokio::main(flavor = "multi_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let temp = tempfile::tempdir()?;
+//! let ca_dir = temp.path().join("ca");
+//! sync_node::ca::init_ca(&ca_dir, false)?;
+//! let start = |site: &str, peer: String| {
+//!     let mut options = InitOptions::new(site.parse().unwrap(), temp.path().join(site));
+//!     options.ca_dir = Some(ca_dir.clone());
+//!     options.peers = vec![peer.parse().unwrap()];
+//!     let path = init(&options);
+//!     async move { Node::start(&Config::load(path?)?).await.map_err(Box::<dyn std::error::Error>::from) }
+//! };
+//! // us-east sorts after eu-west: it only accepts, so it starts first.
+//! let us_east = start("us-east", "eu-west=127.0.0.1:9".to_owned()).await?;
+//! let east_addr = us_east.sync_addr().expect("the node has an identity");
+//! let eu_west = start("eu-west", format!("us-east={east_addr}")).await?;
+//!
+//! let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
+//! while !eu_west.peers().iter().all(|peer| peer.status.connected) {
+//!     assert!(tokio::time::Instant::now() < deadline, "the sites never connected");
+//!     tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+//! }
+//! eu_west.shutdown().await?;
+//! us_east.shutdown().await?;
+//! # Ok(())
+//! # }
+//! ```
 
 use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -12,12 +58,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use archipelago::store::{Sqlite, Store};
-use archipelago::{Replica, ReplicaOptions};
+use archipelago::transport::quic::{SyncEndpoint, TransportError};
+use archipelago::{Replica, ReplicaOptions, SiteName};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 use crate::api::{self, ApiState, ApiToken};
-use crate::config::{Config, ConfigError};
+use crate::config::{Config, ConfigError, PeerAddr, SyncConfig};
+use crate::events::{spawn_feed, EventLog, PeerView, SyncPeers};
 use crate::init::write_atomically;
 
 /// How long shutdown waits for in-flight requests before closing the store
@@ -47,7 +95,25 @@ pub enum NodeError {
         /// Why.
         source: std::io::Error,
     },
-    /// The bound address could not be written to `api.addr`.
+    /// A peer's address could not be resolved.
+    #[error("cannot resolve the address {addr} of peer {site}: {source}")]
+    ResolvePeer {
+        /// The peer site.
+        site: SiteName,
+        /// Its configured address.
+        addr: PeerAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The sync endpoint could not start.
+    #[error("cannot start the sync endpoint on {addr}: {source}")]
+    Sync {
+        /// The address it was to listen on.
+        addr: SocketAddr,
+        /// Why.
+        source: TransportError,
+    },
+    /// A bound address could not be written to `api.addr` or `sync.addr`.
     #[error("cannot write {}: {source}", path.display())]
     AddrFile {
         /// The file.
@@ -96,8 +162,82 @@ fn warn_if_readable_by_others(path: &std::path::Path) {
     let _ = path;
 }
 
-/// A node serving its HTTP API. Dropping it without [`Node::shutdown`]
-/// still stops the server gracefully, in the background.
+/// Resolves every configured peer address (a DNS name resolves to its first
+/// address, once, at start).
+async fn resolve_peers(config: &Config) -> Result<Vec<(SiteName, SocketAddr)>, NodeError> {
+    let mut peers = Vec::with_capacity(config.file.peers.len());
+    for peer in &config.file.peers {
+        let error = |source| NodeError::ResolvePeer {
+            site: peer.site.clone(),
+            addr: peer.addr.clone(),
+            source,
+        };
+        let addr = tokio::net::lookup_host(peer.addr.as_str())
+            .await
+            .map_err(error)?
+            .next()
+            .ok_or_else(|| error(std::io::Error::other("it resolves to no address")))?;
+        peers.push((peer.site.clone(), addr));
+    }
+    Ok(peers)
+}
+
+/// Starts the sync endpoint when the config names a site identity.
+async fn start_sync(config: &Config, replica: &Replica) -> Result<Option<SyncPeers>, NodeError> {
+    let Some(identity) = config.load_sync_identity()? else {
+        if config.file.peers.is_empty() {
+            tracing::info!("no site identity configured: sync is off, the node runs alone");
+        } else {
+            tracing::warn!(
+                peers = config.file.peers.len(),
+                "peers are listed but no site identity ([sync] cert, key, ca_cert) is configured: sync is off"
+            );
+        }
+        return Ok(None);
+    };
+    let listen = match &config.file.sync {
+        Some(SyncConfig { listen, .. }) => *listen,
+        None => unreachable!("an identity is only loaded from a [sync] table"),
+    };
+    let peers = resolve_peers(config).await?;
+    let sync_error = |source| NodeError::Sync {
+        addr: listen,
+        source,
+    };
+    let endpoint = SyncEndpoint::bind(
+        listen,
+        identity.identity,
+        &identity.ca_cert,
+        peers,
+        replica.clone(),
+    )
+    .map_err(sync_error)?;
+    Ok(Some(SyncPeers::new(endpoint).map_err(sync_error)?))
+}
+
+/// Writes `addr` to `path`, replacing it atomically.
+async fn write_addr_file(path: &std::path::Path, addr: SocketAddr) -> Result<(), NodeError> {
+    let contents = format!("{addr}\n");
+    let file = path.to_path_buf();
+    tokio::task::spawn_blocking(move || write_atomically(&file, contents.as_bytes(), false))
+        .await?
+        .map_err(|source| NodeError::AddrFile {
+            path: path.to_path_buf(),
+            source,
+        })
+}
+
+/// Removes an address file if it still holds `addr` (another node may have
+/// started in the same directory since).
+fn remove_addr_file(path: &std::path::Path, addr: SocketAddr) {
+    if std::fs::read_to_string(path).is_ok_and(|a| a.trim() == addr.to_string()) {
+        let _ = std::fs::remove_file(path);
+    }
+}
+
+/// A node serving its HTTP API and, with a site identity, syncing with its
+/// peers. Dropping it without [`Node::shutdown`] still stops the server
+/// gracefully, in the background, and the sync endpoint without waiting.
 #[derive(Debug)]
 pub struct Node {
     addr: SocketAddr,
@@ -105,13 +245,19 @@ pub struct Node {
     replica: Replica,
     store: Arc<Sqlite>,
     addr_file: PathBuf,
+    sync: Option<Arc<SyncPeers>>,
+    sync_addr_file: PathBuf,
+    events: Arc<EventLog>,
+    feed: Option<JoinHandle<()>>,
     stop: Option<oneshot::Sender<()>>,
     server: Option<JoinHandle<std::io::Result<()>>>,
 }
 
 impl Node {
-    /// Opens the store named by `config`, binds the API address, writes the
-    /// bound address to `api.addr` next to the config, and starts serving.
+    /// Opens the store named by `config`, binds the API address and, when
+    /// the config names a site identity, the sync endpoint (with the
+    /// configured peers); writes the bound addresses to `api.addr` and
+    /// `sync.addr` next to the config, and starts serving.
     pub async fn start(config: &Config) -> Result<Node, NodeError> {
         let token = config.read_token()?;
         warn_if_readable_by_others(&config.token_path());
@@ -142,17 +288,22 @@ impl Node {
             addr: listen,
             source,
         })?;
+        let sync = start_sync(config, &replica).await?.map(Arc::new);
         let addr_file = config.api_addr_path();
-        let contents = format!("{addr}\n");
-        let file = addr_file.clone();
-        tokio::task::spawn_blocking(move || write_atomically(&file, contents.as_bytes(), false))
-            .await?
-            .map_err(|source| NodeError::AddrFile {
-                path: addr_file.clone(),
-                source,
-            })?;
+        write_addr_file(&addr_file, addr).await?;
+        let sync_addr_file = config.sync_addr_path();
+        if let Some(sync) = &sync {
+            write_addr_file(&sync_addr_file, sync.local_addr()).await?;
+        }
 
-        let app = api::router(ApiState::new(replica.clone(), token.clone()));
+        let events = Arc::new(EventLog::default());
+        let mut state = ApiState::new(replica.clone(), token.clone()).with_events(events.clone());
+        if let Some(sync) = &sync {
+            state = state.with_sync(sync.clone());
+        }
+        // The router installs the metrics recorder the feed records into.
+        let app = api::router(state);
+        let feed = spawn_feed(&replica, sync.clone(), events.clone());
         let (stop, stopped) = oneshot::channel::<()>();
         let server = tokio::spawn(async move {
             axum::serve(listener, app)
@@ -162,13 +313,23 @@ impl Node {
                 })
                 .await
         });
-        tracing::info!(site = %config.file.site, %addr, store = %store.path().display(), "node started");
+        tracing::info!(
+            site = %config.file.site,
+            %addr,
+            sync = ?sync.as_ref().map(|sync| sync.local_addr()),
+            store = %store.path().display(),
+            "node started"
+        );
         Ok(Node {
             addr,
             token,
             replica,
             store,
             addr_file,
+            sync,
+            sync_addr_file,
+            events,
+            feed: Some(feed),
             stop: Some(stop),
             server: Some(server),
         })
@@ -195,6 +356,25 @@ impl Node {
         &self.replica
     }
 
+    /// The address the sync endpoint is bound to, or `None` when sync is
+    /// off (the config names no site identity).
+    pub fn sync_addr(&self) -> Option<SocketAddr> {
+        self.sync.as_ref().map(|sync| sync.local_addr())
+    }
+
+    /// The listed peers as `/v1/status` reports them, sorted by site;
+    /// empty when sync is off.
+    pub fn peers(&self) -> Vec<PeerView> {
+        self.sync
+            .as_ref()
+            .map_or_else(Vec::new, |sync| sync.status())
+    }
+
+    /// The node's event log, as streamed by `/v1/events`.
+    pub fn events(&self) -> &Arc<EventLog> {
+        &self.events
+    }
+
     /// Serves until `signal` completes (or the server fails), then shuts
     /// down gracefully.
     pub async fn run_until(mut self, signal: impl Future<Output = ()>) -> Result<(), NodeError> {
@@ -215,9 +395,13 @@ impl Node {
         }
     }
 
-    /// Stops accepting connections, waits for in-flight requests (at most
-    /// [`SHUTDOWN_TIMEOUT`]), then closes the store.
+    /// Ends the event streams, stops accepting connections, waits for
+    /// in-flight requests (at most [`SHUTDOWN_TIMEOUT`]), closes the
+    /// sessions with peers, then closes the store.
     pub async fn shutdown(mut self) -> Result<(), NodeError> {
+        // Event streams never end by themselves; the server's graceful
+        // shutdown would wait for them.
+        self.events.close();
         if let Some(stop) = self.stop.take() {
             // The server may already have stopped on its own.
             let _ = stop.send(());
@@ -233,15 +417,36 @@ impl Node {
                 ),
             }
         }
+        if let Some(feed) = self.feed.take() {
+            feed.abort();
+            let _ = feed.await;
+        }
+        if let Some(sync) = self.sync.take() {
+            if let Some(endpoint) = sync.take() {
+                endpoint.shutdown().await;
+            }
+            remove_addr_file(&self.sync_addr_file, sync.local_addr());
+        }
         // Requests still running hold replica clones; closing the store makes
         // their commits fail instead of leaving them unfinished.
         let store = self.store.clone();
         tokio::task::spawn_blocking(move || store.close()).await?;
-        if std::fs::read_to_string(&self.addr_file).is_ok_and(|a| a.trim() == self.addr.to_string())
-        {
-            let _ = std::fs::remove_file(&self.addr_file);
-        }
+        remove_addr_file(&self.addr_file, self.addr);
         tracing::info!("node stopped");
         result
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        // Without `shutdown`: end the event streams and the feed, and drop
+        // the sync endpoint, which stops its tasks without waiting.
+        self.events.close();
+        if let Some(feed) = self.feed.take() {
+            feed.abort();
+        }
+        if let Some(sync) = self.sync.take() {
+            drop(sync.take());
+        }
     }
 }

@@ -6,13 +6,18 @@
 //! `GET /v1/health` need the bearer token.
 //!
 //! [`router`] builds the whole API over a [`Replica`], so a service can
-//! mount it without the rest of the daemon.
+//! mount it without the rest of the daemon; peers in `/v1/status` and the
+//! `/v1/events` stream need the sync endpoint and the event log a node adds
+//! with [`ApiState::with_sync`] and [`ApiState::with_events`].
 
 mod auth;
 mod docs;
 mod error;
+mod events;
 mod extract;
-mod telemetry;
+pub(crate) mod telemetry;
+
+use std::sync::Arc;
 
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::StatusCode;
@@ -21,6 +26,8 @@ use axum::{middleware, Json, Router};
 use serde_json::{json, Value};
 
 use archipelago::Replica;
+
+use crate::events::{EventLog, SyncPeers};
 
 pub use auth::{ApiToken, InvalidToken, TOKEN_BYTES_MAX};
 
@@ -34,12 +41,33 @@ pub const BODY_BYTES_MAX: usize = 16 << 20;
 pub struct ApiState {
     replica: Replica,
     token: ApiToken,
+    sync: Option<Arc<SyncPeers>>,
+    events: Option<Arc<EventLog>>,
 }
 
 impl ApiState {
-    /// State serving `replica` to clients presenting `token`.
+    /// State serving `replica` to clients presenting `token`, with no peers
+    /// and no event stream (`/v1/events` answers 404 `events_off`).
     pub fn new(replica: Replica, token: ApiToken) -> ApiState {
-        ApiState { replica, token }
+        ApiState {
+            replica,
+            token,
+            sync: None,
+            events: None,
+        }
+    }
+
+    /// Reports the peers of `sync` in `/v1/status`.
+    pub fn with_sync(mut self, sync: Arc<SyncPeers>) -> ApiState {
+        self.sync = Some(sync);
+        self
+    }
+
+    /// Streams `events` on `/v1/events`; something must feed the log, such
+    /// as [`crate::events::spawn_feed`].
+    pub fn with_events(mut self, events: Arc<EventLog>) -> ApiState {
+        self.events = Some(events);
+        self
     }
 }
 
@@ -55,6 +83,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/docs/{id}", get(docs::read).put(docs::put))
         .route("/v1/docs/{id}/ops", axum::routing::post(docs::apply_ops))
         .route("/v1/docs/{id}/history", get(docs::history))
+        .route("/v1/events", get(events::stream))
         .route("/metrics", get(telemetry::render))
         .method_not_allowed_fallback(method_not_allowed)
         .fallback(route_not_found)
@@ -72,14 +101,20 @@ async fn health() -> Json<Value> {
     Json(json!({ "ok": true }))
 }
 
-/// `GET /v1/status`.
+/// `GET /v1/status`: the site, its document count and its peers, each as
+/// `{"site", "addr", "connected", "last_seen", "pending_out", "pending_in",
+/// "lag_ms"}` (see [`crate::events::PeerView`] for what `lag_ms` means).
 async fn status(State(state): State<ApiState>) -> Json<Value> {
     let stats = state.replica.stats();
     telemetry::record_docs(&state);
+    let peers: Vec<Value> = state.sync.as_ref().map_or_else(Vec::new, |sync| {
+        sync.status().iter().map(|view| view.to_json()).collect()
+    });
     Json(json!({
         "site": state.replica.site(),
         "docs": stats.docs,
-        "peers": [],
+        "sync_addr": state.sync.as_ref().map(|sync| sync.local_addr().to_string()),
+        "peers": peers,
         "conflicts_open": 0,
         "loaded_docs": stats.loaded_docs,
         "version": env!("CARGO_PKG_VERSION"),

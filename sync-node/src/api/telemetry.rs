@@ -15,6 +15,7 @@ use axum::response::{IntoResponse, Response};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 use super::ApiState;
+use crate::events::PeerView;
 
 /// Requests answered, by route and status.
 pub(crate) const HTTP_REQUESTS: &str = "archipelago_http_requests_total";
@@ -26,6 +27,17 @@ pub(crate) const COMMITS: &str = "archipelago_commits_total";
 pub(crate) const COMMIT_SECONDS: &str = "archipelago_commit_seconds";
 /// Documents stored.
 pub(crate) const DOCS: &str = "archipelago_docs";
+/// 1 while a session with the peer is open, else 0; by peer.
+pub(crate) const PEER_CONNECTED: &str = "archipelago_peer_connected";
+/// Live bytes queued or unacknowledged towards the peer; by peer.
+pub(crate) const PEER_PENDING_OUT_BYTES: &str = "archipelago_peer_pending_out_bytes";
+/// Received bytes from the peer waiting to be applied; by peer.
+pub(crate) const PEER_PENDING_IN_BYTES: &str = "archipelago_peer_pending_in_bytes";
+/// Replication lag towards the peer (see `events::PeerView::lag_ms`); by
+/// peer, absent until the peer was first current.
+pub(crate) const REPLICATION_LAG_MS: &str = "archipelago_replication_lag_ms";
+/// Changes made durable, by origin: `local` or the site they came from.
+pub(crate) const CHANGES_APPLIED: &str = "archipelago_changes_applied_total";
 
 /// Histogram buckets for latencies, in seconds.
 const LATENCY_BUCKETS_SECONDS: &[f64] = &[
@@ -95,6 +107,29 @@ pub(crate) async fn observe(request: Request, next: Next) -> Response {
 pub(crate) fn record_docs(state: &ApiState) {
     // A gauge holds f64; document counts stay far below 2^53.
     metrics::gauge!(DOCS).set(state.replica.stats().docs as f64);
+}
+
+/// Records the state of one peer.
+pub(crate) fn record_peer(view: &PeerView) {
+    let peer = view.status.site.as_str().to_owned();
+    metrics::gauge!(PEER_CONNECTED, "peer" => peer.clone()).set(if view.status.connected {
+        1.0
+    } else {
+        0.0
+    });
+    // Byte counts in a gauge (f64) stay exact far beyond any queue limit.
+    metrics::gauge!(PEER_PENDING_OUT_BYTES, "peer" => peer.clone())
+        .set(view.status.pending_out as f64);
+    metrics::gauge!(PEER_PENDING_IN_BYTES, "peer" => peer.clone())
+        .set(view.status.pending_in as f64);
+    if let Some(lag_ms) = view.lag_ms {
+        metrics::gauge!(REPLICATION_LAG_MS, "peer" => peer).set(lag_ms as f64);
+    }
+}
+
+/// Counts `changes` changes made durable from `origin` (`local` or a site).
+pub(crate) fn record_changes_applied(origin: &str, changes: usize) {
+    metrics::counter!(CHANGES_APPLIED, "origin" => origin.to_owned()).increment(changes as u64);
 }
 
 /// `GET /metrics`: Prometheus text.
