@@ -349,3 +349,62 @@ async fn peer_sending_an_oversized_frame_is_dropped() {
     .await
     .expect("test timed out");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_without_a_certificate_is_refused_and_gets_no_data() {
+    use archipelago::transport::quic::{transport_config, STREAM_TAG_CONTROL};
+    use archipelago::transport::tls::ALPN_PROTOCOL;
+    use quinn::crypto::rustls::QuicClientConfig;
+
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let ca = CertificateAuthority::generate("test cluster").unwrap();
+        let target = replica("site-m");
+        write(&target, "m/secret", 1);
+        let target_endpoint = SyncEndpoint::bind(
+            loopback(),
+            ca.issue_site(&site("site-m")).unwrap(),
+            ca.cert_der(),
+            vec![(site("site-a"), nowhere())],
+            target.clone(),
+        )
+        .unwrap();
+
+        // Trusts the cluster CA but presents no certificate of its own.
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(ca.cert_der().clone()).unwrap();
+        let mut tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        tls.alpn_protocols = vec![ALPN_PROTOCOL.to_vec()];
+        let mut client =
+            quinn::ClientConfig::new(Arc::new(QuicClientConfig::try_from(Arc::new(tls)).unwrap()));
+        client.transport_config(Arc::new(transport_config()));
+        let endpoint = quinn::Endpoint::client(loopback()).unwrap();
+        // With TLS 1.3 the client may finish its side of the handshake
+        // before the server refuses it; no application data may follow.
+        let outcome = async {
+            let connection = endpoint
+                .connect_with(client, target_endpoint.local_addr().unwrap(), "site-m")
+                .ok()?
+                .await
+                .ok()?;
+            let (mut control, mut control_in) = connection.open_bi().await.ok()?;
+            control.write_all(&[STREAM_TAG_CONTROL]).await.ok()?;
+            let mut prefix = [0u8; 4];
+            control_in.read_exact(&mut prefix).await.ok()?;
+            Some(prefix)
+        }
+        .await;
+        assert_eq!(outcome, None, "a client without a certificate read data");
+        assert_eq!(target.doc_ids(""), vec![doc("m/secret")]);
+        assert!(target_endpoint.peer_status().iter().all(|p| !p.connected));
+        endpoint.close(quinn::VarInt::from_u32(0), b"");
+        target_endpoint.shutdown().await;
+    })
+    .await
+    .expect("test timed out");
+}
