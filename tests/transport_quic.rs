@@ -140,6 +140,16 @@ async fn two_sites_converge_and_push_live_commits() {
         let status = west.peer_status();
         assert_eq!(status.len(), 1);
         assert!(status[0].connected && status[0].last_seen.is_some());
+        // west sent 20 documents and a live change, and received b's writes.
+        let traffic = status[0].traffic;
+        assert!(
+            traffic.batches_out >= 21 && traffic.bytes_out > 0,
+            "{traffic:?}"
+        );
+        assert!(
+            traffic.changes_in >= 5 && traffic.bytes_in > 0,
+            "{traffic:?}"
+        );
         west.shutdown().await;
         east.shutdown().await;
     })

@@ -166,6 +166,49 @@ pub struct PeerStatus {
     pub pending_out: usize,
     /// Received bytes waiting for the session to process them.
     pub pending_in: usize,
+    /// What crossed the link with this peer since the endpoint started.
+    pub traffic: Traffic,
+}
+
+/// Totals of what crossed the link with one peer, over every session.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Traffic {
+    /// Frame bytes sent.
+    pub bytes_out: u64,
+    /// Frame bytes received.
+    pub bytes_in: u64,
+    /// Changes sent (live and catch-up).
+    pub changes_out: u64,
+    /// New changes received and applied.
+    pub changes_in: u64,
+    /// Change batches (and whole documents) sent.
+    pub batches_out: u64,
+    /// Change batches (and whole documents) received.
+    pub batches_in: u64,
+}
+
+impl Traffic {
+    fn of(stats: &crate::protocol::SessionStats) -> Traffic {
+        Traffic {
+            bytes_out: stats.bytes_sent,
+            bytes_in: stats.bytes_received,
+            changes_out: stats.changes_sent,
+            changes_in: stats.changes_applied,
+            batches_out: stats.batches_sent,
+            batches_in: stats.batches_received,
+        }
+    }
+
+    fn plus(self, other: Traffic) -> Traffic {
+        Traffic {
+            bytes_out: self.bytes_out + other.bytes_out,
+            bytes_in: self.bytes_in + other.bytes_in,
+            changes_out: self.changes_out + other.changes_out,
+            changes_in: self.changes_in + other.changes_in,
+            batches_out: self.batches_out + other.batches_out,
+            batches_in: self.batches_in + other.batches_in,
+        }
+    }
 }
 
 /// The state of one listed peer.
@@ -175,6 +218,9 @@ struct PeerEntry {
     connected: bool,
     last_seen: Option<SystemTime>,
     pending_out: usize,
+    /// Traffic of finished sessions, and of the current one.
+    traffic_done: Traffic,
+    traffic_current: Traffic,
     /// The connection currently serving this peer, by id.
     active: Option<ActiveConnection>,
 }
@@ -260,6 +306,8 @@ impl SyncEndpoint {
                 connected: false,
                 last_seen: None,
                 pending_out: 0,
+                traffic_done: Traffic::default(),
+                traffic_current: Traffic::default(),
                 active: None,
             };
             if entries.insert(site.clone(), entry).is_some() {
@@ -345,6 +393,7 @@ impl SyncEndpoint {
                 pending_in: entry.active.as_ref().map_or(0, |a| {
                     INPUT_QUEUE_BYTES_MAX.saturating_sub(a.input_bytes.available_permits())
                 }),
+                traffic: entry.traffic_done.plus(entry.traffic_current),
             })
             .collect()
     }
@@ -627,6 +676,8 @@ async fn drive_connection(
         }
         entry.connected = false;
         entry.pending_out = 0;
+        entry.traffic_done = entry.traffic_done.plus(entry.traffic_current);
+        entry.traffic_current = Traffic::default();
     }
 
     let (input_tx, input_rx) = mpsc::channel(INPUT_QUEUE_DEPTH);
@@ -935,8 +986,10 @@ impl SessionDriver {
             }
         }
         let pending_out = session.pending_out_bytes();
+        let traffic = Traffic::of(&session.stats());
         self.shared.update(&self.peer, self.connection_id, |entry| {
             entry.pending_out = pending_out;
+            entry.traffic_current = traffic;
         });
         Ok(())
     }

@@ -486,6 +486,7 @@ mod tests {
             last_seen: None,
             pending_out,
             pending_in: 0,
+            traffic: Default::default(),
         };
         let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1000);
         let mut at = None;
@@ -508,6 +509,7 @@ mod tests {
                 last_seen: Some(SystemTime::UNIX_EPOCH + Duration::from_millis(1500)),
                 pending_out: 3,
                 pending_in: 4,
+                traffic: Default::default(),
             },
             lag_ms: Some(7),
         };

@@ -36,6 +36,12 @@ pub(crate) const PEER_PENDING_IN_BYTES: &str = "archipelago_peer_pending_in_byte
 /// Replication lag towards the peer (see `events::PeerView::lag_ms`); by
 /// peer, absent until the peer was first current.
 pub(crate) const REPLICATION_LAG_MS: &str = "archipelago_replication_lag_ms";
+/// Frame bytes exchanged with the peer; by peer and direction (`in`, `out`).
+pub(crate) const PEER_BYTES: &str = "archipelago_peer_bytes_total";
+/// Changes exchanged with the peer; by peer and direction.
+pub(crate) const PEER_CHANGES: &str = "archipelago_peer_changes_total";
+/// Change batches exchanged with the peer; by peer and direction.
+pub(crate) const PEER_BATCHES: &str = "archipelago_peer_batches_total";
 /// Changes made durable, by origin: `local` or the site they came from.
 pub(crate) const CHANGES_APPLIED: &str = "archipelago_changes_applied_total";
 
@@ -122,6 +128,15 @@ pub(crate) fn record_peer(view: &PeerView) {
         .set(view.status.pending_out as f64);
     metrics::gauge!(PEER_PENDING_IN_BYTES, "peer" => peer.clone())
         .set(view.status.pending_in as f64);
+    let traffic = &view.status.traffic;
+    for (name, out, into) in [
+        (PEER_BYTES, traffic.bytes_out, traffic.bytes_in),
+        (PEER_CHANGES, traffic.changes_out, traffic.changes_in),
+        (PEER_BATCHES, traffic.batches_out, traffic.batches_in),
+    ] {
+        metrics::counter!(name, "peer" => peer.clone(), "direction" => "out").absolute(out);
+        metrics::counter!(name, "peer" => peer.clone(), "direction" => "in").absolute(into);
+    }
     if let Some(lag_ms) = view.lag_ms {
         metrics::gauge!(REPLICATION_LAG_MS, "peer" => peer).set(lag_ms as f64);
     }
