@@ -418,3 +418,69 @@ async fn a_client_without_a_certificate_is_refused_and_gets_no_data() {
     .await
     .expect("test timed out");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replication_scope_keeps_documents_home_and_refuses_foreign_writes() {
+    use archipelago::protocol::{Glob, Scope};
+
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let ca = CertificateAuthority::generate("test cluster").unwrap();
+        let (eu, us) = (replica("eu-central"), replica("us-east"));
+        write(&eu, "eu/patient-1", 1);
+        write(&eu, "catalog/1", 1);
+        write(&us, "eu/forged", 1);
+        write(&us, "catalog/2", 2);
+        // eu-central shares only the catalog with us-east, both ways.
+        let catalog_only = Scope {
+            send: vec![Glob::new("catalog/*")],
+            receive: vec![Glob::new("catalog/*")],
+        };
+        let us_endpoint = SyncEndpoint::bind(
+            loopback(),
+            ca.issue_site(&site("us-east")).unwrap(),
+            ca.cert_der(),
+            vec![(site("eu-central"), nowhere())],
+            us.clone(),
+        )
+        .unwrap();
+        let eu_endpoint = SyncEndpoint::bind_scoped(
+            loopback(),
+            ca.issue_site(&site("eu-central")).unwrap(),
+            ca.cert_der(),
+            vec![(site("us-east"), us_endpoint.local_addr().unwrap())],
+            [(site("us-east"), catalog_only)].into_iter().collect(),
+            eu.clone(),
+        )
+        .unwrap();
+        // The shared documents arrive both ways ...
+        loop {
+            if us.heads(&doc("catalog/1")).is_some() && eu.heads(&doc("catalog/2")).is_some() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // ... and a live edit outside the scope stays home.
+        write(&eu, "eu/patient-1", 2);
+        write(&eu, "catalog/1", 3);
+        loop {
+            if us.heads(&doc("catalog/1")) == eu.heads(&doc("catalog/1")) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(
+            us.heads(&doc("eu/patient-1")),
+            None,
+            "eu data left the EU site"
+        );
+        assert_eq!(
+            eu.heads(&doc("eu/forged")),
+            None,
+            "a write outside the scope was accepted"
+        );
+        eu_endpoint.shutdown().await;
+        us_endpoint.shutdown().await;
+    })
+    .await
+    .expect("test timed out");
+}

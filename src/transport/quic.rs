@@ -42,7 +42,7 @@ use tokio::task::JoinHandle;
 use super::tls::{self, CertificateDer, SiteIdentity, TlsError};
 use crate::id::SiteName;
 use crate::protocol::wire::{close_code, FRAME_BYTES_MAX};
-use crate::protocol::{Event, Lane, Session, SessionConfig};
+use crate::protocol::{Event, Lane, Scope, Session, SessionConfig};
 use crate::replica::{Committed, Replica};
 
 /// Receive window of one stream and of a whole connection: large enough to
@@ -236,6 +236,8 @@ struct ActiveConnection {
 struct Shared {
     local: SiteName,
     replica: Replica,
+    /// What each peer may receive and write; absent means everything.
+    scopes: BTreeMap<SiteName, Scope>,
     peers: Mutex<BTreeMap<SiteName, PeerEntry>>,
     next_connection: AtomicU64,
     tasks: Mutex<Vec<JoinHandle<()>>>,
@@ -295,6 +297,20 @@ impl SyncEndpoint {
         peers: Vec<(SiteName, SocketAddr)>,
         replica: Replica,
     ) -> Result<SyncEndpoint, TransportError> {
+        SyncEndpoint::bind_scoped(addr, identity, ca_cert, peers, BTreeMap::new(), replica)
+    }
+
+    /// Like [`SyncEndpoint::bind`], with a replication scope per peer (what
+    /// it may receive from this site and write to it); a peer without an
+    /// entry replicates everything.
+    pub fn bind_scoped(
+        addr: SocketAddr,
+        identity: SiteIdentity,
+        ca_cert: &CertificateDer<'static>,
+        peers: Vec<(SiteName, SocketAddr)>,
+        scopes: BTreeMap<SiteName, Scope>,
+        replica: Replica,
+    ) -> Result<SyncEndpoint, TransportError> {
         let local = identity.site().clone();
         let mut entries = BTreeMap::new();
         for (site, peer_addr) in &peers {
@@ -339,6 +355,7 @@ impl SyncEndpoint {
         let shared = Arc::new(Shared {
             local,
             replica,
+            scopes,
             peers: Mutex::new(entries),
             next_connection: AtomicU64::new(1),
             tasks: Mutex::new(Vec::new()),
@@ -704,10 +721,11 @@ async fn drive_connection(
         tokio::spawn(write_lane(live_send, live_rx)),
     ];
 
-    let session = Session::new(
-        SessionConfig::new(shared.local.clone(), peer.clone()),
-        Instant::now(),
-    );
+    let mut session_config = SessionConfig::new(shared.local.clone(), peer.clone());
+    if let Some(scope) = shared.scopes.get(&peer) {
+        session_config.scope = scope.clone();
+    }
+    let session = Session::new(session_config, Instant::now());
     let driver = SessionDriver {
         shared: shared.clone(),
         peer: peer.clone(),

@@ -12,6 +12,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
+use archipelago::protocol::{Glob, Scope};
 use archipelago::transport::tls::{ca_cert_from_pem, CertificateDer, SiteIdentity};
 use archipelago::SiteName;
 use serde::{Deserialize, Serialize};
@@ -108,6 +109,32 @@ pub struct PeerConfig {
     pub site: SiteName,
     /// Where the peer's sync endpoint listens.
     pub addr: PeerAddr,
+    /// Documents sent to the peer (globs over document ids; `*` spans `/`).
+    /// Everything when left out.
+    #[serde(default = "all_documents", skip_serializing_if = "is_all_documents")]
+    pub send: Vec<Glob>,
+    /// Documents the peer may write here; its changes to others are refused
+    /// and reported. Everything when left out.
+    #[serde(default = "all_documents", skip_serializing_if = "is_all_documents")]
+    pub receive: Vec<Glob>,
+}
+
+fn all_documents() -> Vec<Glob> {
+    vec![Glob::new("*")]
+}
+
+fn is_all_documents(globs: &[Glob]) -> bool {
+    *globs == all_documents()
+}
+
+impl PeerConfig {
+    /// The replication scope with this peer.
+    pub fn scope(&self) -> Scope {
+        Scope {
+            send: self.send.clone(),
+            receive: self.receive.clone(),
+        }
+    }
 }
 
 impl FromStr for PeerConfig {
@@ -121,6 +148,8 @@ impl FromStr for PeerConfig {
         Ok(PeerConfig {
             site: site.parse().map_err(|e| format!("{e}"))?,
             addr: addr.parse()?,
+            send: all_documents(),
+            receive: all_documents(),
         })
     }
 }
@@ -612,5 +641,29 @@ check = "min"
         assert_eq!(peer.site.as_str(), "eu-west");
         assert!("EU=127.0.0.1:1".parse::<PeerConfig>().is_err());
         assert!("eu-west".parse::<PeerConfig>().is_err());
+    }
+}
+
+#[cfg(test)]
+mod scope_tests {
+    use super::*;
+
+    #[test]
+    fn peer_scopes_default_to_everything_and_parse_globs() {
+        let plain: PeerConfig =
+            toml::from_str("site = \"eu-west\"\naddr = \"127.0.0.1:7081\"").unwrap();
+        assert_eq!(plain.scope(), Scope::everything());
+        assert!(
+            !toml::to_string(&plain).unwrap().contains("send"),
+            "defaults are not written out"
+        );
+        let scoped: PeerConfig = toml::from_str(
+            "site = \"us-east\"\naddr = \"127.0.0.1:7071\"\nsend = [\"catalog/*\"]\nreceive = [\"catalog/*\", \"orders/us/*\"]",
+        )
+        .unwrap();
+        let scope = scoped.scope();
+        assert!(scope.may_send(&"catalog/1".parse().unwrap()));
+        assert!(!scope.may_send(&"eu/patient-1".parse().unwrap()));
+        assert!(scope.may_receive(&"orders/us/7".parse().unwrap()));
     }
 }

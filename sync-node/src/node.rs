@@ -204,11 +204,18 @@ async fn start_sync(config: &Config, replica: &Replica) -> Result<Option<SyncPee
         addr: listen,
         source,
     };
-    let endpoint = SyncEndpoint::bind(
+    let scopes = config
+        .file
+        .peers
+        .iter()
+        .map(|peer| (peer.site.clone(), peer.scope()))
+        .collect();
+    let endpoint = SyncEndpoint::bind_scoped(
         listen,
         identity.identity,
         &identity.ca_cert,
         peers,
+        scopes,
         replica.clone(),
     )
     .map_err(sync_error)?;
