@@ -471,7 +471,11 @@ async fn accept_loop(
             let remote = incoming.remote_address();
             match accept_one(task_shared, incoming, permit, task_shutdown).await {
                 Ok(connected) => tracing::debug!(%remote, connected, "accepted connection ended"),
-                Err(e) => tracing::info!(%remote, error = %e, "accepted connection failed"),
+                // Includes every refusal: a certificate from another CA, a
+                // site not on the peer list, no certificate at all.
+                Err(e) => {
+                    tracing::warn!(%remote, error = %e, "incoming connection refused or failed")
+                }
             }
         });
         shared.track(task);
