@@ -5,17 +5,17 @@
 //! endpoints converge through a 20 ms, 1 % loss relay. Every test is bounded
 //! in time.
 
+mod support;
+
 use std::collections::HashSet;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
+use support::{doc, index, loopback, nowhere, replica, site, write};
 
-use archipelago::store::Memory;
 use archipelago::transport::quic::SyncEndpoint;
 use archipelago::transport::relay::{Faults, Relay};
 use archipelago::transport::tls::CertificateAuthority;
-use archipelago::{ChangeHash, DocId, Replica, ReplicaOptions, SiteName};
-use serde_json::json;
+use archipelago::Replica;
 use tokio::net::UdpSocket;
 use tokio::task::JoinHandle;
 
@@ -368,47 +368,7 @@ async fn a_target_off_loopback_is_refused() {
     .await;
 }
 
-// QUIC through the relay; setup helpers as in tests/transport_quic.rs.
-
-fn site(name: &str) -> SiteName {
-    name.parse().unwrap()
-}
-
-fn doc(name: &str) -> DocId {
-    name.parse().unwrap()
-}
-
-fn replica(name: &str) -> Replica {
-    Replica::open(ReplicaOptions::new(site(name)), Arc::new(Memory::new())).unwrap()
-}
-
-fn loopback() -> SocketAddr {
-    "127.0.0.1:0".parse().unwrap()
-}
-
-/// An address nothing listens on, for peers that are never dialed.
-fn nowhere() -> SocketAddr {
-    "127.0.0.1:9".parse().unwrap()
-}
-
-fn index(replica: &Replica) -> Vec<(DocId, Vec<ChangeHash>)> {
-    let mut index = replica.index();
-    for (_, heads) in &mut index {
-        heads.sort();
-    }
-    index.sort();
-    index
-}
-
-fn write(replica: &Replica, id: &str, n: i64) {
-    replica
-        .put_json(
-            &doc(id),
-            &json!({ "n": n, "by": replica.site().as_str() }),
-            None,
-        )
-        .unwrap();
-}
+// QUIC through the relay.
 
 /// Waits until both replicas hold `docs` documents with the same heads.
 async fn converge(a: &Replica, b: &Replica, docs: usize) {

@@ -4,58 +4,19 @@
 //! peer list never exchange data; and a site whose endpoint restarts on the
 //! same replica catches up. Every test is bounded in time.
 
+mod support;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use support::{doc, index, loopback, nowhere, replica, site, write};
 
-use archipelago::store::Memory;
 use archipelago::transport::quic::SyncEndpoint;
 use archipelago::transport::tls::CertificateAuthority;
-use archipelago::{ChangeHash, DocId, Origin, Replica, ReplicaOptions, SiteName};
-use serde_json::json;
+use archipelago::{Origin, Replica, SiteName};
 
 /// Bound of every test.
 const TEST_TIMEOUT: Duration = Duration::from_secs(30);
-
-fn site(name: &str) -> SiteName {
-    name.parse().unwrap()
-}
-
-fn doc(name: &str) -> DocId {
-    name.parse().unwrap()
-}
-
-fn replica(name: &str) -> Replica {
-    Replica::open(ReplicaOptions::new(site(name)), Arc::new(Memory::new())).unwrap()
-}
-
-fn loopback() -> SocketAddr {
-    "127.0.0.1:0".parse().unwrap()
-}
-
-/// An address nothing listens on, for peers that are never dialed.
-fn nowhere() -> SocketAddr {
-    "127.0.0.1:9".parse().unwrap()
-}
-
-fn index(replica: &Replica) -> Vec<(DocId, Vec<ChangeHash>)> {
-    let mut index = replica.index();
-    for (_, heads) in &mut index {
-        heads.sort();
-    }
-    index.sort();
-    index
-}
-
-fn write(replica: &Replica, id: &str, n: i64) {
-    replica
-        .put_json(
-            &doc(id),
-            &json!({ "n": n, "by": replica.site().as_str() }),
-            None,
-        )
-        .unwrap();
-}
 
 /// Waits until both replicas hold the same documents with the same heads.
 async fn converge(a: &Replica, b: &Replica) {

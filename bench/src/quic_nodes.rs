@@ -7,7 +7,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use archipelago::automerge::{Automerge, Change};
 use archipelago::doc::Op;
 use archipelago::store::Sqlite;
 use archipelago::transport::quic::SyncEndpoint;
@@ -207,16 +206,7 @@ pub(crate) fn bulk(quick: bool) -> anyhow::Result<Map<String, Value>> {
             }
             all.push(a.changes_after(id, &[])?.unwrap_or_default());
         }
-        let started = Instant::now();
-        for changes in &all {
-            let decoded: Vec<Change> = changes
-                .iter()
-                .map(|c| Change::try_from(c.as_slice()))
-                .collect::<Result<_, _>>()?;
-            let mut doc = Automerge::new();
-            doc.apply_changes(decoded)?;
-        }
-        let in_process = started.elapsed().as_secs_f64();
+        let in_process = crate::scenarios::automerge_in_process(&all)?.as_secs_f64();
 
         let started = Instant::now();
         let link = Link::connect(&a, &b, Duration::ZERO).await?;

@@ -38,6 +38,21 @@ pub(crate) fn run(name: &str, quick: bool) -> anyhow::Result<Map<String, Value>>
     }
 }
 
+/// The in-process limit: decodes each document's changes and applies them
+/// to a fresh automerge document in one batch. Returns the time taken.
+pub(crate) fn automerge_in_process(docs: &[Vec<Vec<u8>>]) -> anyhow::Result<std::time::Duration> {
+    let started = Instant::now();
+    for changes in docs {
+        let decoded: Vec<archipelago::automerge::Change> = changes
+            .iter()
+            .map(|c| archipelago::automerge::Change::try_from(c.as_slice()))
+            .collect::<Result<_, _>>()?;
+        let mut doc = archipelago::automerge::Automerge::new();
+        doc.apply_changes(decoded)?;
+    }
+    Ok(started.elapsed())
+}
+
 pub(crate) fn metrics(pairs: &[(&str, Value)]) -> Map<String, Value> {
     pairs
         .iter()

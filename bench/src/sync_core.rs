@@ -239,16 +239,7 @@ pub(crate) fn catchup(quick: bool) -> anyhow::Result<Map<String, Value>> {
     }
     let total: usize = all.iter().map(Vec::len).sum();
 
-    let started = Instant::now();
-    for changes in &all {
-        let decoded: Vec<Change> = changes
-            .iter()
-            .map(|c| Change::try_from(c.as_slice()))
-            .collect::<Result<_, _>>()?;
-        let mut doc = Automerge::new();
-        doc.apply_changes(decoded)?;
-    }
-    let in_process = started.elapsed();
+    let in_process = crate::scenarios::automerge_in_process(&all)?;
 
     let b = replica("site-b")?;
     let exchange = connect(&a, &b)?;
