@@ -258,15 +258,7 @@ impl Sim {
                 } else {
                     self.note(format!("partition site {site}"));
                     self.partitioned.insert(site);
-                    let cut: Vec<(usize, usize)> = self
-                        .links
-                        .keys()
-                        .filter(|(a, b)| *a == site || *b == site)
-                        .copied()
-                        .collect();
-                    for key in cut {
-                        self.drop_link(key);
-                    }
+                    self.cut_links(site);
                 }
             }
             96..=97 if faults => {
@@ -300,6 +292,11 @@ impl Sim {
         let site_state = &mut self.sites[site];
         site_state.replica = None;
         site_state.events = None;
+        self.cut_links(site);
+    }
+
+    /// Drops every connection of `site`, with whatever was in flight.
+    fn cut_links(&mut self, site: usize) {
         let cut: Vec<(usize, usize)> = self
             .links
             .keys()
@@ -307,7 +304,7 @@ impl Sim {
             .copied()
             .collect();
         for key in cut {
-            self.links.remove(&key);
+            self.drop_link(key);
         }
     }
 
