@@ -617,8 +617,7 @@ impl Replica {
         contain(id, "applying the changes", &mut guard, |doc| {
             doc.apply_changes(ready)
         })?;
-        let origin = from;
-        let heads = self.persist(id, &mut guard, bytes, hashes.clone(), origin)?;
+        let heads = self.persist(id, &mut guard, bytes, hashes.clone(), from)?;
         Ok(Applied {
             applied: hashes,
             duplicates,
@@ -687,10 +686,7 @@ impl Replica {
             *guard = None;
             return Err(e.into());
         }
-        lock(&self.shared.state)
-            .index
-            .insert(id.clone(), heads.clone());
-        let _ = self.shared.events.send(Committed {
+        self.publish(Committed {
             doc: id.clone(),
             heads: heads.clone(),
             changes: Arc::new(Vec::new()),
@@ -759,11 +755,7 @@ impl Replica {
                 loaded.appended_bytes = appended_bytes;
             }
         }
-        lock(&self.shared.state)
-            .index
-            .insert(id.clone(), heads.clone());
-        // No subscriber is not an error.
-        let _ = self.shared.events.send(Committed {
+        self.publish(Committed {
             doc: id.clone(),
             heads: heads.clone(),
             changes: Arc::new(changes),
@@ -771,6 +763,15 @@ impl Replica {
             origin,
         });
         Ok(heads)
+    }
+
+    /// Records a durable change in the index, then tells subscribers (none
+    /// listening is not an error).
+    fn publish(&self, committed: Committed) {
+        lock(&self.shared.state)
+            .index
+            .insert(committed.doc.clone(), committed.heads.clone());
+        let _ = self.shared.events.send(committed);
     }
 
     /// The slot of a document, created if needed, marked as just used;

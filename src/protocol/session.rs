@@ -322,7 +322,10 @@ impl Session {
     }
 
     /// Feeds bytes received from the peer (any split).
-    pub fn handle_bytes(&mut self, now: Instant, host: &dyn Host, bytes: &[u8]) {
+    ///
+    /// `now` is the arrival time; no message needs it yet, but callers pass
+    /// it so timers can depend on traffic without an API change.
+    pub fn handle_bytes(&mut self, _now: Instant, host: &dyn Host, bytes: &[u8]) {
         if self.phase == Phase::Closed {
             return;
         }
@@ -331,7 +334,7 @@ impl Session {
         loop {
             match self.decoder.next_message() {
                 Ok(Some(message)) => {
-                    self.handle_message(now, host, message);
+                    self.handle_message(host, message);
                     if self.phase == Phase::Closed {
                         return;
                     }
@@ -347,13 +350,13 @@ impl Session {
 
     /// Feeds one already-decoded frame payload (for transports that frame
     /// messages themselves).
-    pub fn handle_frame(&mut self, now: Instant, host: &dyn Host, payload: &[u8]) {
+    pub fn handle_frame(&mut self, _now: Instant, host: &dyn Host, payload: &[u8]) {
         if self.phase == Phase::Closed {
             return;
         }
         self.stats.bytes_received += payload.len() as u64 + 4;
         match wire::decode_payload(payload) {
-            Ok(message) => self.handle_message(now, host, message),
+            Ok(message) => self.handle_message(host, message),
             Err(e) => self.close(close_code::PROTOCOL_ERROR, &e.to_string()),
         }
     }
@@ -388,11 +391,9 @@ impl Session {
             .or_default()
             .extend(committed.changes.iter().cloned());
         self.pump_live();
-        let _ = host;
     }
 
-    fn handle_message(&mut self, now: Instant, host: &dyn Host, message: Message) {
-        let _ = now;
+    fn handle_message(&mut self, host: &dyn Host, message: Message) {
         match (self.phase, message) {
             (
                 Phase::AwaitHello,
