@@ -51,6 +51,17 @@ pub enum Error {
         /// Why it was refused.
         reason: String,
     },
+    /// No conflict report has this id here.
+    #[error("conflict {0} not found")]
+    ConflictNotFound(crate::conflict::ConflictId),
+    /// The conflict report is already resolved or dismissed.
+    #[error("conflict {id} is already {status:?}")]
+    ConflictClosed {
+        /// The report.
+        id: crate::conflict::ConflictId,
+        /// Its status.
+        status: crate::conflict::Status,
+    },
     /// The document does not fit the Rust type.
     #[error("hydrate: {0}")]
     Hydrate(Box<autosurgeon::HydrateError>),

@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 use tokio::sync::broadcast;
 
+use crate::conflict::{Check, Conflict, ConflictConfig, Filter, Policy, Rule, Status};
 use crate::doc::Op;
 use crate::id::{DocId, SiteName};
 use crate::protocol::session::{Lane, Session, SessionConfig};
@@ -137,6 +138,10 @@ pub struct SimReport {
     pub crashes: usize,
     /// Documents at every site at the end.
     pub docs: usize,
+    /// Conflict reports at every site at the end.
+    pub conflicts: usize,
+    /// Of those, resolved or dismissed.
+    pub conflicts_closed: usize,
 }
 
 /// A simulation run.
@@ -314,8 +319,13 @@ impl Sim {
         // A tiny cache exercises eviction and reloading.
         options.cache_docs_max = 3;
         options.compact_changes_min = 8;
+        options.conflicts = Arc::new(sim_conflict_config());
         let replica =
             Replica::open(options, state.store.clone()).expect("memory stores always open");
+        // Automatic resolutions interrupted by the crash run now.
+        replica
+            .resolve_pending()
+            .expect("memory stores do not fail");
         state.events = Some(replica.subscribe());
         state.replica = Some(replica);
     }
@@ -333,7 +343,8 @@ impl Sim {
         let doc = self.doc_id();
         let field = self.rng.below(4);
         let value = self.rng.below(1000);
-        let ops = match self.rng.below(7) {
+        let ops = match self.rng.below(8) {
+            7 => return self.close_a_conflict(site, &replica),
             0 | 1 => json!([{"op": "set", "path": format!("/f{field}"), "value": value}]),
             2 => json!([{"op": "del", "path": format!("/f{field}")}]),
             3 => json!([{"op": "inc", "path": "/count", "by": value as i64 - 500}]),
@@ -353,6 +364,37 @@ impl Sim {
         if replica.apply_ops(&doc, &ops, None).is_ok() {
             self.report.edits += 1;
             self.note(format!("edit site {site} {doc} {:?}", ops[0].path()));
+        }
+    }
+
+    /// Resolves (with an edit) or dismisses an open report, if the site
+    /// has one; two sites may close the same report concurrently.
+    fn close_a_conflict(&mut self, site: usize, replica: &Replica) {
+        let open = replica
+            .conflicts(&Filter {
+                status: Some(Status::Open),
+                ..Filter::default()
+            })
+            .unwrap_or_default();
+        if open.is_empty() {
+            return;
+        }
+        let report = &open[self.rng.below(open.len())];
+        let result = if self.rng.chance(50) {
+            let ops: Vec<Op> = serde_json::from_value(
+                json!([{"op": "set", "path": "/resolved", "value": self.rng.below(1000)}]),
+            )
+            .expect("ops parse");
+            replica.resolve_conflict(&report.id, &ops, Some("sim"))
+        } else {
+            replica.dismiss_conflict(&report.id, None)
+        };
+        if result.is_ok() {
+            self.report.edits += 1;
+            self.note(format!(
+                "close site {site} conflict {} in {}",
+                report.id, report.doc
+            ));
         }
     }
 
@@ -603,8 +645,67 @@ impl Sim {
             }
         }
         self.report.docs = ids.len();
+        self.check_reports(&replicas, &ids)
+    }
+
+    /// Every site lists the same reports with the same statuses, and each
+    /// site's index agrees with the reports stored in its documents.
+    fn check_reports(&mut self, replicas: &[Replica], ids: &[DocId]) -> Result<(), String> {
+        let mut reference: Option<Vec<Conflict>> = None;
+        for (i, replica) in replicas.iter().enumerate() {
+            let listed = replica
+                .conflicts(&Filter::default())
+                .map_err(|e| self.failure(format!("site {i} cannot list conflicts: {e}")))?;
+            let mut stored = Vec::new();
+            for id in ids {
+                let in_doc = replica
+                    .with_doc(id, crate::conflict::reports_in)
+                    .map_err(|e| self.failure(format!("site {i} cannot read {id}: {e}")))?
+                    .unwrap_or_default();
+                stored.extend(in_doc);
+            }
+            let key = |c: &Conflict| c.id.clone();
+            let mut sorted_listed = listed.clone();
+            sorted_listed.sort_by_key(key);
+            stored.sort_by_key(key);
+            if sorted_listed != stored {
+                return Err(self.failure(format!(
+                    "site {i}'s conflict index disagrees with its documents: index {sorted_listed:#?} documents {stored:#?}"
+                )));
+            }
+            match &reference {
+                None => reference = Some(sorted_listed),
+                Some(first) if *first != sorted_listed => {
+                    return Err(self.failure(format!(
+                        "conflict reports differ: site 0 {first:#?} site {i} {sorted_listed:#?}"
+                    )));
+                }
+                Some(_) => {}
+            }
+        }
+        let reports = reference.unwrap_or_default();
+        self.report.conflicts = reports.len();
+        self.report.conflicts_closed = reports.iter().filter(|c| c.status != Status::Open).count();
         Ok(())
     }
+}
+
+/// The rules every simulated site runs: a floor on the shared counter that
+/// its resolver clamps, and unique item numbers left for people.
+fn sim_conflict_config() -> ConflictConfig {
+    ConflictConfig::default()
+        .with_rule(
+            Rule::new("count-floor", "ns-*", "/count", Check::Min(-300.0))
+                .expect("valid rule")
+                .policy(Policy::Clamp),
+        )
+        .and_then(|c| {
+            c.with_rule(
+                Rule::new("unique-items", "ns-*", "/items", Check::Unique("n".into()))
+                    .expect("valid rule"),
+            )
+        })
+        .expect("rule names differ")
 }
 
 /// Harnesses for the fuzz targets under `fuzz/` and for replaying the inputs

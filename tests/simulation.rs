@@ -1,7 +1,9 @@
 //! Seeded multi-site simulation: five sites edit the same documents while
 //! the network duplicates and reorders frames, connections reset, sites are
 //! partitioned, crash and restart; after the final heal every site must hold
-//! the same documents (sorted heads and JSON values).
+//! the same documents (sorted heads and JSON values) and the same conflict
+//! reports with the same statuses, and each site's report index must agree
+//! with the reports stored in its documents.
 //!
 //! `SIM_SEEDS=A..B cargo test --release --test simulation` runs seeds A..B;
 //! without it a default range runs. A failure prints its seed and the
@@ -28,17 +30,28 @@ fn seeds(default: Range<u64>) -> Range<u64> {
 fn run(seeds: Range<u64>, config: &SimConfig) {
     let mut edits = 0;
     let mut resets = 0;
+    let mut conflicts = 0;
+    let mut closed = 0;
     let count = seeds.end.saturating_sub(seeds.start);
     for seed in seeds {
         match Sim::new(seed, config.clone()).run() {
             Ok(report) => {
                 edits += report.edits;
                 resets += report.resets;
+                conflicts += report.conflicts;
+                closed += report.conflicts_closed;
             }
             Err(failure) => panic!("{failure}"),
         }
     }
-    eprintln!("{count} seeds converged ({edits} edits, {resets} connection resets)");
+    eprintln!(
+        "{count} seeds converged ({edits} edits, {resets} connection resets, \
+         {conflicts} conflict reports identical at every site, {closed} of them closed)"
+    );
+    assert!(
+        count == 0 || conflicts > 0,
+        "the workload raised no conflicts, so the report check checked nothing"
+    );
 }
 
 #[test]

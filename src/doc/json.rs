@@ -9,8 +9,13 @@ use super::OpError;
 
 /// The whole document as JSON, now or as of `heads` (which the caller has
 /// checked the document knows).
+/// Root keys reserved for conflict reports are left out.
 pub fn to_json(doc: &automerge::Automerge, heads: Option<&[ChangeHash]>) -> serde_json::Value {
-    hydrated_to_json(&doc.hydrate(heads))
+    let mut value = hydrated_to_json(&doc.hydrate(heads));
+    if let serde_json::Value::Object(map) = &mut value {
+        map.retain(|key, _| !crate::conflict::is_reserved_key(key));
+    }
+    value
 }
 
 /// Converts a hydrated automerge value to JSON.
@@ -61,6 +66,11 @@ pub fn reconcile_root<T: Transactable>(
             "a document value must be a JSON object".to_owned(),
         ));
     };
+    if let Some(key) = map.keys().find(|k| crate::conflict::is_reserved_key(k)) {
+        return Err(OpError::BadValue(format!(
+            "root key {key:?} is reserved for conflict reports"
+        )));
+    }
     reconcile_map(tx, &automerge::ROOT, map)
 }
 
@@ -69,9 +79,11 @@ fn reconcile_map<T: Transactable>(
     obj: &ObjId,
     new: &serde_json::Map<String, serde_json::Value>,
 ) -> Result<(), OpError> {
+    // Reserved root keys (conflict reports) are not the caller's to delete.
     let stale: Vec<String> = tx
         .keys(obj)
         .filter(|key| !new.contains_key(key.as_str()))
+        .filter(|key| *obj != automerge::ROOT || !crate::conflict::is_reserved_key(key))
         .collect();
     for key in stale {
         tx.delete(obj, key.as_str())?;

@@ -120,6 +120,19 @@ fn apply_op<T: Transactable>(tx: &mut T, op: &Op) -> Result<(), OpError> {
             reason: "ops address a field; write the whole document with PUT".to_owned(),
         });
     };
+    if pointer
+        .segments()
+        .first()
+        .is_some_and(|first| crate::conflict::is_reserved_key(first))
+    {
+        return Err(OpError::BadPath {
+            path: clip(op.path()),
+            reason: format!(
+                "root keys starting with {:?} are reserved for conflict reports",
+                crate::conflict::RESERVED_PREFIX
+            ),
+        });
+    }
     let create_maps = matches!(op, Op::Set { .. });
     let (parent, parent_type) = walk(tx, &pointer, parents, create_maps)?;
     match op {

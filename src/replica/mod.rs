@@ -17,9 +17,12 @@ use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use automerge::transaction::{CommitOptions, Transaction};
-use automerge::{Automerge, Change, ChangeHash, ReadDoc};
+use automerge::{Automerge, Change, ChangeHash, PatchLog, ReadDoc};
 use tokio::sync::broadcast;
 
+mod conflicts;
+
+use crate::conflict::{Conflict, ConflictConfig};
 use crate::doc::{self, ChangeInfo, Op};
 use crate::error::Error;
 use crate::id::{new_actor, DocId, SiteName};
@@ -60,6 +63,8 @@ pub struct ReplicaOptions {
     pub subscription_capacity: usize,
     /// Time source for change stamps.
     pub clock: Arc<dyn Clock>,
+    /// Conflict detectors, rules and resolvers.
+    pub conflicts: Arc<ConflictConfig>,
 }
 
 impl ReplicaOptions {
@@ -72,6 +77,7 @@ impl ReplicaOptions {
             compact_changes_max: 4096,
             subscription_capacity: 4096,
             clock: Arc::new(SystemClock),
+            conflicts: Arc::new(ConflictConfig::default()),
         }
     }
 }
@@ -200,6 +206,7 @@ struct Shared {
     store: Arc<dyn Store>,
     state: Mutex<State>,
     events: broadcast::Sender<Committed>,
+    conflict_events: broadcast::Sender<Conflict>,
 }
 
 #[derive(Default)]
@@ -227,6 +234,26 @@ struct Loaded {
     snapshot_bytes: usize,
 }
 
+/// New changes of one origin inside a durable write.
+struct Part {
+    changes: Vec<Vec<u8>>,
+    hashes: Vec<ChangeHash>,
+    origin: Origin,
+    /// Heads right after this part, when later parts follow.
+    heads: Option<Vec<ChangeHash>>,
+}
+
+impl Part {
+    fn local(change: Vec<u8>, hash: ChangeHash) -> Part {
+        Part {
+            changes: vec![change],
+            hashes: vec![hash],
+            origin: Origin::Local,
+            heads: None,
+        }
+    }
+}
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // State behind these locks is only replaced whole, never left
     // half-updated, so a poisoned lock is still consistent.
@@ -239,6 +266,7 @@ impl Replica {
     pub fn open(options: ReplicaOptions, store: Arc<dyn Store>) -> Result<Replica, Error> {
         let index = store.docs()?.into_iter().map(|e| (e.id, e.heads)).collect();
         let (events, _) = broadcast::channel(options.subscription_capacity.max(1));
+        let (conflict_events, _) = broadcast::channel(options.subscription_capacity.max(1));
         let actor = new_actor(&options.site);
         Ok(Replica {
             shared: Arc::new(Shared {
@@ -250,6 +278,7 @@ impl Replica {
                     ..State::default()
                 }),
                 events,
+                conflict_events,
             }),
         })
     }
@@ -569,7 +598,8 @@ impl Replica {
             .expect("a change just committed is in the document")
             .raw_bytes()
             .to_vec();
-        let committed = self.persist(id, &mut guard, vec![change], vec![hash], Origin::Local)?;
+        let committed =
+            self.persist(id, &mut guard, vec![Part::local(change, hash)], Vec::new())?;
         Ok((
             Commit {
                 heads: committed,
@@ -614,16 +644,51 @@ impl Replica {
         }
         let hashes: Vec<ChangeHash> = ready.iter().map(Change::hash).collect();
         let bytes: Vec<Vec<u8>> = ready.iter().map(|c| c.raw_bytes().to_vec()).collect();
-        contain(id, "applying the changes", &mut guard, |doc| {
-            doc.apply_changes(ready)
-        })?;
-        let heads = self.persist(id, &mut guard, bytes, hashes.clone(), from)?;
+        let before = loaded.doc.get_heads();
+        let heads = self.merge_and_settle(id, &mut guard, &before, &ready, bytes, from)?;
         Ok(Applied {
             applied: hashes,
             duplicates,
             missing_deps,
             heads,
         })
+    }
+
+    /// Applies `ready` (new here, in causal order) to the loaded document
+    /// with its patches logged, then runs the conflict layer and persists.
+    fn merge_and_settle(
+        &self,
+        id: &DocId,
+        guard: &mut MutexGuard<'_, Option<Loaded>>,
+        before: &[ChangeHash],
+        ready: &[Change],
+        bytes: Vec<Vec<u8>>,
+        from: Origin,
+    ) -> Result<Vec<ChangeHash>, Error> {
+        // A document new here has nothing to conflict with: its reports
+        // are read from its keys instead of from patches.
+        let mut log = if before.is_empty() {
+            PatchLog::inactive()
+        } else {
+            PatchLog::active()
+        };
+        contain(id, "applying the changes", guard, |doc| {
+            doc.apply_changes_log_patches(ready.iter().cloned(), &mut log)
+        })?;
+        let patches = (!before.is_empty()).then(|| {
+            let doc = &guard
+                .as_ref()
+                .expect("contain keeps the document on success")
+                .doc;
+            doc.make_patches(&mut log)
+        });
+        let received = Part {
+            changes: bytes,
+            hashes: ready.iter().map(Change::hash).collect(),
+            origin: from,
+            heads: None,
+        };
+        self.settle(id, guard, before, ready, patches.as_deref(), received)
     }
 
     /// The document in automerge's saved form, for a peer that holds none
@@ -650,15 +715,10 @@ impl Replica {
         let slot = self.slot(id);
         let mut guard = lock(&slot.loaded);
         let before = self.ensure_loaded_or_new(id, &mut guard)?.doc.get_heads();
-        let snapshot = if before.is_empty() {
-            // New here: adopt the document and store the bytes as received.
-            incoming.set_actor(self.shared.actor.clone());
-            guard.as_mut().expect("loaded above").doc = incoming;
-            bytes.to_vec()
-        } else {
-            let new = contain(id, "merging the snapshot", &mut guard, |doc| {
-                doc.merge(&mut incoming)
-            })?;
+        if !before.is_empty() {
+            // Known here: merge the changes it adds like any others.
+            let loaded = guard.as_mut().expect("loaded above");
+            let new = loaded.doc.get_changes_added(&incoming);
             if new.is_empty() {
                 return Ok(Applied {
                     duplicates: 1,
@@ -666,23 +726,32 @@ impl Replica {
                     ..Applied::default()
                 });
             }
-            guard
-                .as_ref()
-                .expect("contain keeps the document on success")
-                .doc
-                .save()
-        };
+            let hashes: Vec<ChangeHash> = new.iter().map(Change::hash).collect();
+            let bytes: Vec<Vec<u8>> = new.iter().map(|c| c.raw_bytes().to_vec()).collect();
+            let heads = self.merge_and_settle(id, &mut guard, &before, &new, bytes, from)?;
+            return Ok(Applied {
+                applied: hashes,
+                heads,
+                ..Applied::default()
+            });
+        }
+        // New here: adopt the document and store the bytes as received.
+        incoming.set_actor(self.shared.actor.clone());
         let loaded = guard.as_mut().expect("loaded above");
-        loaded.snapshot_bytes = snapshot.len();
+        loaded.doc = incoming;
+        loaded.snapshot_bytes = bytes.len();
         loaded.appended_changes = 0;
         loaded.appended_bytes = 0;
         let heads = loaded.doc.get_heads();
         let write = Write::Snapshot {
             doc: id.clone(),
-            bytes: snapshot,
+            bytes: bytes.to_vec(),
             heads: heads.clone(),
         };
-        if let Err(e) = self.shared.store.commit(vec![write]) {
+        let (extra, events) = self.index_reports(&loaded.doc, None);
+        let mut writes = vec![write];
+        writes.extend(extra);
+        if let Err(e) = self.shared.store.commit(writes) {
             *guard = None;
             return Err(e.into());
         }
@@ -693,6 +762,7 @@ impl Replica {
             hashes: heads.clone(),
             origin: from,
         });
+        self.announce(events);
         Ok(Applied {
             applied: heads.clone(),
             duplicates: 0,
@@ -702,21 +772,25 @@ impl Replica {
     }
 
     /// Writes new changes of a loaded document durably (compacting when
-    /// due), updates the index and notifies subscribers. On a store error the
-    /// loaded document is dropped so the next use reloads the durable state.
+    /// due) together with `extra` writes, updates the index and notifies
+    /// subscribers, one [`Committed`] per part. On a store error the loaded
+    /// document is dropped so the next use reloads the durable state.
     fn persist(
         &self,
         id: &DocId,
         guard: &mut MutexGuard<'_, Option<Loaded>>,
-        changes: Vec<Vec<u8>>,
-        hashes: Vec<ChangeHash>,
-        origin: Origin,
+        parts: Vec<Part>,
+        extra: Vec<Write>,
     ) -> Result<Vec<ChangeHash>, Error> {
         let options = &self.shared.options;
         let loaded = guard
             .as_mut()
             .expect("persist is called with a loaded document");
         let heads = loaded.doc.get_heads();
+        let changes: Vec<Vec<u8>> = parts
+            .iter()
+            .flat_map(|p| p.changes.iter().cloned())
+            .collect();
         let new_bytes: usize = changes.iter().map(Vec::len).sum();
         let appended_changes = loaded.appended_changes + changes.len();
         let appended_bytes = loaded.appended_bytes + new_bytes;
@@ -732,7 +806,7 @@ impl Replica {
         } else {
             Write::AppendChanges {
                 doc: id.clone(),
-                changes: changes.clone(),
+                changes,
                 heads: heads.clone(),
             }
         };
@@ -740,7 +814,9 @@ impl Replica {
             Write::Snapshot { bytes, .. } => Some(bytes.len()),
             _ => None,
         };
-        if let Err(e) = self.shared.store.commit(vec![write]) {
+        let mut writes = vec![write];
+        writes.extend(extra);
+        if let Err(e) = self.shared.store.commit(writes) {
             **guard = None;
             return Err(e.into());
         }
@@ -755,13 +831,15 @@ impl Replica {
                 loaded.appended_bytes = appended_bytes;
             }
         }
-        self.publish(Committed {
-            doc: id.clone(),
-            heads: heads.clone(),
-            changes: Arc::new(changes),
-            hashes,
-            origin,
-        });
+        for part in parts {
+            self.publish(Committed {
+                doc: id.clone(),
+                heads: part.heads.unwrap_or_else(|| heads.clone()),
+                changes: Arc::new(part.changes),
+                hashes: part.hashes,
+                origin: part.origin,
+            });
+        }
         Ok(heads)
     }
 

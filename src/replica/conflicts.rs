@@ -1,0 +1,529 @@
+//! The replica side of the conflict layer: detection after a merge, the
+//! report index, automatic resolution at the resolver site, and the manual
+//! resolve and dismiss calls.
+
+use std::panic::AssertUnwindSafe;
+use std::sync::MutexGuard;
+
+use automerge::transaction::{CommitOptions, Transactable};
+use automerge::{Automerge, Change, ChangeHash, Patch, ReadDoc, ROOT};
+
+use super::{lock, Loaded, Part, Replica};
+use crate::conflict::{
+    self, body_key, read_report, report_ids_in_patches, reports_in, status_key, Conflict,
+    ConflictId, DetectInput, Filter, Kind, Policy, Resolution, Status,
+};
+use crate::doc::{self, Op};
+use crate::error::Error;
+use crate::id::DocId;
+use crate::store::{StoredDoc, Write};
+
+const INDEX_PREFIX: &str = "conflict/";
+
+fn index_key(id: &ConflictId) -> String {
+    format!("{INDEX_PREFIX}{id}")
+}
+
+/// A decided closing of one report, applied inside a transaction.
+struct Closing {
+    id: ConflictId,
+    status: Status,
+    how: String,
+    note: Option<String>,
+    ops: Vec<Op>,
+}
+
+impl Replica {
+    /// Reports known here that pass `filter`, oldest first.
+    pub fn conflicts(&self, filter: &Filter) -> Result<Vec<Conflict>, Error> {
+        let mut all: Vec<Conflict> = self
+            .shared
+            .store
+            .meta_prefix(INDEX_PREFIX)?
+            .into_iter()
+            .filter_map(|(_, bytes)| serde_json::from_slice::<Conflict>(&bytes).ok())
+            .filter(|c| filter.matches(c))
+            .collect();
+        all.sort_by(|a, b| (a.detected_at, &a.id).cmp(&(b.detected_at, &b.id)));
+        Ok(all)
+    }
+
+    /// One report, if known here.
+    pub fn conflict(&self, id: &ConflictId) -> Result<Option<Conflict>, Error> {
+        Ok(self
+            .shared
+            .store
+            .meta(&index_key(id))?
+            .and_then(|bytes| serde_json::from_slice(&bytes).ok()))
+    }
+
+    /// Every report as it changes here: opened (detected here or arrived
+    /// from a peer) and closed. A subscriber that falls behind sees `Lagged`
+    /// and can re-read [`Replica::conflicts`].
+    pub fn subscribe_conflicts(&self) -> tokio::sync::broadcast::Receiver<Conflict> {
+        self.shared.conflict_events.subscribe()
+    }
+
+    /// Resolves an open report: `ops` apply to the conflict's document in
+    /// the same change that marks the report resolved, so both replicate
+    /// together and neither happens alone.
+    pub fn resolve_conflict(
+        &self,
+        id: &ConflictId,
+        ops: &[Op],
+        note: Option<&str>,
+    ) -> Result<Conflict, Error> {
+        self.close(id, |_| {
+            Ok(Some(Closing {
+                id: id.clone(),
+                status: Status::Resolved,
+                how: "manual".to_owned(),
+                note: note.map(str::to_owned),
+                ops: ops.to_vec(),
+            }))
+        })
+    }
+
+    /// Closes an open report without action.
+    pub fn dismiss_conflict(&self, id: &ConflictId, note: Option<&str>) -> Result<Conflict, Error> {
+        self.close(id, |_| {
+            Ok(Some(Closing {
+                id: id.clone(),
+                status: Status::Dismissed,
+                how: "dismissed".to_owned(),
+                note: note.map(str::to_owned),
+                ops: Vec::new(),
+            }))
+        })
+    }
+
+    /// Runs the automatic resolution of every open report this site is the
+    /// resolver of (after a restart, reports that arrived before a crash may
+    /// be waiting). Returns how many were closed.
+    pub fn resolve_pending(&self) -> Result<usize, Error> {
+        let mine: Vec<Conflict> = self
+            .conflicts(&Filter {
+                status: Some(Status::Open),
+                ..Filter::default()
+            })?
+            .into_iter()
+            .filter(|c| c.resolver.as_ref() == Some(self.site()))
+            .collect();
+        let mut closed = 0;
+        for report in mine {
+            let result = self.close(&report.id, |doc| {
+                let Some(current) = read_report(doc, &report.id) else {
+                    return Ok(None);
+                };
+                Ok(self.auto_resolution(&current, doc))
+            });
+            match result {
+                Ok(_) => closed += 1,
+                Err(Error::ConflictClosed { .. }) => {}
+                Err(e) => {
+                    tracing::warn!(conflict = %report.id, error = %e, "automatic resolution failed")
+                }
+            }
+        }
+        Ok(closed)
+    }
+
+    /// Closes report `id` as `decide` says (under the document's lock, only
+    /// while the report is open). `decide` returning `None` leaves it open.
+    fn close(
+        &self,
+        id: &ConflictId,
+        decide: impl FnOnce(&Automerge) -> Result<Option<Closing>, Error>,
+    ) -> Result<Conflict, Error> {
+        let indexed = self
+            .conflict(id)?
+            .ok_or_else(|| Error::ConflictNotFound(id.clone()))?;
+        let doc_id = indexed.doc;
+        let slot = self.slot(&doc_id);
+        let mut guard = lock(&slot.loaded);
+        let loaded = self.ensure_loaded(&doc_id, &mut guard)?;
+        let current =
+            read_report(&loaded.doc, id).ok_or_else(|| Error::ConflictNotFound(id.clone()))?;
+        if current.status != Status::Open {
+            return Err(Error::ConflictClosed {
+                id: id.clone(),
+                status: current.status,
+            });
+        }
+        let Some(closing) = decide(&loaded.doc)? else {
+            return Ok(current);
+        };
+        let now = self.shared.options.clock.now_ms();
+        let mut tx = loaded.doc.transaction();
+        if let Err(e) = self.write_closing(&mut tx, &closing, now) {
+            tx.rollback();
+            return Err(e);
+        }
+        let options = CommitOptions::default()
+            .with_time(now)
+            .with_message(format!("archipelago: conflict {id} {}", closing.how));
+        let hash = tx
+            .commit_with(options)
+            .0
+            .expect("a closing writes the status key");
+        let change = loaded
+            .doc
+            .get_change_by_hash(&hash)
+            .expect("a change just committed is in the document")
+            .raw_bytes()
+            .to_vec();
+        let report = read_report(&loaded.doc, id).expect("the report was just read");
+        let extra = vec![index_write(&report)];
+        self.persist(&doc_id, &mut guard, vec![Part::local(change, hash)], extra)?;
+        let _ = self.shared.conflict_events.send(report.clone());
+        Ok(report)
+    }
+
+    fn write_closing(
+        &self,
+        tx: &mut impl Transactable,
+        closing: &Closing,
+        now: i64,
+    ) -> Result<(), Error> {
+        if !closing.ops.is_empty() {
+            doc::ops::apply_ops(tx, &closing.ops)?;
+        }
+        let record = conflict::report::Closing {
+            status: closing.status,
+            by: self.site().clone(),
+            at: now,
+            how: closing.how.clone(),
+            note: closing.note.clone(),
+        };
+        let text = serde_json::to_string(&record).expect("a closing serializes");
+        tx.put(ROOT, status_key(&closing.id), text)?;
+        Ok(())
+    }
+
+    /// What this site's policy does with an open report, if it is the
+    /// report's resolver.
+    fn auto_resolution(&self, conflict: &Conflict, doc: &Automerge) -> Option<Closing> {
+        if conflict.status != Status::Open || conflict.resolver.as_ref() != Some(self.site()) {
+            return None;
+        }
+        let config = &self.shared.options.conflicts;
+        let policy = config.policy_for(conflict);
+        let resolution = match &policy {
+            Policy::Manual => None,
+            Policy::Accept => Some(Resolution {
+                ops: Vec::new(),
+                how: "accept".to_owned(),
+                note: None,
+            }),
+            Policy::Clamp => clamp(config, conflict, doc),
+            Policy::PreferSite(site) => prefer_site(conflict, doc, site),
+            Policy::Custom(resolver) => {
+                let json = doc::json::to_json(doc, None);
+                std::panic::catch_unwind(AssertUnwindSafe(|| resolver.resolve(conflict, &json)))
+                    .unwrap_or_else(|_| {
+                        tracing::error!(conflict = %conflict.id, "conflict resolver panicked");
+                        None
+                    })
+            }
+        }?;
+        Some(Closing {
+            id: conflict.id.clone(),
+            status: Status::Resolved,
+            how: resolution.how,
+            note: resolution.note,
+            ops: resolution.ops,
+        })
+    }
+
+    /// After changes from a peer were applied to the loaded document:
+    /// detects conflicts, writes new reports and this site's automatic
+    /// resolutions as one local change, and persists everything (the
+    /// received changes, that change and the report index) in one durable
+    /// write. Returns the heads.
+    pub(super) fn settle(
+        &self,
+        id: &DocId,
+        guard: &mut MutexGuard<'_, Option<Loaded>>,
+        before: &[ChangeHash],
+        incoming: &[Change],
+        patches: Option<&[Patch]>,
+        mut received: Part,
+    ) -> Result<Vec<ChangeHash>, Error> {
+        let options = &self.shared.options;
+        let now = options.clock.now_ms();
+        let loaded = guard
+            .as_mut()
+            .expect("settle is called with a loaded document");
+        let doc = &loaded.doc;
+        let bodies = match patches {
+            Some(patches) if !before.is_empty() => {
+                let store = self.shared.store.clone();
+                let lookup = move |other: &DocId| -> Option<Automerge> {
+                    let stored: StoredDoc = store.load(other).ok()??;
+                    super::load_document(&stored).ok()
+                };
+                let input = DetectInput {
+                    doc_id: id,
+                    doc,
+                    before,
+                    incoming,
+                    patches,
+                    config: &options.conflicts,
+                    site: &options.site,
+                    now_ms: now,
+                    lookup: &lookup,
+                };
+                std::panic::catch_unwind(AssertUnwindSafe(|| conflict::detect(&input)))
+                    .unwrap_or_else(|_| {
+                        tracing::error!(doc = %id, "conflict detection panicked; no reports for this merge");
+                        Vec::new()
+                    })
+            }
+            _ => Vec::new(),
+        };
+        let mut touched: Vec<ConflictId> = match patches {
+            Some(patches) => report_ids_in_patches(patches),
+            None => reports_in(doc).into_iter().map(|c| c.id).collect(),
+        };
+        let mut reports: Vec<Conflict> = Vec::new();
+        let mut new_bodies = Vec::new();
+        for body in bodies {
+            match read_report(doc, &body.id) {
+                Some(existing) => reports.push(existing),
+                None => {
+                    reports.push(conflict::report::assemble(body.clone(), None));
+                    new_bodies.push(body);
+                }
+            }
+        }
+        for id in &touched {
+            if !reports.iter().any(|r| &r.id == id) {
+                if let Some(report) = read_report(doc, id) {
+                    reports.push(report);
+                }
+            }
+        }
+        touched.extend(reports.iter().map(|r| r.id.clone()));
+        touched.sort();
+        touched.dedup();
+        let mut closings: Vec<Closing> = reports
+            .iter()
+            .filter_map(|r| self.auto_resolution(r, doc))
+            .collect();
+
+        let mut parts = Vec::new();
+        if !new_bodies.is_empty() || !closings.is_empty() {
+            received.heads = Some(doc.get_heads());
+            let loaded = guard.as_mut().expect("loaded");
+            // A closing whose ops fail is dropped (the report stays open for
+            // a person) and the change is rebuilt without it.
+            let hash = loop {
+                let mut tx = loaded.doc.transaction();
+                let mut failed = None;
+                for body in &new_bodies {
+                    let text = serde_json::to_string(body).expect("a report serializes");
+                    tx.put(ROOT, body_key(&body.id), text)?;
+                }
+                for (i, closing) in closings.iter().enumerate() {
+                    if let Err(e) = self.write_closing(&mut tx, closing, now) {
+                        tracing::warn!(conflict = %closing.id, error = %e, "automatic resolution failed; the report stays open");
+                        failed = Some(i);
+                        break;
+                    }
+                }
+                match failed {
+                    Some(i) => {
+                        tx.rollback();
+                        closings.remove(i);
+                    }
+                    None => {
+                        let options = CommitOptions::default()
+                            .with_time(now)
+                            .with_message("archipelago: conflict reports".to_owned());
+                        break tx.commit_with(options).0;
+                    }
+                }
+            };
+            parts.push(received);
+            if let Some(hash) = hash {
+                let change = loaded
+                    .doc
+                    .get_change_by_hash(&hash)
+                    .expect("a change just committed is in the document")
+                    .raw_bytes()
+                    .to_vec();
+                parts.push(Part::local(change, hash));
+            }
+        } else {
+            parts.push(received);
+        }
+
+        let doc = &guard.as_ref().expect("loaded").doc;
+        let (extra, events) = self.index_reports(doc, Some(&touched));
+        let heads = self.persist(id, guard, parts, extra)?;
+        self.announce(events);
+        Ok(heads)
+    }
+
+    /// Index writes for the reports `ids` of `doc` (all of its reports when
+    /// `None`) that differ from the index, and the reports whose status
+    /// changed (to announce once durable).
+    pub(super) fn index_reports(
+        &self,
+        doc: &Automerge,
+        ids: Option<&[ConflictId]>,
+    ) -> (Vec<Write>, Vec<Conflict>) {
+        let reports: Vec<Conflict> = match ids {
+            Some(ids) => ids.iter().filter_map(|id| read_report(doc, id)).collect(),
+            None => reports_in(doc),
+        };
+        let mut writes = Vec::new();
+        let mut events = Vec::new();
+        for report in reports {
+            let previous = self.conflict(&report.id).ok().flatten();
+            if previous.as_ref() != Some(&report) {
+                if previous.as_ref().map(|p| p.status) != Some(report.status) {
+                    events.push(report.clone());
+                }
+                writes.push(index_write(&report));
+            }
+        }
+        (writes, events)
+    }
+
+    /// Tells conflict subscribers (none listening is not an error).
+    pub(super) fn announce(&self, events: Vec<Conflict>) {
+        for report in events {
+            let _ = self.shared.conflict_events.send(report);
+        }
+    }
+}
+
+fn index_write(report: &Conflict) -> Write {
+    Write::PutMeta {
+        key: index_key(&report.id),
+        value: serde_json::to_vec(report).expect("a report serializes"),
+    }
+}
+
+/// Whether the value at `path` is a counter.
+fn is_counter(doc: &Automerge, path: &str) -> bool {
+    let Ok(pointer) = doc::Pointer::parse(path) else {
+        return false;
+    };
+    let Some((parents, last)) = pointer.split_last() else {
+        return false;
+    };
+    let mut obj = ROOT;
+    for segment in parents {
+        let prop = prop_in(doc, &obj, segment);
+        match prop.and_then(|p| doc.get(&obj, p).ok().flatten()) {
+            Some((automerge::Value::Object(_), id)) => obj = id,
+            _ => return false,
+        }
+    }
+    matches!(
+        prop_in(doc, &obj, last).and_then(|p| doc.get(&obj, p).ok().flatten()),
+        Some((automerge::Value::Scalar(s), _)) if matches!(s.as_ref(), automerge::ScalarValue::Counter(_))
+    )
+}
+
+fn prop_in(doc: &Automerge, obj: &automerge::ObjId, segment: &str) -> Option<automerge::Prop> {
+    match doc.object_type(obj).ok()? {
+        automerge::ObjType::Map | automerge::ObjType::Table => Some(segment.into()),
+        _ => segment.parse::<usize>().ok().map(automerge::Prop::Seq),
+    }
+}
+
+/// An edit that makes the number at `path` equal `target`.
+fn set_number(doc: &Automerge, path: &str, current: f64, target: f64) -> Option<Op> {
+    if is_counter(doc, path) {
+        let by = (target - current).round() as i64;
+        return Some(Op::Inc {
+            path: path.to_owned(),
+            by,
+        });
+    }
+    let value = if target.fract() == 0.0 && target.abs() < 9.0e15 {
+        serde_json::Value::from(target as i64)
+    } else {
+        serde_json::Value::from(target)
+    };
+    Some(Op::Set {
+        path: path.to_owned(),
+        value,
+        kind: None,
+    })
+}
+
+fn clamp(
+    config: &conflict::ConflictConfig,
+    conflict: &Conflict,
+    doc: &Automerge,
+) -> Option<Resolution> {
+    let rule = config.rule(conflict.rule.as_deref()?)?;
+    let current = current_value(doc, &conflict.path)?.as_f64()?;
+    let target = match rule.check {
+        conflict::Check::Min(min) if current < min => min,
+        conflict::Check::Max(max) if current > max => max,
+        conflict::Check::Min(_) | conflict::Check::Max(_) => {
+            return Some(Resolution {
+                ops: Vec::new(),
+                how: "clamp".to_owned(),
+                note: Some(format!(
+                    "{} is {current}, within bounds again",
+                    conflict.path
+                )),
+            })
+        }
+        _ => return None,
+    };
+    let op = set_number(doc, &conflict.path, current, target)?;
+    Some(Resolution {
+        ops: vec![op],
+        how: "clamp".to_owned(),
+        note: Some(format!(
+            "compensated {} from {current} to {target} ({:+})",
+            conflict.path,
+            target - current
+        )),
+    })
+}
+
+fn prefer_site(conflict: &Conflict, doc: &Automerge, site: &crate::SiteName) -> Option<Resolution> {
+    let preferred = conflict
+        .values
+        .iter()
+        .find(|v| v.site.as_ref() == Some(site))?;
+    let how = format!("prefer:{site}");
+    if conflict.kind == Kind::DeleteUpdate {
+        // Only the delete can be kept as it is; restoring the object is a
+        // person's call.
+        return preferred.value.is_null().then(|| Resolution {
+            ops: Vec::new(),
+            how,
+            note: None,
+        });
+    }
+    let current = current_value(doc, &conflict.path);
+    let op = match (
+        current.as_ref().and_then(|c| c.as_f64()),
+        preferred.value.as_f64(),
+    ) {
+        (Some(now), Some(want)) => set_number(doc, &conflict.path, now, want)?,
+        _ => Op::Set {
+            path: conflict.path.clone(),
+            value: preferred.value.clone(),
+            kind: None,
+        },
+    };
+    Some(Resolution {
+        ops: vec![op],
+        how,
+        note: None,
+    })
+}
+
+fn current_value(doc: &Automerge, path: &str) -> Option<serde_json::Value> {
+    conflict::detect::value_at(doc, path, None)
+}

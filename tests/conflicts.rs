@@ -1,0 +1,754 @@
+//! The conflict-report layer through the library: each detector, identical
+//! reports at every site, automatic and manual resolution exactly once,
+//! reserved keys, and the durable index.
+
+use std::sync::Arc;
+
+use archipelago::conflict::{
+    Check, Conflict, ConflictConfig, Filter, Kind, Policy, Resolution, Rule, Status,
+};
+use archipelago::doc::Op;
+use archipelago::store::{Memory, Sqlite, Store};
+use archipelago::{DocId, Error, Origin, Replica, ReplicaOptions};
+use serde_json::json;
+
+fn ops(value: serde_json::Value) -> Vec<Op> {
+    serde_json::from_value(value).unwrap()
+}
+
+fn id(s: &str) -> DocId {
+    s.parse().unwrap()
+}
+
+fn replica_with(site: &str, config: &ConflictConfig, store: Arc<dyn Store>) -> Replica {
+    let mut options = ReplicaOptions::new(site.parse().unwrap());
+    options.conflicts = Arc::new(config.clone());
+    Replica::open(options, store).unwrap()
+}
+
+fn replica(site: &str, config: &ConflictConfig) -> Replica {
+    replica_with(site, config, Arc::new(Memory::new()))
+}
+
+/// Ships everything each side has to the other until both hold the same
+/// heads (reports written after a merge are changes too).
+fn sync(sites: &[&Replica], doc: &DocId) {
+    for _ in 0..6 {
+        for from in sites {
+            let Some(changes) = from.changes_after(doc, &[]).unwrap() else {
+                continue;
+            };
+            for to in sites {
+                if to.site() != from.site() {
+                    to.apply_changes(doc, &changes, Origin::Peer(from.site().clone()))
+                        .unwrap();
+                }
+            }
+        }
+        let heads: Vec<_> = sites.iter().map(|s| s.heads(doc)).collect();
+        if heads.windows(2).all(|w| w[0] == w[1]) {
+            return;
+        }
+    }
+    panic!("sites did not converge on {doc}");
+}
+
+fn all(replica: &Replica) -> Vec<Conflict> {
+    replica.conflicts(&Filter::default()).unwrap()
+}
+
+fn stock_rule() -> Rule {
+    Rule::new(
+        "stock-non-negative",
+        "inventory/*",
+        "/stock",
+        Check::Min(0.0),
+    )
+    .unwrap()
+}
+
+/// Two sites holding the same document, written by `base` at the first.
+fn shared_base(
+    config: &ConflictConfig,
+    doc: &DocId,
+    base: serde_json::Value,
+) -> (Replica, Replica) {
+    let a = replica("ap-south", config);
+    let b = replica("us-east", config);
+    a.apply_ops(doc, &ops(base), Some("base")).unwrap();
+    sync(&[&a, &b], doc);
+    (a, b)
+}
+
+#[test]
+fn concurrent_writes_are_one_identical_report_at_both_sites() {
+    let config = ConflictConfig::default();
+    let doc = id("customers/c1");
+    let (a, b) = shared_base(
+        &config,
+        &doc,
+        json!([{"op": "set", "path": "/name", "value": "Ana"}]),
+    );
+    a.apply_ops(
+        &doc,
+        &ops(json!([{"op": "set", "path": "/name", "value": "Ana Li"}])),
+        None,
+    )
+    .unwrap();
+    b.apply_ops(
+        &doc,
+        &ops(json!([{"op": "set", "path": "/name", "value": "Anna"}])),
+        None,
+    )
+    .unwrap();
+    sync(&[&a, &b], &doc);
+
+    let at_a = all(&a);
+    assert_eq!(at_a.len(), 1, "{at_a:#?}");
+    let report = &at_a[0];
+    assert_eq!(report.kind, Kind::ConcurrentWrite);
+    assert_eq!(report.path, "/name");
+    assert_eq!(report.status, Status::Open);
+    let mut values: Vec<_> = report.values.iter().map(|v| v.value.clone()).collect();
+    values.sort_by_key(|v| v.to_string());
+    assert_eq!(values, vec![json!("Ana Li"), json!("Anna")]);
+    let sites: Vec<_> = report
+        .values
+        .iter()
+        .map(|v| v.site.as_ref().unwrap().as_str())
+        .collect();
+    assert!(sites.contains(&"ap-south") && sites.contains(&"us-east"));
+    let shown = a.read_json(&doc, None).unwrap().unwrap().value;
+    assert_eq!(report.provisional, shown["name"]);
+    assert_eq!(report.resolver.as_ref().unwrap().as_str(), "ap-south");
+    // The document view hides the reports.
+    assert_eq!(shown.as_object().unwrap().len(), 1, "{shown}");
+    assert_eq!(all(&b), at_a, "both sites list the same report");
+}
+
+#[test]
+fn equal_concurrent_writes_and_counter_increments_are_not_conflicts() {
+    let config = ConflictConfig::default();
+    let doc = id("inventory/sku-1");
+    let (a, b) = shared_base(
+        &config,
+        &doc,
+        json!([{"op": "set", "path": "/stock", "value": 5, "as": "counter"},
+               {"op": "set", "path": "/status", "value": "new"}]),
+    );
+    for r in [&a, &b] {
+        r.apply_ops(
+            &doc,
+            &ops(json!([{"op": "inc", "path": "/stock", "by": -1},
+                        {"op": "set", "path": "/status", "value": "ok"}])),
+            None,
+        )
+        .unwrap();
+    }
+    sync(&[&a, &b], &doc);
+    assert_eq!(all(&a), Vec::new());
+    assert_eq!(all(&b), Vec::new());
+}
+
+#[test]
+fn concurrently_created_parent_maps_report_the_hidden_one() {
+    let config = ConflictConfig::default();
+    let doc = id("orders/o1");
+    let (a, b) = shared_base(
+        &config,
+        &doc,
+        json!([{"op": "set", "path": "/id", "value": 1}]),
+    );
+    a.apply_ops(
+        &doc,
+        &ops(json!([{"op": "set", "path": "/ship/city", "value": "Pune"}])),
+        None,
+    )
+    .unwrap();
+    b.apply_ops(
+        &doc,
+        &ops(json!([{"op": "set", "path": "/ship/zip", "value": "10001"}])),
+        None,
+    )
+    .unwrap();
+    sync(&[&a, &b], &doc);
+    let reports = all(&a);
+    assert_eq!(reports.len(), 1, "{reports:#?}");
+    assert_eq!(reports[0].kind, Kind::ConcurrentWrite);
+    assert_eq!(reports[0].path, "/ship");
+    let values: Vec<_> = reports[0].values.iter().map(|v| v.value.clone()).collect();
+    assert!(values.contains(&json!({"city": "Pune"})), "{values:?}");
+    assert!(values.contains(&json!({"zip": "10001"})), "{values:?}");
+    assert_eq!(all(&b), reports);
+}
+
+#[test]
+fn a_delete_against_an_edit_reports_the_lost_write() {
+    let config = ConflictConfig::default();
+    let doc = id("records/r1");
+    let (a, b) = shared_base(
+        &config,
+        &doc,
+        json!([{"op": "set", "path": "/patient", "value": {"name": "Kim", "allergy": "none"}}]),
+    );
+    a.apply_ops(&doc, &ops(json!([{"op": "del", "path": "/patient"}])), None)
+        .unwrap();
+    b.apply_ops(
+        &doc,
+        &ops(json!([{"op": "set", "path": "/patient/allergy", "value": "penicillin"}])),
+        None,
+    )
+    .unwrap();
+    sync(&[&a, &b], &doc);
+    let reports = all(&a);
+    assert_eq!(reports.len(), 1, "{reports:#?}");
+    let report = &reports[0];
+    assert_eq!(report.kind, Kind::DeleteUpdate);
+    assert_eq!(report.path, "/patient");
+    assert_eq!(report.provisional, serde_json::Value::Null);
+    let lost: Vec<_> = report
+        .values
+        .iter()
+        .filter(|v| v.site.as_ref().unwrap().as_str() == "us-east")
+        .map(|v| v.value.clone())
+        .collect();
+    assert_eq!(lost, vec![json!({"allergy": "penicillin"})]);
+    assert!(report
+        .values
+        .iter()
+        .any(|v| v.value.is_null() && v.site.as_ref().unwrap().as_str() == "ap-south"));
+    assert_eq!(all(&b), reports);
+    // A delete after the edit was seen is not a conflict.
+    let doc2 = id("records/r2");
+    a.apply_ops(
+        &doc2,
+        &ops(json!([{"op": "set", "path": "/x", "value": {"y": 1}}])),
+        None,
+    )
+    .unwrap();
+    sync(&[&a, &b], &doc2);
+    b.apply_ops(
+        &doc2,
+        &ops(json!([{"op": "set", "path": "/x/y", "value": 2}])),
+        None,
+    )
+    .unwrap();
+    sync(&[&a, &b], &doc2);
+    a.apply_ops(&doc2, &ops(json!([{"op": "del", "path": "/x"}])), None)
+        .unwrap();
+    sync(&[&a, &b], &doc2);
+    assert!(a
+        .conflicts(&Filter {
+            doc: Some(doc2),
+            ..Filter::default()
+        })
+        .unwrap()
+        .is_empty());
+}
+
+#[test]
+fn an_oversell_is_one_report_compensated_once_by_the_resolver() {
+    let config = ConflictConfig::default()
+        .with_rule(
+            stock_rule()
+                .resolver("us-east".parse().unwrap())
+                .policy(Policy::Clamp),
+        )
+        .unwrap();
+    let doc = id("inventory/sku-1");
+    let (a, b) = shared_base(
+        &config,
+        &doc,
+        json!([{"op": "set", "path": "/stock", "value": 1, "as": "counter"}]),
+    );
+    a.apply_ops(
+        &doc,
+        &ops(json!([{"op": "inc", "path": "/stock", "by": -1}])),
+        Some("sell"),
+    )
+    .unwrap();
+    b.apply_ops(
+        &doc,
+        &ops(json!([{"op": "inc", "path": "/stock", "by": -1}])),
+        Some("sell"),
+    )
+    .unwrap();
+    sync(&[&a, &b], &doc);
+    for _ in 0..3 {
+        sync(&[&a, &b], &doc);
+    }
+
+    let reports = all(&a);
+    assert_eq!(reports.len(), 1, "{reports:#?}");
+    let report = &reports[0];
+    assert_eq!(report.kind, Kind::Invariant);
+    assert_eq!(report.rule.as_deref(), Some("stock-non-negative"));
+    assert_eq!(report.provisional, json!(-1));
+    assert_eq!(report.values.len(), 2);
+    assert!(report.values.iter().all(|v| v.value == json!(0)));
+    assert_eq!(report.status, Status::Resolved);
+    assert_eq!(report.resolved_by.as_ref().unwrap().as_str(), "us-east");
+    assert_eq!(report.resolution.as_deref(), Some("clamp"));
+    assert!(report.resolved_change.is_some());
+    assert_eq!(all(&b), reports);
+    for r in [&a, &b] {
+        assert_eq!(r.read_json(&doc, None).unwrap().unwrap().value["stock"], 0);
+    }
+    // Restarting the automatic resolution changes nothing.
+    assert_eq!(a.resolve_pending().unwrap(), 0);
+    assert_eq!(b.resolve_pending().unwrap(), 0);
+    sync(&[&a, &b], &doc);
+    assert_eq!(b.read_json(&doc, None).unwrap().unwrap().value["stock"], 0);
+}
+
+#[test]
+fn a_third_site_computes_the_same_report_and_only_the_resolver_compensates() {
+    let config = ConflictConfig::default()
+        .with_rule(stock_rule().policy(Policy::Clamp))
+        .unwrap();
+    let doc = id("inventory/sku-2");
+    let a = replica("ap-south", &config);
+    let b = replica("eu-west", &config);
+    let c = replica("us-east", &config);
+    a.apply_ops(
+        &doc,
+        &ops(json!([{"op": "set", "path": "/stock", "value": 1, "as": "counter"}])),
+        None,
+    )
+    .unwrap();
+    sync(&[&a, &b, &c], &doc);
+    b.apply_ops(
+        &doc,
+        &ops(json!([{"op": "inc", "path": "/stock", "by": -1}])),
+        None,
+    )
+    .unwrap();
+    c.apply_ops(
+        &doc,
+        &ops(json!([{"op": "inc", "path": "/stock", "by": -1}])),
+        None,
+    )
+    .unwrap();
+    // ap-south hears from both in one go; it is not involved, so the
+    // resolver is the first involved site by name: eu-west.
+    sync(&[&a, &b, &c], &doc);
+    let reports = all(&a);
+    assert_eq!(reports.len(), 1, "{reports:#?}");
+    assert_eq!(reports[0].resolver.as_ref().unwrap().as_str(), "eu-west");
+    assert_eq!(reports[0].status, Status::Resolved);
+    assert_eq!(reports[0].resolved_by.as_ref().unwrap().as_str(), "eu-west");
+    for r in [&a, &b, &c] {
+        assert_eq!(all(r), reports);
+        assert_eq!(r.read_json(&doc, None).unwrap().unwrap().value["stock"], 0);
+    }
+}
+
+#[test]
+fn manual_resolution_commits_with_its_ops_and_never_reopens() {
+    let config = ConflictConfig::default().with_rule(stock_rule()).unwrap();
+    let doc = id("inventory/sku-3");
+    let (a, b) = shared_base(
+        &config,
+        &doc,
+        json!([{"op": "set", "path": "/stock", "value": 1, "as": "counter"}]),
+    );
+    for r in [&a, &b] {
+        r.apply_ops(
+            &doc,
+            &ops(json!([{"op": "inc", "path": "/stock", "by": -1}])),
+            None,
+        )
+        .unwrap();
+    }
+    sync(&[&a, &b], &doc);
+    let report = all(&a).pop().unwrap();
+    assert_eq!(report.status, Status::Open);
+    assert_eq!(report.resolver, Some("ap-south".parse().unwrap()));
+
+    let resolved = b
+        .resolve_conflict(
+            &report.id,
+            &ops(json!([{"op": "inc", "path": "/stock", "by": 1},
+                        {"op": "set", "path": "/backorders", "value": 1}])),
+            Some("restocked one unit"),
+        )
+        .unwrap();
+    assert_eq!(resolved.status, Status::Resolved);
+    assert_eq!(resolved.note.as_deref(), Some("restocked one unit"));
+    let err = b.resolve_conflict(&report.id, &[], None).unwrap_err();
+    assert!(matches!(err, Error::ConflictClosed { .. }), "{err}");
+    // A failing op changes nothing.
+    let err = a
+        .dismiss_conflict(&"0".repeat(32).parse_id(), None)
+        .unwrap_err();
+    assert!(matches!(err, Error::ConflictNotFound(_)), "{err}");
+    sync(&[&a, &b], &doc);
+    let at_a = a.conflict(&report.id).unwrap().unwrap();
+    assert_eq!(at_a, resolved);
+    assert_eq!(
+        a.read_json(&doc, None).unwrap().unwrap().value,
+        json!({"stock": 0, "backorders": 1})
+    );
+    // More merges do not reopen it.
+    a.apply_ops(
+        &doc,
+        &ops(json!([{"op": "inc", "path": "/stock", "by": 3}])),
+        None,
+    )
+    .unwrap();
+    sync(&[&a, &b], &doc);
+    assert_eq!(
+        b.conflict(&report.id).unwrap().unwrap().status,
+        Status::Resolved
+    );
+}
+
+trait ParseId {
+    fn parse_id(&self) -> archipelago::conflict::ConflictId;
+}
+
+impl ParseId for String {
+    fn parse_id(&self) -> archipelago::conflict::ConflictId {
+        archipelago::conflict::ConflictId::parse(self).unwrap()
+    }
+}
+
+#[test]
+fn resolve_ops_that_fail_change_nothing() {
+    let config = ConflictConfig::default();
+    let doc = id("customers/c2");
+    let (a, b) = shared_base(
+        &config,
+        &doc,
+        json!([{"op": "set", "path": "/tier", "value": 1}]),
+    );
+    a.apply_ops(
+        &doc,
+        &ops(json!([{"op": "set", "path": "/tier", "value": 2}])),
+        None,
+    )
+    .unwrap();
+    b.apply_ops(
+        &doc,
+        &ops(json!([{"op": "set", "path": "/tier", "value": 3}])),
+        None,
+    )
+    .unwrap();
+    sync(&[&a, &b], &doc);
+    let report = all(&a).pop().unwrap();
+    let heads = a.heads(&doc);
+    let err = a
+        .resolve_conflict(
+            &report.id,
+            &ops(json!([{"op": "set", "path": "/tier", "value": 3},
+                        {"op": "inc", "path": "/tier", "by": 1}])),
+            None,
+        )
+        .unwrap_err();
+    assert!(matches!(err, Error::Op(_)), "{err}");
+    assert_eq!(a.heads(&doc), heads);
+    assert_eq!(
+        a.conflict(&report.id).unwrap().unwrap().status,
+        Status::Open
+    );
+}
+
+#[test]
+fn concurrent_manual_closings_converge_to_one_status() {
+    let config = ConflictConfig::default();
+    let doc = id("customers/c3");
+    let (a, b) = shared_base(
+        &config,
+        &doc,
+        json!([{"op": "set", "path": "/tier", "value": 1}]),
+    );
+    a.apply_ops(
+        &doc,
+        &ops(json!([{"op": "set", "path": "/tier", "value": 2}])),
+        None,
+    )
+    .unwrap();
+    b.apply_ops(
+        &doc,
+        &ops(json!([{"op": "set", "path": "/tier", "value": 3}])),
+        None,
+    )
+    .unwrap();
+    sync(&[&a, &b], &doc);
+    let report = all(&a).pop().unwrap();
+    a.dismiss_conflict(&report.id, Some("fine")).unwrap();
+    b.resolve_conflict(
+        &report.id,
+        &ops(json!([{"op": "set", "path": "/tier", "value": 3}])),
+        None,
+    )
+    .unwrap();
+    sync(&[&a, &b], &doc);
+    let at_a = a.conflict(&report.id).unwrap().unwrap();
+    assert_ne!(at_a.status, Status::Open);
+    assert_eq!(b.conflict(&report.id).unwrap().unwrap(), at_a);
+}
+
+#[test]
+fn unique_references_and_predicates_fail_only_after_a_merge() {
+    let even = Rule::new(
+        "even-rows",
+        "flights/*",
+        "/rows",
+        Check::Predicate(Arc::new(|v| {
+            v.and_then(|v| v.as_i64()).is_none_or(|n| n % 2 == 0)
+        })),
+    )
+    .unwrap();
+    let config = ConflictConfig::default()
+        .without_detectors()
+        .with_rule(
+            Rule::new(
+                "one-seat-each",
+                "flights/*",
+                "/bookings",
+                Check::Unique("seat".into()),
+            )
+            .unwrap(),
+        )
+        .unwrap()
+        .with_rule(
+            Rule::new(
+                "featured-exists",
+                "flights/*",
+                "/featured",
+                Check::references("flights/fl-1:/bookings").unwrap(),
+            )
+            .unwrap(),
+        )
+        .unwrap()
+        .with_rule(even)
+        .unwrap();
+    let doc = id("flights/fl-1");
+    let (a, b) = shared_base(
+        &config,
+        &doc,
+        json!([{"op": "set", "path": "/bookings", "value": {"b0": {"seat": "1A"}}},
+               {"op": "set", "path": "/featured", "value": "b0"},
+               {"op": "set", "path": "/rows", "value": 2, "as": "counter"}]),
+    );
+    a.apply_ops(
+        &doc,
+        &ops(
+            json!([{"op": "set", "path": "/bookings/b1", "value": {"seat": "2C"}},
+                    {"op": "set", "path": "/featured", "value": "b1"},
+                    {"op": "inc", "path": "/rows", "by": 2}]),
+        ),
+        None,
+    )
+    .unwrap();
+    b.apply_ops(
+        &doc,
+        &ops(
+            json!([{"op": "set", "path": "/bookings/b2", "value": {"seat": "2C"}},
+                    {"op": "del", "path": "/bookings/b0"},
+                    {"op": "inc", "path": "/rows", "by": 4}]),
+        ),
+        None,
+    )
+    .unwrap();
+    sync(&[&a, &b], &doc);
+    let mut rules: Vec<_> = all(&a).into_iter().map(|c| c.rule.unwrap()).collect();
+    rules.sort();
+    // 2 + 2 + 4 = 8 is even: the predicate holds after the merge too.
+    assert_eq!(rules, vec!["one-seat-each".to_owned()], "{:#?}", all(&a));
+    assert_eq!(all(&b), all(&a));
+
+    // A delete that makes the rule fail on its own side alone is not a
+    // merge conflict.
+    b.apply_ops(
+        &doc,
+        &ops(json!([{"op": "del", "path": "/bookings/b1"}])),
+        None,
+    )
+    .unwrap();
+    a.apply_ops(
+        &doc,
+        &ops(json!([{"op": "set", "path": "/title", "value": "x"}])),
+        None,
+    )
+    .unwrap();
+    sync(&[&a, &b], &doc);
+    assert_eq!(all(&a).len(), 1);
+    // The reference: b4 featured at one site while deleted at the other.
+    a.apply_ops(
+        &doc,
+        &ops(json!([{"op": "set", "path": "/featured", "value": "b2"},
+                    {"op": "set", "path": "/bookings/b4", "value": {"seat": "5A"}}])),
+        None,
+    )
+    .unwrap();
+    sync(&[&a, &b], &doc);
+    a.apply_ops(
+        &doc,
+        &ops(json!([{"op": "set", "path": "/featured", "value": "b4"}])),
+        None,
+    )
+    .unwrap();
+    b.apply_ops(
+        &doc,
+        &ops(json!([{"op": "del", "path": "/bookings/b4"}])),
+        None,
+    )
+    .unwrap();
+    sync(&[&a, &b], &doc);
+    let refs: Vec<_> = all(&a)
+        .into_iter()
+        .filter(|c| c.rule.as_deref() == Some("featured-exists"))
+        .collect();
+    assert_eq!(refs.len(), 1, "{:#?}", all(&a));
+    assert_eq!(refs[0].provisional, json!("b4"));
+}
+
+#[test]
+fn rust_resolvers_return_ops_that_commit_with_the_status() {
+    let restock = |conflict: &Conflict, doc: &serde_json::Value| -> Option<Resolution> {
+        let stock = doc["stock"].as_i64()?;
+        Some(Resolution {
+            ops: serde_json::from_value(json!([
+                {"op": "inc", "path": "/stock", "by": -stock},
+                {"op": "set", "path": format!("/refunds/{}", conflict.id), "value": -stock}
+            ]))
+            .unwrap(),
+            how: "refund".to_owned(),
+            note: Some(format!("refunded {} orders", -stock)),
+        })
+    };
+    let config = ConflictConfig::default()
+        .with_rule(stock_rule().policy(Policy::Custom(Arc::new(restock))))
+        .unwrap();
+    let doc = id("inventory/sku-9");
+    let (a, b) = shared_base(
+        &config,
+        &doc,
+        json!([{"op": "set", "path": "/stock", "value": 2, "as": "counter"},
+               {"op": "set", "path": "/refunds", "value": {}}]),
+    );
+    a.apply_ops(
+        &doc,
+        &ops(json!([{"op": "inc", "path": "/stock", "by": -2}])),
+        None,
+    )
+    .unwrap();
+    b.apply_ops(
+        &doc,
+        &ops(json!([{"op": "inc", "path": "/stock", "by": -1}])),
+        None,
+    )
+    .unwrap();
+    sync(&[&a, &b], &doc);
+    let report = all(&b).pop().unwrap();
+    assert_eq!(report.status, Status::Resolved);
+    assert_eq!(report.resolution.as_deref(), Some("refund"));
+    let value = b.read_json(&doc, None).unwrap().unwrap().value;
+    assert_eq!(value["stock"], 0);
+    assert_eq!(value["refunds"], json!({report.id.as_str(): 1}));
+    assert_eq!(a.read_json(&doc, None).unwrap().unwrap().value, value);
+}
+
+#[test]
+fn reserved_keys_are_hidden_and_protected() {
+    let config = ConflictConfig::default();
+    let doc = id("customers/c4");
+    let (a, b) = shared_base(
+        &config,
+        &doc,
+        json!([{"op": "set", "path": "/tier", "value": 1}]),
+    );
+    a.apply_ops(
+        &doc,
+        &ops(json!([{"op": "set", "path": "/tier", "value": 2}])),
+        None,
+    )
+    .unwrap();
+    b.apply_ops(
+        &doc,
+        &ops(json!([{"op": "set", "path": "/tier", "value": 3}])),
+        None,
+    )
+    .unwrap();
+    sync(&[&a, &b], &doc);
+    assert_eq!(all(&a).len(), 1);
+    let err = a
+        .apply_ops(
+            &doc,
+            &ops(json!([{"op": "del", "path": "/_archipelago~1conflict"}])),
+            None,
+        )
+        .unwrap_err();
+    assert!(matches!(err, Error::Op(_)), "{err}");
+    // Writing the whole document keeps the reports.
+    a.put_json(&doc, &json!({"tier": 4}), None).unwrap();
+    let report = all(&a).pop().unwrap();
+    assert_eq!(
+        a.conflict(&report.id).unwrap().unwrap().status,
+        Status::Open
+    );
+    a.dismiss_conflict(&report.id, None).unwrap();
+    assert_eq!(
+        a.read_json(&doc, None).unwrap().unwrap().value,
+        json!({"tier": 4})
+    );
+    assert!(a
+        .put_json(&doc, &json!({"_archipelago/x": 1}), None)
+        .is_err());
+}
+
+#[test]
+fn the_index_is_durable_and_follows_whole_documents() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("store.db");
+    let config = ConflictConfig::default();
+    let doc = id("customers/c5");
+    let report = {
+        let a = replica_with("ap-south", &config, Arc::new(Sqlite::open(&path).unwrap()));
+        let b = replica("us-east", &config);
+        a.apply_ops(
+            &doc,
+            &ops(json!([{"op": "set", "path": "/tier", "value": 1}])),
+            None,
+        )
+        .unwrap();
+        sync(&[&a, &b], &doc);
+        a.apply_ops(
+            &doc,
+            &ops(json!([{"op": "set", "path": "/tier", "value": 2}])),
+            None,
+        )
+        .unwrap();
+        b.apply_ops(
+            &doc,
+            &ops(json!([{"op": "set", "path": "/tier", "value": 3}])),
+            None,
+        )
+        .unwrap();
+        sync(&[&a, &b], &doc);
+        // A site that receives the document whole indexes its reports.
+        let c = replica("eu-west", &config);
+        let mut events = c.subscribe_conflicts();
+        c.apply_snapshot(
+            &doc,
+            &a.save_bytes(&doc).unwrap().unwrap(),
+            Origin::Peer(a.site().clone()),
+        )
+        .unwrap();
+        assert_eq!(all(&c), all(&a));
+        assert_eq!(events.try_recv().unwrap(), all(&a)[0]);
+        a.dismiss_conflict(&all(&a)[0].id, Some("checked")).unwrap()
+    };
+    let a = replica_with("ap-south", &config, Arc::new(Sqlite::open(&path).unwrap()));
+    assert_eq!(all(&a), vec![report]);
+    assert_eq!(
+        a.conflicts(&Filter {
+            status: Some(Status::Open),
+            ..Filter::default()
+        })
+        .unwrap(),
+        Vec::new()
+    );
+}
