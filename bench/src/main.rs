@@ -5,6 +5,7 @@
 //! cargo run --release -p bench -- [--quick] [--json FILE] [--only NAME,NAME]
 //! ```
 
+mod conflicts;
 mod quic_nodes;
 mod scenarios;
 mod sync_core;

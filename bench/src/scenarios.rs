@@ -21,6 +21,7 @@ pub(crate) const NAMES: &[&str] = &[
     "sync_catchup",
     "quic_live",
     "quic_bulk",
+    "conflict_overhead",
 ];
 
 pub(crate) fn run(name: &str, quick: bool) -> anyhow::Result<Map<String, Value>> {
@@ -34,6 +35,7 @@ pub(crate) fn run(name: &str, quick: bool) -> anyhow::Result<Map<String, Value>>
         "sync_catchup" => crate::sync_core::catchup(quick),
         "quic_live" => crate::quic_nodes::live(quick),
         "quic_bulk" => crate::quic_nodes::bulk(quick),
+        "conflict_overhead" => crate::conflicts::overhead(quick),
         other => anyhow::bail!("unknown scenario {other}"),
     }
 }

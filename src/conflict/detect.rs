@@ -362,9 +362,17 @@ impl Loaded {
     }
 }
 
-/// The object ids from `obj` up to the root (inclusive of `obj`), and its
-/// pointer; `None` if automerge does not know it.
-fn lineage(doc: &Automerge, obj: &ObjId) -> Option<(Vec<String>, Vec<String>, bool)> {
+/// Where an object sits: the object ids from it up to the root, its
+/// pointer, and whether it is visible (no deleted or losing link on the way).
+#[derive(Clone)]
+struct Lineage {
+    ids: Vec<String>,
+    props: Vec<String>,
+    visible: bool,
+}
+
+/// The lineage of `obj`; `None` if automerge does not know it.
+fn lineage(doc: &Automerge, obj: &ObjId) -> Option<Lineage> {
     let mut ids = vec![obj.to_string()];
     let mut props = Vec::new();
     let mut visible = true;
@@ -374,7 +382,11 @@ fn lineage(doc: &Automerge, obj: &ObjId) -> Option<(Vec<String>, Vec<String>, bo
         visible &= parent.visible;
     }
     props.reverse();
-    Some((ids, props, visible))
+    Some(Lineage {
+        ids,
+        props,
+        visible,
+    })
 }
 
 fn delete_updates(input: &DetectInput<'_>, divergent: &mut Divergent<'_>) -> Vec<Body> {
@@ -393,8 +405,8 @@ fn delete_updates(input: &DetectInput<'_>, divergent: &mut Divergent<'_>) -> Vec
         return Vec::new();
     }
     let loaded = divergent.get();
-    let mut lineages: HashMap<String, Option<(Vec<String>, Vec<String>, bool)>> = HashMap::new();
-    let mut lineage_of = |obj: &str| -> Option<(Vec<String>, Vec<String>, bool)> {
+    let mut lineages: HashMap<String, Option<Lineage>> = HashMap::new();
+    let mut lineage_of = |obj: &str| -> Option<Lineage> {
         lineages
             .entry(obj.to_owned())
             .or_insert_with(|| {
@@ -410,7 +422,7 @@ fn delete_updates(input: &DetectInput<'_>, divergent: &mut Divergent<'_>) -> Vec
             let Ok((object, _)) = doc.import(target) else {
                 continue;
             };
-            let Some((_, props, _)) = lineage(doc, &object) else {
+            let Some(Lineage { props, .. }) = lineage(doc, &object) else {
                 continue;
             };
             let before_delete = loaded.ancestors(&delete.change);
@@ -423,8 +435,7 @@ fn delete_updates(input: &DetectInput<'_>, divergent: &mut Divergent<'_>) -> Vec
                         && (loaded.incoming.contains(&w.change)
                             || loaded.incoming.contains(&delete.change))
                         && w.obj != "_root"
-                        && lineage_of(&w.obj)
-                            .is_some_and(|(ids, _, _)| ids.iter().any(|i| i == target))
+                        && lineage_of(&w.obj).is_some_and(|l| l.ids.iter().any(|i| i == target))
                         && !loaded.ancestors(&w.change).contains(&delete.change)
                 })
                 .collect();
@@ -488,7 +499,7 @@ fn writes_into_hidden(doc: &Automerge, incoming: &[Change]) -> bool {
                     doc.import_obj(obj)
                         .ok()
                         .and_then(|id| lineage(doc, &id))
-                        .is_some_and(|(_, _, visible)| !visible)
+                        .is_some_and(|l| !l.visible)
                 })
         })
     })
@@ -518,7 +529,7 @@ fn rule_instances(
             }
         }
         if related {
-            expand(doc, &bound, 0, &mut Vec::new(), &mut out);
+            expand(doc, &bound, 0, &[], &mut out);
         }
         if out.len() >= RULE_INSTANCES_MAX {
             break;
@@ -532,19 +543,19 @@ fn expand(
     doc: &Automerge,
     pattern: &[String],
     at: usize,
-    prefix: &mut Vec<String>,
+    prefix: &[String],
     out: &mut BTreeSet<Vec<String>>,
 ) {
     if out.len() >= RULE_INSTANCES_MAX {
         return;
     }
     let Some(star) = pattern[at..].iter().position(|s| s == "*").map(|p| p + at) else {
-        let mut full = prefix.clone();
+        let mut full = prefix.to_vec();
         full.extend(pattern[at..].iter().cloned());
         out.insert(full);
         return;
     };
-    let mut parent = prefix.clone();
+    let mut parent = prefix.to_vec();
     parent.extend(pattern[at..star].iter().cloned());
     let Some(obj) = object_at(doc, &parent) else {
         return;
@@ -557,7 +568,7 @@ fn expand(
     for key in keys {
         let mut next = parent.clone();
         next.push(key);
-        expand(doc, pattern, star + 1, &mut next, out);
+        expand(doc, pattern, star + 1, &next, out);
     }
 }
 
@@ -631,7 +642,8 @@ fn holds(
                     Some(serde_json::Value::Object(map)) => map.contains_key(&name),
                     Some(serde_json::Value::Array(list)) => list.iter().any(|v| match v {
                         serde_json::Value::String(s) => *s == name,
-                        other => other.to_string() == name,
+                        serde_json::Value::Number(n) => n.to_string() == name,
+                        _ => false,
                     }),
                     _ => false,
                 }
@@ -695,7 +707,7 @@ fn invariant_failures(
         for op in &loaded.ops {
             let base = paths.entry(op.obj.as_str()).or_insert_with(|| {
                 let id = doc.import_obj(&op.obj).ok()?;
-                lineage(doc, &id).map(|(_, props, _)| props)
+                lineage(doc, &id).map(|l| l.props)
             });
             let Some(base) = base else { continue };
             let mut at = base.clone();

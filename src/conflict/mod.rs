@@ -36,7 +36,7 @@ mod rule;
 
 pub use report::{Conflict, ConflictId, ConflictValue, Kind, Status};
 pub use rule::{
-    Check, ConflictConfig, DetectorSwitch, Policy, Resolution, Resolver, Rule, RuleError,
+    Check, ConflictConfig, DetectorSwitch, Policy, Predicate, Resolution, Resolver, Rule, RuleError,
 };
 
 pub(crate) use detect::{detect, DetectInput};

@@ -8,6 +8,10 @@ use crate::protocol::scope::Glob;
 
 use super::report::{Conflict, Kind};
 
+/// A custom check over the value at a rule's path (`None` when absent):
+/// `true` means the rule holds.
+pub type Predicate = Arc<dyn Fn(Option<&serde_json::Value>) -> bool + Send + Sync>;
+
 /// What a rule checks at each value its path matches.
 #[derive(Clone)]
 pub enum Check {
@@ -30,7 +34,7 @@ pub enum Check {
     },
     /// A custom predicate over the value at the path (`None` when absent);
     /// `true` means the rule holds.
-    Predicate(Arc<dyn Fn(Option<&serde_json::Value>) -> bool + Send + Sync>),
+    Predicate(Predicate),
 }
 
 impl std::fmt::Debug for Check {
@@ -265,6 +269,13 @@ impl ConflictConfig {
         self.concurrent_write.enabled = false;
         self.delete_update.enabled = false;
         self
+    }
+
+    /// Whether any detector or rule covers `doc`.
+    pub fn covers(&self, doc: &str) -> bool {
+        self.concurrent_write.enabled_for(doc)
+            || self.delete_update.enabled_for(doc)
+            || self.rules.iter().any(|r| r.docs.matches(doc))
     }
 
     pub(crate) fn rule(&self, name: &str) -> Option<&Rule> {

@@ -665,17 +665,19 @@ impl Replica {
         bytes: Vec<Vec<u8>>,
         from: Origin,
     ) -> Result<Vec<ChangeHash>, Error> {
-        // A document new here has nothing to conflict with: its reports
-        // are read from its keys instead of from patches.
-        let mut log = if before.is_empty() {
-            PatchLog::inactive()
-        } else {
+        // A document new here has nothing to conflict with, and one no
+        // detector or rule covers needs no patches: its reports (arriving
+        // from sites that detect) are read from its keys instead.
+        let detect = !before.is_empty() && self.shared.options.conflicts.covers(id.as_str());
+        let mut log = if detect {
             PatchLog::active()
+        } else {
+            PatchLog::inactive()
         };
         contain(id, "applying the changes", guard, |doc| {
             doc.apply_changes_log_patches(ready.iter().cloned(), &mut log)
         })?;
-        let patches = (!before.is_empty()).then(|| {
+        let patches = detect.then(|| {
             let doc = &guard
                 .as_ref()
                 .expect("contain keeps the document on success")

@@ -1,5 +1,6 @@
 //! The `sync-node` command line (clap): `ca init`, `init`, `run`, and client
-//! commands against a running node (`status`, `doc get|put|ops|history|list`).
+//! commands against a running node (`status`, `doc get|put|ops|history|list`,
+//! `conflicts list|show|resolve|dismiss`).
 //!
 //! Exit codes: 0 on success, 1 when the command fails (including an error
 //! answer from the node, whose message goes to stderr), 2 for usage errors
@@ -12,6 +13,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context as _;
+use archipelago::conflict::ConflictId;
 use archipelago::SiteName;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use reqwest::Method;
@@ -47,6 +49,10 @@ enum Command {
     /// Read and write documents of a running node.
     #[command(subcommand)]
     Doc(DocCommand),
+    /// List, show, resolve and dismiss the conflict reports of a running
+    /// node.
+    #[command(subcommand)]
+    Conflicts(ConflictsCommand),
     /// Run three sites on 127.0.0.1 (real QUIC and SQLite), write
     /// concurrently, partition one site, heal, and check they converge.
     Demo(DemoArgs),
@@ -182,6 +188,62 @@ enum DocCommand {
     },
 }
 
+#[derive(Debug, Subcommand)]
+enum ConflictsCommand {
+    /// List reports as a table (oldest first), or as JSON with `--json`.
+    List {
+        #[command(flatten)]
+        client: ClientArgs,
+        /// Only reports with this status.
+        #[arg(long, value_parser = ["open", "resolved", "dismissed"])]
+        status: Option<String>,
+        /// Only reports of this document.
+        #[arg(long, value_name = "ID")]
+        doc: Option<String>,
+        /// Only reports of this kind.
+        #[arg(long, value_parser = ["concurrent_write", "delete_update", "invariant"])]
+        kind: Option<String>,
+        /// Only reports of this rule.
+        #[arg(long, value_name = "NAME")]
+        rule: Option<String>,
+        /// Print the node's JSON answer instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print one report as JSON.
+    Show {
+        #[command(flatten)]
+        client: ClientArgs,
+        /// Conflict id (32 hex digits).
+        id: String,
+    },
+    /// Resolve an open report, optionally with ops applied to its document
+    /// in the same change.
+    Resolve {
+        #[command(flatten)]
+        client: ClientArgs,
+        /// Conflict id (32 hex digits).
+        id: String,
+        /// Ops for the conflict's document: a JSON array as text, `@FILE`,
+        /// or `-` for stdin.
+        #[arg(long, value_name = "OPS_JSON")]
+        ops: Option<String>,
+        /// A note recorded in the report.
+        #[arg(long, value_name = "TEXT")]
+        note: Option<String>,
+    },
+    /// Close an open report without action.
+    Dismiss {
+        #[command(flatten)]
+        client: ClientArgs,
+        /// Conflict id (32 hex digits).
+        id: String,
+        /// A note recorded in the report.
+        #[arg(long, value_name = "TEXT")]
+        note: Option<String>,
+    },
+}
+
 /// An argument that parsed but cannot be used: exit code 2.
 #[derive(Debug)]
 struct UsageError(String);
@@ -226,6 +288,7 @@ fn run_command(command: Command) -> anyhow::Result<()> {
         Command::Run(args) => run_node(&args),
         Command::Status(client) => client_request(&client, Method::GET, "/v1/status", None),
         Command::Doc(doc) => doc_command(doc),
+        Command::Conflicts(conflicts) => conflicts_command(conflicts),
         Command::Demo(args) => run_demo(args),
     }
 }
@@ -382,6 +445,139 @@ fn doc_command(command: DocCommand) -> anyhow::Result<()> {
     }
 }
 
+/// A conflict id given on the command line, checked before asking the node.
+fn conflict_id(id: &str) -> anyhow::Result<ConflictId> {
+    ConflictId::parse(id)
+        .ok_or_else(|| UsageError(format!("{id:?} is not a conflict id (32 hex digits)")).into())
+}
+
+fn conflicts_command(command: ConflictsCommand) -> anyhow::Result<()> {
+    match command {
+        ConflictsCommand::List {
+            client,
+            status,
+            doc,
+            kind,
+            rule,
+            json,
+        } => {
+            let query: Vec<String> = [
+                ("status", status),
+                ("doc", doc),
+                ("kind", kind),
+                ("rule", rule),
+            ]
+            .into_iter()
+            .filter_map(|(key, value)| value.map(|v| format!("{key}={}", encode(&v))))
+            .collect();
+            let mut path = "/v1/conflicts".to_owned();
+            if !query.is_empty() {
+                path.push('?');
+                path.push_str(&query.join("&"));
+            }
+            let answer = client_call(&client, Method::GET, &path, None)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&answer)?);
+            } else {
+                print!("{}", conflicts_table(&answer));
+            }
+            Ok(())
+        }
+        ConflictsCommand::Show { client, id } => {
+            let path = format!("/v1/conflicts/{}", conflict_id(&id)?);
+            client_request(&client, Method::GET, &path, None)
+        }
+        ConflictsCommand::Resolve {
+            client,
+            id,
+            ops,
+            note,
+        } => {
+            let path = format!("/v1/conflicts/{}/resolve", conflict_id(&id)?);
+            let mut body = json!({});
+            if let Some(ops) = ops {
+                let ops = read_json_argument("OPS_JSON", &ops)?;
+                if !ops.is_array() {
+                    return Err(
+                        UsageError("OPS_JSON must be a JSON array of ops".to_owned()).into(),
+                    );
+                }
+                body["ops"] = ops;
+            }
+            if let Some(note) = note {
+                body["note"] = Value::String(note);
+            }
+            client_request(&client, Method::POST, &path, Some(&body))
+        }
+        ConflictsCommand::Dismiss { client, id, note } => {
+            let path = format!("/v1/conflicts/{}/dismiss", conflict_id(&id)?);
+            let mut body = json!({});
+            if let Some(note) = note {
+                body["note"] = Value::String(note);
+            }
+            client_request(&client, Method::POST, &path, Some(&body))
+        }
+    }
+}
+
+/// Longest provisional value shown in the table, in characters.
+const PROVISIONAL_CHARS_MAX: usize = 40;
+
+/// `{"conflicts": [...]}` as a table with a header line, one report a line;
+/// `no conflicts` when there are none.
+fn conflicts_table(answer: &Value) -> String {
+    let reports = answer["conflicts"]
+        .as_array()
+        .map_or(&[][..], Vec::as_slice);
+    if reports.is_empty() {
+        return "no conflicts\n".to_owned();
+    }
+    let text = |value: &Value| match value {
+        Value::String(text) => text.clone(),
+        Value::Null => "-".to_owned(),
+        other => other.to_string(),
+    };
+    let mut rows =
+        vec![["ID", "KIND", "STATUS", "DOC", "PATH", "RULE", "PROVISIONAL"].map(str::to_owned)];
+    for report in reports {
+        let mut provisional = report["provisional"].to_string();
+        if let Some((cut, _)) = provisional.char_indices().nth(PROVISIONAL_CHARS_MAX) {
+            provisional.truncate(cut);
+            provisional.push('…');
+        }
+        rows.push([
+            text(&report["id"]),
+            text(&report["kind"]),
+            text(&report["status"]),
+            text(&report["doc"]),
+            text(&report["path"]),
+            text(&report["rule"]),
+            provisional,
+        ]);
+    }
+    let mut widths = [0; 7];
+    for row in &rows {
+        for (width, cell) in widths.iter_mut().zip(row) {
+            *width = (*width).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    for row in &rows {
+        let mut line = String::new();
+        for (i, (cell, width)) in row.iter().zip(widths).enumerate() {
+            if i + 1 == row.len() {
+                line.push_str(cell);
+            } else {
+                line.push_str(cell);
+                line.extend(std::iter::repeat_n(' ', width - cell.chars().count() + 2));
+            }
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    out
+}
+
 /// Reads a JSON argument given inline, as `@FILE`, or as `-` (stdin).
 fn read_json_argument(name: &str, argument: &str) -> anyhow::Result<Value> {
     let text = if argument == "-" {
@@ -406,14 +602,24 @@ fn client_request(
     path: &str,
     body: Option<&Value>,
 ) -> anyhow::Result<()> {
+    let answer = client_call(args, method, path, body)?;
+    println!("{}", serde_json::to_string_pretty(&answer)?);
+    Ok(())
+}
+
+/// Sends one request and returns the JSON answer.
+fn client_call(
+    args: &ClientArgs,
+    method: Method,
+    path: &str,
+    body: Option<&Value>,
+) -> anyhow::Result<Value> {
     let client = Client::from_config(&args.config)?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    let answer = runtime.block_on(client.request(method, path, body))?;
-    println!("{}", serde_json::to_string_pretty(&answer)?);
-    Ok(())
+    runtime.block_on(client.request(method, path, body))
 }
 
 #[cfg(test)]
@@ -435,6 +641,37 @@ mod tests {
         let arg = format!("@{}", path.display());
         assert_eq!(read_json_argument("X", &arg).unwrap(), json!({"a": 1}));
         let error = read_json_argument("X", "{oops").unwrap_err();
+        assert!(error.downcast_ref::<UsageError>().is_some());
+    }
+
+    #[test]
+    fn conflicts_print_as_an_aligned_table() {
+        assert_eq!(conflicts_table(&json!({"conflicts": []})), "no conflicts\n");
+        let answer = json!({"conflicts": [
+            {"id": "a".repeat(32), "kind": "concurrent_write", "status": "open",
+             "doc": "colors/1", "path": "/color", "rule": null, "provisional": "red"},
+            {"id": "b".repeat(32), "kind": "invariant", "status": "resolved",
+             "doc": "inventory/sku-1", "path": "/stock", "rule": "stock-non-negative",
+             "provisional": -1},
+        ]});
+        let table = conflicts_table(&answer);
+        let lines: Vec<&str> = table.lines().collect();
+        assert_eq!(lines.len(), 3, "{table}");
+        assert!(lines[0].starts_with("ID  "), "{table}");
+        assert!(
+            lines[1].contains("concurrent_write  open")
+                && lines[1].ends_with(" -                   \"red\""),
+            "{table}"
+        );
+        assert!(lines[2].ends_with("stock-non-negative  -1"), "{table}");
+        assert_eq!(lines[1].find("/color"), lines[2].find("/stock"), "{table}");
+        assert_eq!(lines[0].find("DOC"), lines[1].find("colors"), "{table}");
+    }
+
+    #[test]
+    fn conflict_ids_are_checked_before_asking_the_node() {
+        assert!(conflict_id(&"0a".repeat(16)).is_ok());
+        let error = conflict_id("nope").unwrap_err();
         assert!(error.downcast_ref::<UsageError>().is_some());
     }
 }

@@ -3,7 +3,8 @@
 //! to the directory holding the file.
 //!
 //! A loaded [`Config`] is valid: the site name and addresses parsed, no peer
-//! listed twice, the site not its own peer. Errors name the file and the
+//! listed twice, the site not its own peer, every conflict rule and detector
+//! policy well-formed ([`Config::conflict_config`] succeeds). Errors name the file and the
 //! problem, because an operator reads them at startup.
 
 use std::collections::BTreeSet;
@@ -12,6 +13,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
+use archipelago::conflict::{Check, ConflictConfig, DetectorSwitch, Policy, Rule};
 use archipelago::protocol::{Glob, Scope};
 use archipelago::transport::tls::{ca_cert_from_pem, CertificateDer, SiteIdentity};
 use archipelago::SiteName;
@@ -61,9 +63,229 @@ pub struct ConfigFile {
     /// Storage tuning.
     #[serde(default)]
     pub store: StoreConfig,
-    /// Conflict rules; accepted and ignored until the rule engine exists.
+    /// The built-in conflict detectors (`[conflicts.concurrent_write]`,
+    /// `[conflicts.delete_update]`).
+    #[serde(default, skip_serializing_if = "ConflictsConfig::is_default")]
+    pub conflicts: ConflictsConfig,
+    /// Declared invariants (`[[rules]]`), checked after every merge.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub rules: Vec<toml::Table>,
+    pub rules: Vec<RuleConfig>,
+}
+
+/// The `[conflicts]` table: one sub-table per built-in detector.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConflictsConfig {
+    /// `[conflicts.concurrent_write]`: one field set concurrently to
+    /// different values.
+    #[serde(default, skip_serializing_if = "DetectorConfig::is_default")]
+    pub concurrent_write: DetectorConfig,
+    /// `[conflicts.delete_update]`: an object deleted at one site while
+    /// another wrote inside it.
+    #[serde(default, skip_serializing_if = "DetectorConfig::is_default")]
+    pub delete_update: DetectorConfig,
+}
+
+impl ConflictsConfig {
+    fn is_default(&self) -> bool {
+        *self == ConflictsConfig::default()
+    }
+}
+
+/// One built-in detector's settings.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DetectorConfig {
+    /// Whether it runs at all (default true).
+    #[serde(default = "enabled_by_default", skip_serializing_if = "is_true")]
+    pub enabled: bool,
+    /// Documents it skips (globs over document ids).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub skip: Vec<Glob>,
+    /// How its reports are closed automatically: `manual` (the default),
+    /// `accept` or `prefer:SITE`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<String>,
+}
+
+fn enabled_by_default() -> bool {
+    true
+}
+
+fn is_true(value: &bool) -> bool {
+    *value
+}
+
+impl Default for DetectorConfig {
+    fn default() -> DetectorConfig {
+        DetectorConfig {
+            enabled: true,
+            skip: Vec::new(),
+            policy: None,
+        }
+    }
+}
+
+impl DetectorConfig {
+    fn is_default(&self) -> bool {
+        *self == DetectorConfig::default()
+    }
+}
+
+/// One `[[rules]]` entry: an invariant over the documents matching `docs`,
+/// with exactly one check (`min`, `max`, `unique` or `references`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuleConfig {
+    /// Unique name; part of report ids, so renaming a rule makes its
+    /// future reports new ones.
+    pub name: String,
+    /// Glob over document ids (`*` spans `/`).
+    pub docs: String,
+    /// JSON pointer of the checked value; a `*` segment matches any one key
+    /// or index.
+    pub path: String,
+    /// The number there is at least this.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min: Option<f64>,
+    /// The number there is at most this.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max: Option<f64>,
+    /// The entries of the map or list there have distinct values of this
+    /// field.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unique: Option<String>,
+    /// The value there names an existing entry: `"DOCGLOB:POINTER"`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub references: Option<String>,
+    /// The site that resolves its reports; by default the first (by name)
+    /// of the sites involved.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resolver: Option<String>,
+    /// How the resolver closes reports automatically: `manual` (the
+    /// default), `accept`, `clamp` (with `min` or `max`) or `prefer:SITE`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<String>,
+}
+
+impl RuleConfig {
+    /// The rule it declares, or why it makes no sense (naming the rule).
+    pub fn to_rule(&self) -> Result<Rule, String> {
+        let name = &self.name;
+        let mut checks = Vec::new();
+        if let Some(min) = self.min {
+            checks.push(("min", finite(name, "min", min).map(Check::Min)));
+        }
+        if let Some(max) = self.max {
+            checks.push(("max", finite(name, "max", max).map(Check::Max)));
+        }
+        if let Some(field) = &self.unique {
+            checks.push(("unique", Ok(Check::Unique(field.clone()))));
+        }
+        if let Some(target) = &self.references {
+            let check = Check::references(target).map_err(|e| format!("rule {name:?}: {e}"));
+            checks.push(("references", check));
+        }
+        let check = match checks.len() {
+            0 => {
+                return Err(format!(
+                    "rule {name:?} has no check: give one of min, max, unique or references"
+                ))
+            }
+            1 => checks.pop().expect("one check").1?,
+            _ => {
+                let names: Vec<&str> = checks.iter().map(|(n, _)| *n).collect();
+                return Err(format!(
+                    "rule {name:?} has {} checks ({}): give exactly one per rule, and declare another rule for the other",
+                    names.len(),
+                    names.join(", ")
+                ));
+            }
+        };
+        let bounded = matches!(check, Check::Min(_) | Check::Max(_));
+        let mut rule = Rule::new(name, &self.docs, &self.path, check).map_err(|e| {
+            // The library names the rule in most of its errors.
+            let message = e.to_string();
+            if message.contains(&format!("{name:?}")) {
+                message
+            } else {
+                format!("rule {name:?}: {message}")
+            }
+        })?;
+        if let Some(site) = &self.resolver {
+            let site: SiteName = site
+                .parse()
+                .map_err(|e| format!("rule {name:?}: resolver {site:?}: {e}"))?;
+            rule = rule.resolver(site);
+        }
+        if let Some(text) = &self.policy {
+            let policy = parse_policy(text).map_err(|e| format!("rule {name:?}: {e}"))?;
+            if matches!(policy, Policy::Clamp) && !bounded {
+                return Err(format!(
+                    "rule {name:?}: policy \"clamp\" needs a min or max check"
+                ));
+            }
+            rule = rule.policy(policy);
+        }
+        Ok(rule)
+    }
+}
+
+fn finite(rule: &str, key: &str, value: f64) -> Result<f64, String> {
+    if value.is_finite() {
+        Ok(value)
+    } else {
+        Err(format!("rule {rule:?}: {key} must be a finite number"))
+    }
+}
+
+fn parse_policy(text: &str) -> Result<Policy, String> {
+    text.parse::<Policy>().map_err(|e| e.to_string())
+}
+
+impl DetectorConfig {
+    /// The library's switch for this detector; `name` (such as
+    /// `conflicts.concurrent_write`) is used in errors.
+    fn to_switch(&self, name: &str) -> Result<DetectorSwitch, String> {
+        let policy = match &self.policy {
+            None => Policy::Manual,
+            Some(text) => {
+                let policy = parse_policy(text).map_err(|e| format!("{name}.policy: {e}"))?;
+                if matches!(policy, Policy::Clamp) {
+                    return Err(format!(
+                        "{name}.policy: \"clamp\" applies to rules with min or max only"
+                    ));
+                }
+                policy
+            }
+        };
+        Ok(DetectorSwitch {
+            enabled: self.enabled,
+            skip: self.skip.clone(),
+            policy,
+        })
+    }
+}
+
+/// The conflict layer's settings declared by `file`: detectors and rules.
+fn conflict_config(file: &ConfigFile) -> Result<ConflictConfig, String> {
+    let mut config = ConflictConfig {
+        concurrent_write: file
+            .conflicts
+            .concurrent_write
+            .to_switch("conflicts.concurrent_write")?,
+        delete_update: file
+            .conflicts
+            .delete_update
+            .to_switch("conflicts.delete_update")?,
+        rules: Vec::with_capacity(file.rules.len()),
+    };
+    for rule in &file.rules {
+        config = config
+            .with_rule(rule.to_rule()?)
+            .map_err(|e| e.to_string())?;
+    }
+    Ok(config)
 }
 
 /// The `[api]` table.
@@ -423,6 +645,15 @@ impl Config {
         Ok(Some(SyncIdentity { identity, ca_cert }))
     }
 
+    /// The conflict layer's settings: the `[conflicts]` detectors and the
+    /// `[[rules]]`, for [`archipelago::ReplicaOptions::conflicts`].
+    pub fn conflict_config(&self) -> Result<ConflictConfig, ConfigError> {
+        conflict_config(&self.file).map_err(|message| ConfigError::Invalid {
+            path: self.path.clone(),
+            message,
+        })
+    }
+
     /// Reads the API token from the token file.
     pub fn read_token(&self) -> Result<ApiToken, ConfigError> {
         let token_path = self.token_path();
@@ -463,7 +694,7 @@ fn warn_if_readable_by_others(path: &Path) {
     let _ = path;
 }
 
-/// Checks what TOML parsing cannot: peers, limits, identity files.
+/// Checks what TOML parsing cannot: peers, limits, identity files, rules.
 pub(crate) fn validate(file: &ConfigFile) -> Result<(), String> {
     if let Some(sync) = &file.sync {
         let named = [&sync.cert, &sync.key, &sync.ca_cert]
@@ -495,6 +726,7 @@ pub(crate) fn validate(file: &ConfigFile) -> Result<(), String> {
             "store.cache_docs_max must be from 1 to {CACHE_DOCS_MAX_LIMIT}, not {cache}"
         ));
     }
+    conflict_config(file)?;
     Ok(())
 }
 
@@ -526,8 +758,11 @@ addr = "ap-south.example.com:7081"
 cache_docs_max = 16
 
 [[rules]]
-name = "stock never negative"
-check = "min"
+name = "stock-non-negative"
+docs = "inventory/*"
+path = "/stock"
+min = 0
+resolver = "us-east"
 "#;
 
     fn parse(text: &str) -> Result<Config, ConfigError> {
@@ -545,6 +780,20 @@ check = "min"
         assert_eq!(config.file.peers.len(), 2);
         assert_eq!(config.file.store.cache_docs_max, 16);
         assert_eq!(config.file.rules.len(), 1);
+        let conflicts = config.conflict_config().unwrap();
+        assert_eq!(conflicts.rules.len(), 1);
+        let rule = &conflicts.rules[0];
+        assert_eq!(rule.name, "stock-non-negative");
+        assert!(rule.docs.matches("inventory/sku-1"));
+        assert!(!rule.docs.matches("orders/1"));
+        assert_eq!(rule.path, "/stock");
+        assert!(matches!(rule.check, Check::Min(min) if min == 0.0));
+        assert_eq!(
+            rule.resolver.as_ref().map(SiteName::as_str),
+            Some("us-east")
+        );
+        assert!(matches!(rule.policy, Policy::Manual));
+        assert!(conflicts.concurrent_write.enabled && conflicts.delete_update.enabled);
         assert_eq!(
             config.store_path(),
             PathBuf::from("/etc/archipelago/data/store.db")
@@ -626,6 +875,143 @@ check = "min"
         let sync = config.load_sync_identity().unwrap().unwrap();
         assert_eq!(sync.identity.site().as_str(), "us-east");
         assert_eq!(&sync.ca_cert, ca.cert_der());
+    }
+
+    /// The example with its `[[rules]]` entry replaced by `rules` (TOML).
+    fn with_rules(rules: &str) -> String {
+        let start = EXAMPLE.find("[[rules]]").unwrap();
+        format!("{}{rules}", &EXAMPLE[..start])
+    }
+
+    #[track_caller]
+    fn invalid(text: &str) -> String {
+        match parse(text) {
+            Err(error @ ConfigError::Invalid { .. }) => error.to_string(),
+            other => panic!("expected an invalid config, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn every_check_and_policy_parses_into_a_rule() {
+        let text = with_rules(
+            r#"
+[[rules]]
+name = "stock-max"
+docs = "inventory/*"
+path = "/stock"
+max = 1000.5
+policy = "clamp"
+
+[[rules]]
+name = "one-booking-per-seat"
+docs = "flights/*"
+path = "/bookings"
+unique = "seat"
+policy = "prefer:eu-west"
+
+[[rules]]
+name = "order-customer-exists"
+docs = "orders/*"
+path = "/customer"
+references = "customers/*:"
+policy = "accept"
+
+[conflicts.concurrent_write]
+enabled = false
+
+[conflicts.delete_update]
+skip = ["logs/*"]
+policy = "prefer:us-east"
+"#,
+        );
+        let config = parse(&text).unwrap();
+        let conflicts = config.conflict_config().unwrap();
+        let checks: Vec<String> = conflicts
+            .rules
+            .iter()
+            .map(|r| format!("{:?} {:?}", r.check, r.policy))
+            .collect();
+        assert_eq!(
+            checks,
+            [
+                "max = 1000.5 clamp",
+                "unique = \"seat\" prefer:eu-west",
+                "references = \"customers/*:\" accept",
+            ]
+        );
+        assert!(!conflicts.concurrent_write.enabled);
+        assert!(conflicts.delete_update.enabled_for("orders/1"));
+        assert!(!conflicts.delete_update.enabled_for("logs/1"));
+        assert_eq!(
+            format!("{:?}", conflicts.delete_update.policy),
+            "prefer:us-east"
+        );
+        // Defaults are not written back out.
+        let written = toml::to_string(&config.file).unwrap();
+        assert!(!written.contains("enabled = true"), "{written}");
+        assert!(written.contains("enabled = false"), "{written}");
+        assert!(!written.contains("resolver"), "{written}");
+        let reread: ConfigFile = toml::from_str(&written).unwrap();
+        assert_eq!(reread, config.file);
+    }
+
+    #[test]
+    fn bad_rules_are_refused_naming_the_rule() {
+        let rule = |body: &str| {
+            with_rules(&format!(
+                "[[rules]]\nname = \"r1\"\ndocs = \"inventory/*\"\n{body}\n"
+            ))
+        };
+        let cases = [
+            ("path = \"/stock\"\nmin = 0\n[[rules]]\nname = \"r1\"\ndocs = \"x\"\npath = \"/a\"\nmax = 1", "declared twice"),
+            ("path = \"stock\"\nmin = 0", "path"),
+            ("path = \"/stock\"", "no check"),
+            ("path = \"/stock\"\nmin = 0\nmax = 10", "2 checks (min, max)"),
+            ("path = \"/a\"\nunique = \"id\"\nreferences = \"c/*:\"", "2 checks (unique, references)"),
+            ("path = \"/stock\"\nmin = 0\nresolver = \"US East\"", "resolver \"US East\""),
+            ("path = \"/stock\"\nmin = 0\npolicy = \"later\"", "unknown policy \"later\""),
+            ("path = \"/stock\"\nmin = 0\npolicy = \"prefer:EU\"", "policy \"prefer:EU\""),
+            ("path = \"/a\"\nunique = \"id\"\npolicy = \"clamp\"", "needs a min or max"),
+            ("path = \"/a\"\nreferences = \"customers\"", "DOCS:POINTER"),
+            ("path = \"/a\"\nunique = \"\"", "unique needs a field"),
+            ("path = \"/a\"\nmin = nan", "finite"),
+        ];
+        for (body, expected) in cases {
+            let err = invalid(&rule(body));
+            assert!(err.contains("rule \"r1\""), "{body}: {err}");
+            assert!(err.contains(expected), "{body}: {err}");
+            assert!(err.contains("x.toml"), "{body}: {err}");
+        }
+        // Unknown keys and wrong types are refused by the parser, with the
+        // line (which lies in the rule).
+        for body in [
+            "path = \"/a\"\nmin = 0\ncheck = \"min\"",
+            "path = \"/a\"\nmin = \"zero\"",
+        ] {
+            assert!(
+                matches!(parse(&rule(body)), Err(ConfigError::Parse { .. })),
+                "{body}"
+            );
+        }
+    }
+
+    #[test]
+    fn bad_detector_settings_are_refused_naming_the_detector() {
+        let err = invalid(&with_rules(
+            "[conflicts.concurrent_write]\npolicy = \"sometimes\"\n",
+        ));
+        assert!(
+            err.contains("conflicts.concurrent_write.policy") && err.contains("sometimes"),
+            "{err}"
+        );
+        let err = invalid(&with_rules(
+            "[conflicts.delete_update]\npolicy = \"clamp\"\n",
+        ));
+        assert!(err.contains("conflicts.delete_update.policy"), "{err}");
+        let text = with_rules("[conflicts.delete_update]\nenable = false\n");
+        assert!(matches!(parse(&text), Err(ConfigError::Parse { .. })));
+        let text = with_rules("[conflicts]\nmerge = true\n");
+        assert!(matches!(parse(&text), Err(ConfigError::Parse { .. })));
     }
 
     #[test]

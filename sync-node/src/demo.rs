@@ -2,14 +2,17 @@
 //! from a fresh CA), real SQLite stores in a temporary directory, and UDP
 //! relays between them (a few milliseconds of delay, and the switch that
 //! partitions a site). The sites write concurrently, one site is cut off
-//! while both sides keep writing, the partition heals, and the demo prints
-//! its timings and `converged` once every site holds the same heads.
+//! while both sides sell the last units of one product, the partition heals,
+//! and the demo prints its timings, the oversell becoming one conflict
+//! report at every site that `us-east` compensates once, and `converged`
+//! once every site holds the same heads and reports.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use archipelago::conflict::{Conflict, Filter, Kind, Status};
 use archipelago::doc::Op;
 use archipelago::transport::relay::{Faults, Relay};
 use archipelago::{ChangeHash, DocId, Replica, SiteName};
@@ -52,6 +55,17 @@ const WAIT_MAX: Duration = Duration::from_secs(40);
 
 const SITES: [&str; 3] = ["ap-south", "eu-west", "us-east"];
 
+/// Appended to every site's `sync-node.toml`.
+const DEMO_RULES: &str = r#"
+[[rules]]
+name = "stock-non-negative"
+docs = "inventory/*"
+path = "/stock"
+min = 0
+resolver = "us-east"
+policy = "clamp"
+"#;
+
 /// The running demo cluster.
 struct Cluster {
     nodes: Vec<Node>,
@@ -82,6 +96,10 @@ async fn start_node(
     options.peers = peers;
     options.force = true;
     let path = init(&options).with_context(|| format!("init {name}"))?;
+    // The rule the oversell breaks; us-east compensates it.
+    let mut config = std::fs::read_to_string(&path)?;
+    config.push_str(DEMO_RULES);
+    std::fs::write(&path, config)?;
     let node = Node::start(&Config::load(&path)?)
         .await
         .with_context(|| format!("start {name}"))?;
@@ -218,6 +236,28 @@ async fn commit(replica: &Replica, id: &str, ops: Vec<Op>, message: &str) -> any
     Ok(())
 }
 
+/// Waits until every site lists the same reports, all closed.
+async fn reports_settled(replicas: &[Replica]) -> anyhow::Result<Vec<Conflict>> {
+    let started = Instant::now();
+    loop {
+        let lists: Vec<Vec<Conflict>> = replicas
+            .iter()
+            .map(|r| r.conflicts(&Filter::default()))
+            .collect::<Result<_, _>>()?;
+        let invariant_closed = lists[0]
+            .iter()
+            .any(|c| c.kind == Kind::Invariant && c.status == Status::Resolved);
+        if invariant_closed && lists.iter().all(|l| *l == lists[0]) {
+            return Ok(lists[0].clone());
+        }
+        anyhow::ensure!(
+            started.elapsed() < WAIT_MAX,
+            "conflict reports did not settle within {WAIT_MAX:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 fn stock(replica: &Replica) -> anyhow::Result<serde_json::Value> {
     let view = replica
         .read_json(&"inventory/sku-1".parse()?, None)?
@@ -250,7 +290,7 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<()> {
 
     // Phase 1: every site writes at once.
     let writes = Instant::now();
-    commit(&replicas[2], "inventory/sku-1", ops(json!([{"op": "set", "path": "/stock", "value": 100, "as": "counter"}, {"op": "set", "path": "/name", "value": "desk lamp"}]))?, "receive stock").await?;
+    commit(&replicas[2], "inventory/sku-1", ops(json!([{"op": "set", "path": "/stock", "value": 5, "as": "counter"}, {"op": "set", "path": "/name", "value": "desk lamp"}]))?, "receive stock").await?;
     let mut tasks = Vec::new();
     for (n, replica) in replicas.iter().enumerate() {
         let replica = replica.clone();
@@ -275,7 +315,7 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<()> {
         converged.as_millis()
     );
 
-    // Phase 2: ap-south is cut off; both sides keep selling.
+    // Phase 2: ap-south is cut off; both sides sell the last 5 units.
     cluster.set_partitioned(true);
     println!(
         "  partition: ap-south cut off for {} ms",
@@ -305,9 +345,39 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<()> {
         "  healed: all sites agree {} ms after the partition ended",
         healed.as_millis()
     );
+    let reports = reports_settled(&replicas).await?;
+    let oversell = reports
+        .iter()
+        .find(|c| c.kind == Kind::Invariant)
+        .context("the oversell raised no report")?;
+    println!(
+        "  oversold: each side alone kept stock >= 0, the merge made it {}",
+        oversell.provisional
+    );
+    for report in &reports {
+        println!(
+            "    report {} {:<16} {} {:<11} at every site: {}{}",
+            report.id,
+            report.kind.as_str(),
+            report.path,
+            report.rule.as_deref().unwrap_or("-"),
+            serde_json::to_value(report.status)?.as_str().unwrap_or("?"),
+            match (&report.resolved_by, &report.note) {
+                (Some(by), Some(note)) => format!(" by {by}: {note}"),
+                (Some(by), None) => format!(" by {by}"),
+                _ => String::new(),
+            }
+        );
+    }
     for (n, replica) in replicas.iter().enumerate() {
         println!("    {:<8} sees {}", SITES[n], stock(replica)?);
+        anyhow::ensure!(
+            stock(replica)?["stock"] == 0,
+            "{} does not show the compensated stock",
+            SITES[n]
+        );
     }
+    println!("  compensated once: -2 + 2 = 0 at every site, and the report is resolved everywhere");
     let docs = replicas[0].stats().docs;
     cluster.stop().await?;
     println!(

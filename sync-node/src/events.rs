@@ -1,8 +1,9 @@
 //! What a running node reports about itself over time: the sequence-numbered
-//! event log behind `GET /v1/events` (document changes and peers going up
-//! or down), the view of peer sites behind `GET /v1/status` (connection,
-//! pending bytes, replication lag), and the background task that feeds both
-//! and keeps the peer and replication metrics current.
+//! event log behind `GET /v1/events` (document changes, conflict reports
+//! opening and closing, and peers going up or down), the view of peer sites
+//! behind `GET /v1/status` (connection, pending bytes, replication lag), and
+//! the background task that feeds both and keeps the peer, replication and
+//! conflict metrics current.
 //!
 //! The log keeps the last [`EVENTS_KEPT_MAX`] events in a ring so that a
 //! client that reconnects with `Last-Event-ID` gets what it missed; a
@@ -15,6 +16,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
+use archipelago::conflict::Conflict;
 use archipelago::transport::quic::{PeerStatus, SyncEndpoint};
 use archipelago::{Committed, Origin, Replica, SiteName};
 use serde_json::{json, Value};
@@ -40,6 +42,10 @@ pub enum EventKind {
     /// and `changes` counts them (0 when the document arrived whole, as a
     /// saved document: then only `heads` says what is new).
     Change,
+    /// A conflict report opened here (detected here or arrived from a
+    /// peer) or its status changed: the whole report, as `GET
+    /// /v1/conflicts/{id}` answers it.
+    Conflict,
     /// A peer site connected or disconnected: `{"site", "connected"}`.
     /// Peer state is polled every [`PEER_POLL_INTERVAL`], so a connection
     /// that comes and goes between two polls is not reported.
@@ -53,6 +59,7 @@ impl EventKind {
     pub fn as_str(self) -> &'static str {
         match self {
             EventKind::Change => "change",
+            EventKind::Conflict => "conflict",
             EventKind::Peer => "peer",
             EventKind::Reset => "reset",
         }
@@ -353,23 +360,31 @@ impl SyncPeers {
 }
 
 /// Starts the task that turns the replica's commits into `change` events
-/// and counts them (changes that arrived in a saved document count 0), and
-/// polls `peers` every [`PEER_POLL_INTERVAL`] for
-/// `peer` events and the peer metrics. It ends when `log` is closed.
+/// and counts them (changes that arrived in a saved document count 0),
+/// turns its conflict reports into `conflict` events and the conflict
+/// metrics, and polls `peers` every [`PEER_POLL_INTERVAL`] for `peer`
+/// events and the peer metrics. It ends when `log` is closed.
 ///
-/// Subscribes to the replica before returning, so no commit made after
-/// this call is missed.
+/// Subscribes to the replica before returning, so no commit or report made
+/// after this call is missed.
 pub fn spawn_feed(
     replica: &Replica,
     peers: Option<Arc<SyncPeers>>,
     log: Arc<EventLog>,
 ) -> JoinHandle<()> {
     let commits = replica.subscribe();
-    tokio::spawn(feed(commits, peers, log))
+    let conflicts = replica.subscribe_conflicts();
+    tokio::spawn(feed(commits, conflicts, peers, log))
+}
+
+/// The data of a `conflict` event: the report's JSON.
+fn conflict_data(report: &Conflict) -> Value {
+    serde_json::to_value(report).expect("a conflict report serializes to JSON")
 }
 
 async fn feed(
     mut commits: broadcast::Receiver<Committed>,
+    mut conflicts: broadcast::Receiver<Conflict>,
     peers: Option<Arc<SyncPeers>>,
     log: Arc<EventLog>,
 ) {
@@ -399,6 +414,22 @@ async fn feed(
                 // The replica is gone: only peers are left to watch.
                 Err(broadcast::error::RecvError::Closed) => {
                     commits = broadcast::channel(1).1;
+                }
+            },
+            report = conflicts.recv() => match report {
+                Ok(report) => {
+                    telemetry::record_conflict(&report);
+                    log.publish(EventKind::Conflict, conflict_data(&report));
+                }
+                Err(broadcast::error::RecvError::Lagged(missed)) => {
+                    tracing::warn!(missed, "the event feed fell behind the replica's conflict reports");
+                    log.publish(
+                        EventKind::Reset,
+                        json!({ "reason": format!("the node missed {missed} conflict reports") }),
+                    );
+                }
+                Err(broadcast::error::RecvError::Closed) => {
+                    conflicts = broadcast::channel(1).1;
                 }
             },
             _ = poll.tick(), if peers.is_some() => {

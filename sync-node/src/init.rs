@@ -126,6 +126,7 @@ pub fn init(options: &InitOptions) -> Result<PathBuf, InitError> {
         }),
         peers: options.peers.clone(),
         store: StoreConfig::default(),
+        conflicts: Default::default(),
         rules: Vec::new(),
     };
     validate(&file).map_err(InitError::Invalid)?;

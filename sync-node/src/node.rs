@@ -271,11 +271,21 @@ impl Node {
         let store_path = config.store_path();
         let mut options = ReplicaOptions::new(config.file.site.clone());
         options.cache_docs_max = config.file.store.cache_docs_max;
+        options.conflicts = Arc::new(config.conflict_config()?);
+        let rules = options.conflicts.rules.len();
         let path = store_path.clone();
         let (store, replica) = tokio::task::spawn_blocking(move || {
             let store = Arc::new(Sqlite::open(&path).map_err(|e| Box::new(e.into()))?);
             let replica =
                 Replica::open(options, store.clone() as Arc<dyn Store>).map_err(Box::new)?;
+            // Reports this site resolves automatically may have arrived just
+            // before a crash, with their resolution not yet written.
+            let resolved = replica.resolve_pending().map_err(Box::new)?;
+            tracing::info!(
+                resolved,
+                rules,
+                "resolved the conflicts left pending at the last stop"
+            );
             Ok::<_, Box<archipelago::Error>>((store, replica))
         })
         .await?

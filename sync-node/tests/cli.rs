@@ -1,7 +1,8 @@
 //! The `sync-node` binary end to end: `ca init` writes a private CA, `init`
 //! writes a config, a private token and (from the CA) a site identity and
 //! refuses bad input, `run` serves on a free loopback port, the client
-//! commands talk to it, and SIGTERM stops it cleanly.
+//! commands (documents, status, conflicts) talk to it, and SIGTERM stops it
+//! cleanly.
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
@@ -327,6 +328,21 @@ fn run_serves_the_client_commands_and_stops_on_sigterm() {
     let status = client_json(&["status", "--config", config]);
     assert_eq!(status["site"], "us-east");
     assert_eq!(status["docs"], 2);
+    assert_eq!(status["conflicts_open"], 0);
+
+    // A single node has no conflicts to list; ids are checked locally.
+    let conflicts = client_json(&["conflicts", "list", "--config", config, "--json"]);
+    assert_eq!(conflicts, json!({"conflicts": []}));
+    let table = sync_node(&["conflicts", "list", "--config", config, "--status", "open"]);
+    assert!(table.status.success());
+    assert_eq!(String::from_utf8_lossy(&table.stdout), "no conflicts\n");
+    let unknown = sync_node(&["conflicts", "show", "--config", config, &"0".repeat(32)]);
+    assert_eq!(unknown.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&unknown.stderr).contains("404"));
+    let malformed = sync_node(&["conflicts", "show", "--config", config, "nope"]);
+    assert_eq!(malformed.status.code(), Some(2));
+    let bad_status = sync_node(&["conflicts", "list", "--config", config, "--status", "x"]);
+    assert_eq!(bad_status.status.code(), Some(2));
 
     // An error answer: message on stderr, exit code 1.
     let absent = sync_node(&["doc", "get", "--config", config, "absent"]);

@@ -29,7 +29,7 @@ const MESSAGE_BYTES_MAX: usize = 16 * 1024;
 
 /// Runs a blocking replica call off the async threads. The closure maps
 /// library errors itself: `archipelago::Error` is large to move around.
-async fn blocking<R: Send + 'static>(
+pub(super) async fn blocking<R: Send + 'static>(
     f: impl FnOnce() -> Result<R, ApiError> + Send + 'static,
 ) -> Result<R, ApiError> {
     tokio::task::spawn_blocking(f).await?

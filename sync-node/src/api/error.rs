@@ -77,6 +77,20 @@ impl From<archipelago::Error> for ApiError {
             Error::Op(op) if op.is_malformed_input() => ApiError::bad_request(op.code(), message),
             Error::Op(op) => ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, op.code(), message),
             Error::NotFound(_) => ApiError::new(StatusCode::NOT_FOUND, "doc_not_found", message),
+            Error::ConflictNotFound(_) => {
+                ApiError::new(StatusCode::NOT_FOUND, "conflict_not_found", message)
+            }
+            Error::ConflictClosed { id, status } => {
+                let status = serde_json::to_value(status)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_owned))
+                    .unwrap_or_else(|| format!("{status:?}"));
+                ApiError::new(
+                    StatusCode::CONFLICT,
+                    "conflict_closed",
+                    format!("conflict {id} is already {status}"),
+                )
+            }
             Error::UnknownHeads { .. } => ApiError::bad_request("unknown_heads", message),
             Error::InvalidId(_) => ApiError::bad_request("invalid_id", message),
             Error::CorruptDocument { .. } => {

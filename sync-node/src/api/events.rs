@@ -1,7 +1,8 @@
 //! `GET /v1/events`: the node's event log as server-sent events.
 //!
 //! Each event carries its sequence id (`id:`), its kind (`event:` `change`,
-//! `peer` or `reset`) and JSON data. A client that reconnects with
+//! `conflict`, `peer` or `reset`; see [`crate::events::EventKind`]) and
+//! JSON data. A client that reconnects with
 //! `Last-Event-ID: K` first gets the kept events after `K`, then live ones;
 //! when events after `K` were lost (too old for the ring, or from an earlier
 //! run of the node), or when the client reads too slowly to keep up, it gets

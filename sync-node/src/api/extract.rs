@@ -1,6 +1,6 @@
 //! Request extractors whose every rejection is an [`ApiError`]: the JSON
-//! body (size limit, syntax, shape), the document id in the path, and the
-//! query string. axum's own extractors answer some rejections in plain
+//! body (size limit, syntax, shape), the document or conflict id in the
+//! path, and the query string. axum's own extractors answer some rejections in plain
 //! text; these wrap them so clients always get the JSON error shape.
 
 use axum::body::Bytes;
@@ -9,6 +9,7 @@ use axum::http::request::Parts;
 use axum::http::StatusCode;
 use serde::de::DeserializeOwned;
 
+use archipelago::conflict::ConflictId;
 use archipelago::DocId;
 
 use super::error::ApiError;
@@ -68,6 +69,29 @@ where
         DocId::new(&raw)
             .map(DocPath)
             .map_err(|error| ApiError::bad_request("invalid_id", error.to_string()))
+    }
+}
+
+/// The `{id}` path parameter as a conflict report id (32 hex digits).
+#[derive(Debug)]
+pub(crate) struct ConflictPath(pub(crate) ConflictId);
+
+impl<S> FromRequestParts<S> for ConflictPath
+where
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        let Path(raw) = Path::<String>::from_request_parts(parts, state)
+            .await
+            .map_err(|rejection| ApiError::bad_request("bad_url", rejection.body_text()))?;
+        ConflictId::parse(&raw).map(ConflictPath).ok_or_else(|| {
+            ApiError::bad_request(
+                "invalid_conflict_id",
+                format!("{raw:?} is not a conflict id (32 hex digits)"),
+            )
+        })
     }
 }
 

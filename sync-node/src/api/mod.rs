@@ -11,6 +11,7 @@
 //! with [`ApiState::with_sync`] and [`ApiState::with_events`].
 
 mod auth;
+mod conflicts;
 mod docs;
 mod error;
 mod events;
@@ -21,7 +22,7 @@ use std::sync::Arc;
 
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::StatusCode;
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{middleware, Json, Router};
 use serde_json::{json, Value};
 
@@ -81,8 +82,12 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/status", get(status))
         .route("/v1/docs", get(docs::list))
         .route("/v1/docs/{id}", get(docs::read).put(docs::put))
-        .route("/v1/docs/{id}/ops", axum::routing::post(docs::apply_ops))
+        .route("/v1/docs/{id}/ops", post(docs::apply_ops))
         .route("/v1/docs/{id}/history", get(docs::history))
+        .route("/v1/conflicts", get(conflicts::list))
+        .route("/v1/conflicts/{id}", get(conflicts::read))
+        .route("/v1/conflicts/{id}/resolve", post(conflicts::resolve))
+        .route("/v1/conflicts/{id}/dismiss", post(conflicts::dismiss))
         .route("/v1/events", get(events::stream))
         .route("/metrics", get(telemetry::render))
         .method_not_allowed_fallback(method_not_allowed)
@@ -101,24 +106,26 @@ async fn health() -> Json<Value> {
     Json(json!({ "ok": true }))
 }
 
-/// `GET /v1/status`: the site, its document count and its peers, each as
-/// `{"site", "addr", "connected", "last_seen", "pending_out", "pending_in",
-/// "lag_ms"}` (see [`crate::events::PeerView`] for what `lag_ms` means).
-async fn status(State(state): State<ApiState>) -> Json<Value> {
+/// `GET /v1/status`: the site, its document count, its open conflict
+/// reports (`conflicts_open`) and its peers, each as `{"site", "addr",
+/// "connected", "last_seen", "pending_out", "pending_in", "lag_ms"}` (see
+/// [`crate::events::PeerView`] for what `lag_ms` means).
+async fn status(State(state): State<ApiState>) -> Result<Json<Value>, ApiError> {
     let stats = state.replica.stats();
     telemetry::record_docs(&state);
+    let conflicts_open = conflicts::open_count(&state).await?;
     let peers: Vec<Value> = state.sync.as_ref().map_or_else(Vec::new, |sync| {
         sync.status().iter().map(|view| view.to_json()).collect()
     });
-    Json(json!({
+    Ok(Json(json!({
         "site": state.replica.site(),
         "docs": stats.docs,
         "sync_addr": state.sync.as_ref().map(|sync| sync.local_addr().to_string()),
         "peers": peers,
-        "conflicts_open": 0,
+        "conflicts_open": conflicts_open,
         "loaded_docs": stats.loaded_docs,
         "version": env!("CARGO_PKG_VERSION"),
-    }))
+    })))
 }
 
 async fn route_not_found() -> ApiError {

@@ -5,7 +5,8 @@
 //! embedders may start several nodes in one process; the recorder is
 //! therefore installed once, on first use, and shared by every node.
 
-use std::sync::OnceLock;
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use axum::extract::{MatchedPath, Request, State};
@@ -13,6 +14,8 @@ use axum::http::header::CONTENT_TYPE;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+use archipelago::conflict::{Conflict, Kind, Status};
 
 use super::ApiState;
 use crate::events::PeerView;
@@ -45,9 +48,28 @@ pub(crate) const PEER_BATCHES: &str = "archipelago_peer_batches_total";
 /// Changes made durable, by origin: `local` or the site they came from.
 pub(crate) const CHANGES_APPLIED: &str = "archipelago_changes_applied_total";
 
+/// Open conflict reports at this site, by kind and rule (`""` for the
+/// built-in detectors); computed from the report index at each scrape.
+pub(crate) const CONFLICTS_OPEN: &str = "archipelago_conflicts_open";
+/// Reports that opened here (detected here or arrived open), by kind.
+pub(crate) const CONFLICTS_OPENED: &str = "archipelago_conflicts_opened_total";
+/// Reports seen closing here (closed here or arrived closed), by kind and
+/// status (`resolved`, `dismissed`).
+pub(crate) const CONFLICTS_CLOSED: &str = "archipelago_conflicts_closed_total";
+/// Time from a report's detection to its closing (`resolved_at -
+/// detected_at`, wall clocks of two sites possibly), observed when this
+/// site sees it close.
+pub(crate) const CONFLICT_RESOLVE_SECONDS: &str = "archipelago_conflict_resolve_seconds";
+
 /// Histogram buckets for latencies, in seconds.
 const LATENCY_BUCKETS_SECONDS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+/// Histogram buckets for how long conflicts stay open, in seconds: from a
+/// second (automatic resolution) to a week (a person's queue).
+const CONFLICT_RESOLVE_BUCKETS_SECONDS: &[f64] = &[
+    1.0, 10.0, 60.0, 300.0, 900.0, 3600.0, 14_400.0, 43_200.0, 86_400.0, 259_200.0, 604_800.0,
 ];
 
 /// How often histogram samples are folded into their buckets.
@@ -62,6 +84,12 @@ pub(crate) fn prometheus() -> &'static PrometheusHandle {
             .set_buckets_for_metric(
                 Matcher::Suffix("_seconds".to_owned()),
                 LATENCY_BUCKETS_SECONDS,
+            )
+            .expect("the bucket list is not empty")
+            // A full-name matcher takes precedence over the suffix one.
+            .set_buckets_for_metric(
+                Matcher::Full(CONFLICT_RESOLVE_SECONDS.to_owned()),
+                CONFLICT_RESOLVE_BUCKETS_SECONDS,
             )
             .expect("the bucket list is not empty");
         let recorder = builder.build_recorder();
@@ -147,9 +175,73 @@ pub(crate) fn record_changes_applied(origin: &str, changes: usize) {
     metrics::counter!(CHANGES_APPLIED, "origin" => origin.to_owned()).increment(changes as u64);
 }
 
+/// The label of a report's status.
+fn status_label(status: Status) -> &'static str {
+    match status {
+        Status::Open => "open",
+        Status::Resolved => "resolved",
+        Status::Dismissed => "dismissed",
+    }
+}
+
+/// Counts a report that opened or closed here (one report of the
+/// replica's conflict subscription).
+pub(crate) fn record_conflict(report: &Conflict) {
+    let kind = report.kind.as_str();
+    match (report.status, report.resolved_at) {
+        (Status::Open, _) => metrics::counter!(CONFLICTS_OPENED, "kind" => kind).increment(1),
+        (status, resolved_at) => {
+            metrics::counter!(CONFLICTS_CLOSED, "kind" => kind, "status" => status_label(status))
+                .increment(1);
+            if let Some(resolved_at) = resolved_at {
+                // Clocks of different sites may disagree: never negative.
+                let open_ms = resolved_at.saturating_sub(report.detected_at).max(0);
+                metrics::histogram!(CONFLICT_RESOLVE_SECONDS).record(open_ms as f64 / 1000.0);
+            }
+        }
+    }
+}
+
+/// `(kind, rule)` label pairs of the open-conflict gauge set so far, so a
+/// pair whose reports all closed is set back to 0 rather than left stale.
+static CONFLICTS_OPEN_LABELS: Mutex<BTreeSet<(&'static str, String)>> = Mutex::new(BTreeSet::new());
+
+/// Sets the open-conflict gauges from the open reports.
+pub(crate) fn record_conflicts_open(open: &[Conflict]) {
+    let mut counts: BTreeMap<(&'static str, String), usize> = BTreeMap::new();
+    for report in open {
+        let labels = (
+            report.kind.as_str(),
+            report.rule.clone().unwrap_or_default(),
+        );
+        *counts.entry(labels).or_default() += 1;
+    }
+    let mut seen = CONFLICTS_OPEN_LABELS
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    // The built-in detectors' gauges exist, at 0, from the first scrape.
+    for kind in [Kind::ConcurrentWrite, Kind::DeleteUpdate] {
+        seen.insert((kind.as_str(), String::new()));
+    }
+    for labels in seen.iter() {
+        if !counts.contains_key(labels) {
+            metrics::gauge!(CONFLICTS_OPEN, "kind" => labels.0, "rule" => labels.1.clone())
+                .set(0.0);
+        }
+    }
+    for (labels, count) in counts {
+        metrics::gauge!(CONFLICTS_OPEN, "kind" => labels.0, "rule" => labels.1.clone())
+            .set(count as f64);
+        seen.insert(labels);
+    }
+}
+
 /// `GET /metrics`: Prometheus text.
 pub(crate) async fn render(State(state): State<ApiState>) -> Response {
     record_docs(&state);
+    // A store failure is logged where it is mapped to an error and leaves
+    // the open-conflict gauges as they were; the other metrics still go out.
+    let _ = super::conflicts::open_count(&state).await;
     (
         [(CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
         prometheus().render(),
