@@ -55,7 +55,7 @@ pub enum Error {
     #[error("conflict {0} not found")]
     ConflictNotFound(crate::conflict::ConflictId),
     /// The conflict report is already resolved or dismissed.
-    #[error("conflict {id} is already {status:?}")]
+    #[error("conflict {id} is already {status}")]
     ConflictClosed {
         /// The report.
         id: crate::conflict::ConflictId,

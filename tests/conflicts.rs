@@ -752,3 +752,45 @@ fn the_index_is_durable_and_follows_whole_documents() {
         Vec::new()
     );
 }
+
+#[test]
+fn lost_writes_keep_their_place_inside_the_deleted_object() {
+    let config = ConflictConfig::default();
+    let doc = id("records/r3");
+    let (a, b) = shared_base(
+        &config,
+        &doc,
+        json!([{"op": "set", "path": "/patient",
+                "value": {"name": "Kim", "contact": {"phone": "1"}, "tags": ["a"], "note": ""}},
+               {"op": "set", "path": "/patient/note", "value": "", "as": "text"}]),
+    );
+    a.apply_ops(&doc, &ops(json!([{"op": "del", "path": "/patient"}])), None)
+        .unwrap();
+    b.apply_ops(
+        &doc,
+        &ops(json!([{"op": "set", "path": "/patient/contact/phone", "value": "555"},
+                    {"op": "insert", "path": "/patient/tags/-", "value": "vip"},
+                    {"op": "splice", "path": "/patient/note", "index": 0, "delete": 0, "text": "hi"}])),
+        None,
+    )
+    .unwrap();
+    sync(&[&a, &b], &doc);
+    let reports = all(&a);
+    assert_eq!(reports.len(), 1, "{reports:#?}");
+    let mut lost: Vec<_> = reports[0]
+        .values
+        .iter()
+        .filter(|v| !v.value.is_null())
+        .map(|v| v.value.clone())
+        .collect();
+    lost.sort_by_key(|v| v.to_string());
+    assert_eq!(
+        lost,
+        vec![
+            json!({"contact": {"phone": "555"}}),
+            json!({"note": "hi"}),
+            json!({"tags": ["vip"]}),
+        ]
+    );
+    assert_eq!(all(&b), reports);
+}

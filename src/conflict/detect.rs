@@ -18,6 +18,9 @@ use super::is_reserved_key;
 use super::report::{Body, ConflictId, ConflictValue, Kind};
 use super::rule::{Check, ConflictConfig, Rule};
 
+/// Most list elements shown per lost write in a `delete_update` report.
+const WRITES_SHOWN_MAX: usize = 100;
+
 /// Most instances of one rule checked per merge (a `*` expanded over a
 /// large collection stops here).
 const RULE_INSTANCES_MAX: usize = 1024;
@@ -448,8 +451,13 @@ fn delete_updates(input: &DetectInput<'_>, divergent: &mut Divergent<'_>) -> Vec
                 actor: delete.actor.to_hex_string(),
                 change: delete.change,
             }];
+            // One value per change and object written: what the change wrote
+            // there, nested under its place inside the deleted object
+            // (`{"contact": {"phone": "555"}}`, `{"tags": ["vip"]}`).
+            let mut grouped: BTreeMap<(ChangeHash, String), (serde_json::Value, &OpInfo)> =
+                BTreeMap::new();
             for w in &writes {
-                let mut value = match &w.action {
+                let value = match &w.action {
                     OpType::Put(s) => scalar_to_json(s),
                     OpType::Increment(by) => serde_json::json!({ "inc": by }),
                     OpType::Make(_) => doc
@@ -459,14 +467,43 @@ fn delete_updates(input: &DetectInput<'_>, divergent: &mut Divergent<'_>) -> Vec
                     OpType::Delete => serde_json::json!({ "del": true }),
                     OpType::MarkBegin(..) | OpType::MarkEnd(..) => continue,
                 };
-                if let Some(key) = &w.key {
-                    value = serde_json::json!({ key.clone(): value });
+                let entry = grouped.entry((w.change, w.obj.clone())).or_insert_with(|| {
+                    let empty = match w.key {
+                        Some(_) => serde_json::Value::Object(serde_json::Map::new()),
+                        None => serde_json::Value::Array(Vec::new()),
+                    };
+                    (empty, *w)
+                });
+                match (&mut entry.0, &w.key) {
+                    (serde_json::Value::Object(map), Some(key)) => {
+                        map.insert(key.clone(), value);
+                    }
+                    (serde_json::Value::Array(list), None) if list.len() < WRITES_SHOWN_MAX => {
+                        list.push(value);
+                    }
+                    _ => {}
+                }
+            }
+            for ((change, obj), (mut value, w)) in grouped {
+                let is_text = doc
+                    .import_obj(&obj)
+                    .is_ok_and(|id| doc.object_type(&id) == Ok(ObjType::Text));
+                if let (true, serde_json::Value::Array(chars)) = (is_text, &value) {
+                    value = serde_json::Value::String(
+                        chars.iter().filter_map(|c| c.as_str()).collect(),
+                    );
+                }
+                let inside: Vec<String> = lineage_of(&obj)
+                    .map(|l| l.props.get(props.len()..).unwrap_or_default().to_vec())
+                    .unwrap_or_default();
+                for segment in inside.iter().rev() {
+                    value = serde_json::json!({ segment.clone(): value });
                 }
                 values.push(ConflictValue {
                     value,
                     site: site_of_actor(&w.actor),
                     actor: w.actor.to_hex_string(),
-                    change: w.change,
+                    change,
                 });
             }
             let path = pointer_text(&props);

@@ -59,6 +59,29 @@ pub enum Status {
     Dismissed,
 }
 
+impl Status {
+    /// The status's name as it appears in reports and queries.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Open => "open",
+            Status::Resolved => "resolved",
+            Status::Dismissed => "dismissed",
+        }
+    }
+}
+
+impl std::fmt::Display for Status {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::fmt::Display for Kind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 impl std::str::FromStr for Status {
     type Err = String;
     fn from_str(s: &str) -> Result<Status, String> {

@@ -361,7 +361,7 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<()> {
             report.kind.as_str(),
             report.path,
             report.rule.as_deref().unwrap_or("-"),
-            serde_json::to_value(report.status)?.as_str().unwrap_or("?"),
+            report.status,
             match (&report.resolved_by, &report.note) {
                 (Some(by), Some(note)) => format!(" by {by}: {note}"),
                 (Some(by), None) => format!(" by {by}"),

@@ -80,16 +80,8 @@ impl From<archipelago::Error> for ApiError {
             Error::ConflictNotFound(_) => {
                 ApiError::new(StatusCode::NOT_FOUND, "conflict_not_found", message)
             }
-            Error::ConflictClosed { id, status } => {
-                let status = serde_json::to_value(status)
-                    .ok()
-                    .and_then(|v| v.as_str().map(str::to_owned))
-                    .unwrap_or_else(|| format!("{status:?}"));
-                ApiError::new(
-                    StatusCode::CONFLICT,
-                    "conflict_closed",
-                    format!("conflict {id} is already {status}"),
-                )
+            Error::ConflictClosed { .. } => {
+                ApiError::new(StatusCode::CONFLICT, "conflict_closed", message)
             }
             Error::UnknownHeads { .. } => ApiError::bad_request("unknown_heads", message),
             Error::InvalidId(_) => ApiError::bad_request("invalid_id", message),

@@ -175,15 +175,6 @@ pub(crate) fn record_changes_applied(origin: &str, changes: usize) {
     metrics::counter!(CHANGES_APPLIED, "origin" => origin.to_owned()).increment(changes as u64);
 }
 
-/// The label of a report's status.
-fn status_label(status: Status) -> &'static str {
-    match status {
-        Status::Open => "open",
-        Status::Resolved => "resolved",
-        Status::Dismissed => "dismissed",
-    }
-}
-
 /// Counts a report that opened or closed here (one report of the
 /// replica's conflict subscription).
 pub(crate) fn record_conflict(report: &Conflict) {
@@ -191,7 +182,7 @@ pub(crate) fn record_conflict(report: &Conflict) {
     match (report.status, report.resolved_at) {
         (Status::Open, _) => metrics::counter!(CONFLICTS_OPENED, "kind" => kind).increment(1),
         (status, resolved_at) => {
-            metrics::counter!(CONFLICTS_CLOSED, "kind" => kind, "status" => status_label(status))
+            metrics::counter!(CONFLICTS_CLOSED, "kind" => kind, "status" => status.as_str())
                 .increment(1);
             if let Some(resolved_at) = resolved_at {
                 // Clocks of different sites may disagree: never negative.
