@@ -34,6 +34,9 @@ pub(crate) struct DetectInput<'a> {
     pub(crate) before: &'a [ChangeHash],
     /// The changes the merge applied, in causal order.
     pub(crate) incoming: &'a [Change],
+    /// The objects (other than the root) the received changes write into,
+    /// when known from decoding them earlier.
+    pub(crate) written: Option<&'a [String]>,
     /// The merge's patches (relative to `before`).
     pub(crate) patches: &'a [Patch],
     pub(crate) config: &'a ConflictConfig,
@@ -404,7 +407,7 @@ fn delete_updates(input: &DetectInput<'_>, divergent: &mut Divergent<'_>) -> Vec
                 PatchAction::DeleteMap { .. } | PatchAction::DeleteSeq { .. }
             )
     });
-    if !deletes_something && !writes_into_hidden(doc, input.incoming) {
+    if !deletes_something && !writes_into_hidden(doc, input.incoming, input.written) {
         return Vec::new();
     }
     let loaded = divergent.get();
@@ -526,18 +529,21 @@ fn delete_updates(input: &DetectInput<'_>, divergent: &mut Divergent<'_>) -> Vec
 }
 
 /// Whether any received op writes into an object that is not visible now.
-fn writes_into_hidden(doc: &Automerge, incoming: &[Change]) -> bool {
+fn writes_into_hidden(doc: &Automerge, incoming: &[Change], written: Option<&[String]>) -> bool {
+    let hidden = |obj: &str| {
+        doc.import_obj(obj)
+            .ok()
+            .and_then(|id| lineage(doc, &id))
+            .is_some_and(|l| !l.visible)
+    };
+    if let Some(written) = written {
+        return written.iter().any(|obj| hidden(obj));
+    }
     let mut checked: HashMap<String, bool> = HashMap::new();
     incoming.iter().any(|change| {
         change.decode().operations.iter().any(|op| {
             let obj = op.obj.to_string();
-            obj != "_root"
-                && *checked.entry(obj).or_insert_with_key(|obj| {
-                    doc.import_obj(obj)
-                        .ok()
-                        .and_then(|id| lineage(doc, &id))
-                        .is_some_and(|l| !l.visible)
-                })
+            obj != "_root" && *checked.entry(obj).or_insert_with_key(|obj| hidden(obj))
         })
     })
 }

@@ -6,9 +6,9 @@ use std::panic::AssertUnwindSafe;
 use std::sync::MutexGuard;
 
 use automerge::transaction::{CommitOptions, Transactable};
-use automerge::{Automerge, Change, ChangeHash, Patch, ReadDoc, ROOT};
+use automerge::{Automerge, ChangeHash, Patch, ReadDoc, ROOT};
 
-use super::{lock, Loaded, Part, Replica};
+use super::{lock, Loaded, Merge, Part, Replica};
 use crate::conflict::{
     self, body_key, read_report, report_ids_in_patches, reports_in, status_key, Conflict,
     ConflictId, DetectInput, Filter, Kind, Policy, Resolution, Status,
@@ -244,11 +244,11 @@ impl Replica {
         &self,
         id: &DocId,
         guard: &mut MutexGuard<'_, Option<Loaded>>,
-        before: &[ChangeHash],
-        incoming: &[Change],
+        merge: &Merge<'_>,
         patches: Option<&[Patch]>,
         mut received: Part,
     ) -> Result<Vec<ChangeHash>, Error> {
+        let (before, incoming, written) = (merge.before, merge.incoming, merge.written);
         let options = &self.shared.options;
         let now = options.clock.now_ms();
         let loaded = guard
@@ -267,6 +267,7 @@ impl Replica {
                     doc,
                     before,
                     incoming,
+                    written,
                     patches,
                     config: &options.conflicts,
                     site: &options.site,

@@ -234,6 +234,16 @@ struct Loaded {
     snapshot_bytes: usize,
 }
 
+/// Changes from a peer being merged into a loaded document.
+struct Merge<'a> {
+    /// The document's heads before.
+    before: &'a [ChangeHash],
+    /// The changes new here, in causal order.
+    incoming: &'a [Change],
+    /// The objects (other than the root) they write into, when known.
+    written: Option<&'a [String]>,
+}
+
 /// New changes of one origin inside a durable write.
 struct Part {
     changes: Vec<Vec<u8>>,
@@ -619,15 +629,19 @@ impl Replica {
         changes: &[Vec<u8>],
         from: Origin,
     ) -> Result<Applied, Error> {
+        let mut objects: HashMap<ChangeHash, Vec<String>> = HashMap::new();
         let decoded = changes
             .iter()
             .enumerate()
             .map(|(i, bytes)| {
-                decode_change(bytes).map_err(|reason| Error::BadChange {
-                    doc: id.clone(),
-                    index: i,
-                    reason,
-                })
+                let (change, written) =
+                    decode_change_with_objects(bytes).map_err(|reason| Error::BadChange {
+                        doc: id.clone(),
+                        index: i,
+                        reason,
+                    })?;
+                objects.insert(change.hash(), written);
+                Ok(change)
             })
             .collect::<Result<Vec<Change>, Error>>()?;
         let slot = self.slot(id);
@@ -645,7 +659,19 @@ impl Replica {
         let hashes: Vec<ChangeHash> = ready.iter().map(Change::hash).collect();
         let bytes: Vec<Vec<u8>> = ready.iter().map(|c| c.raw_bytes().to_vec()).collect();
         let before = loaded.doc.get_heads();
-        let heads = self.merge_and_settle(id, &mut guard, &before, &ready, bytes, from)?;
+        let mut written: Vec<String> = ready
+            .iter()
+            .filter_map(|c| objects.remove(&c.hash()))
+            .flatten()
+            .collect();
+        written.sort_unstable();
+        written.dedup();
+        let merge = Merge {
+            before: &before,
+            incoming: &ready,
+            written: Some(&written),
+        };
+        let heads = self.merge_and_settle(id, &mut guard, &merge, bytes, from)?;
         Ok(Applied {
             applied: hashes,
             duplicates,
@@ -660,11 +686,11 @@ impl Replica {
         &self,
         id: &DocId,
         guard: &mut MutexGuard<'_, Option<Loaded>>,
-        before: &[ChangeHash],
-        ready: &[Change],
+        merge: &Merge<'_>,
         bytes: Vec<Vec<u8>>,
         from: Origin,
     ) -> Result<Vec<ChangeHash>, Error> {
+        let (before, ready) = (merge.before, merge.incoming);
         // A document new here has nothing to conflict with, and one no
         // detector or rule covers needs no patches: its reports (arriving
         // from sites that detect) are read from its keys instead.
@@ -690,7 +716,7 @@ impl Replica {
             origin: from,
             heads: None,
         };
-        self.settle(id, guard, before, ready, patches.as_deref(), received)
+        self.settle(id, guard, merge, patches.as_deref(), received)
     }
 
     /// The document in automerge's saved form, for a peer that holds none
@@ -730,7 +756,12 @@ impl Replica {
             }
             let hashes: Vec<ChangeHash> = new.iter().map(Change::hash).collect();
             let bytes: Vec<Vec<u8>> = new.iter().map(|c| c.raw_bytes().to_vec()).collect();
-            let heads = self.merge_and_settle(id, &mut guard, &before, &new, bytes, from)?;
+            let merge = Merge {
+                before: &before,
+                incoming: &new,
+                written: None,
+            };
+            let heads = self.merge_and_settle(id, &mut guard, &merge, bytes, from)?;
             return Ok(Applied {
                 applied: hashes,
                 heads,
@@ -1004,17 +1035,32 @@ pub fn load_document(stored: &StoredDoc) -> Result<Automerge, String> {
 /// re-encoding the change gives back the same hash: a change automerge
 /// itself wrote always does.
 pub fn decode_change(bytes: &[u8]) -> Result<Change, String> {
+    decode_change_with_objects(bytes).map(|(change, _)| change)
+}
+
+/// [`decode_change`], also returning the objects (other than the root) the
+/// change's ops write into, which the conflict layer needs and would
+/// otherwise decode the change again to learn.
+fn decode_change_with_objects(bytes: &[u8]) -> Result<(Change, Vec<String>), String> {
     let checked = std::panic::catch_unwind(|| {
         let change = Change::try_from(bytes).map_err(|e| e.to_string())?;
         let hash = change.hash();
         if bytes.get(4..8) != Some(&hash.0[..4]) {
             return Err("checksum does not match the change's contents".to_owned());
         }
-        let canonical = Change::from(change.decode());
+        let expanded = change.decode();
+        let objects: HashSet<&automerge::legacy::ObjectId> = expanded
+            .operations
+            .iter()
+            .map(|op| &op.obj)
+            .filter(|obj| **obj != automerge::legacy::ObjectId::Root)
+            .collect();
+        let objects: Vec<String> = objects.into_iter().map(ToString::to_string).collect();
+        let canonical = Change::from(expanded);
         if canonical.hash() != hash {
             return Err("change is not in canonical form".to_owned());
         }
-        Ok(change)
+        Ok((change, objects))
     });
     checked.unwrap_or_else(|_| Err("automerge panicked decoding the change".to_owned()))
 }
