@@ -61,7 +61,7 @@ pub use error::Error;
 pub use id::{ChangeHash, DocId, InvalidId, SiteName};
 pub use replica::{
     decode_change, load_document, Applied, Clock, Commit, Committed, DocView, Origin, Replica,
-    ReplicaOptions, ReplicaStats, SystemClock,
+    ReplicaOptions, ReplicaStats, Snapshot, SystemClock,
 };
 
 pub use automerge;

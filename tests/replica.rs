@@ -355,3 +355,27 @@ fn each_replica_process_writes_with_a_fresh_actor() {
     let b = Replica::open(options("east"), store).unwrap();
     assert_ne!(a.actor(), b.actor());
 }
+
+#[test]
+fn documents_idle_past_the_cache_idle_time_are_dropped_to_bytes() {
+    let mut opts = options("east");
+    opts.cache_idle = std::time::Duration::from_millis(50);
+    let replica = Replica::open(opts, Arc::new(Memory::new())).unwrap();
+    for d in 0..3 {
+        replica
+            .apply_ops(
+                &id(&format!("inv/{d}")),
+                &ops(json!([{"op": "set", "path": "/n", "value": d}])),
+                None,
+            )
+            .unwrap();
+    }
+    assert_eq!(replica.evict_idle(), 0, "just used");
+    assert_eq!(replica.stats().loaded_docs, 3);
+    std::thread::sleep(std::time::Duration::from_millis(80));
+    replica.read_json(&id("inv/0"), None).unwrap();
+    assert_eq!(replica.evict_idle(), 2, "inv/0 was used again");
+    assert_eq!(replica.stats().loaded_docs, 1);
+    let view = replica.read_json(&id("inv/2"), None).unwrap().unwrap();
+    assert_eq!(view.value, json!({"n": 2}));
+}

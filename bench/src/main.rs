@@ -6,11 +6,15 @@
 //! ```
 
 mod conflicts;
-mod quic_nodes;
+mod samod_side;
 mod scenarios;
 mod sync_core;
+mod versus;
 
 use std::time::Instant;
+
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 use serde_json::{json, Map, Value};
 

@@ -12,29 +12,31 @@ use serde_json::{json, Map, Value};
 /// Scenario names in run order (memory first, before other scenarios have
 /// grown the heap).
 pub(crate) const NAMES: &[&str] = &[
-    "memory_idle_docs",
+    "memory",
+    "bulk",
+    "live",
+    "reconnect",
+    "api_commits",
+    "conflict_overhead",
+    "api_commits_single_doc",
     "library_commits",
     "library_commits_single_doc",
-    "api_commits",
-    "api_commits_single_doc",
     "sync_reconcile",
     "sync_catchup",
-    "quic_live",
-    "quic_bulk",
-    "conflict_overhead",
 ];
 
 pub(crate) fn run(name: &str, quick: bool) -> anyhow::Result<Map<String, Value>> {
     match name {
-        "memory_idle_docs" => memory_idle_docs(quick),
+        "memory" => crate::versus::memory(quick),
+        "bulk" => crate::versus::bulk(quick),
+        "live" => crate::versus::live(quick),
+        "reconnect" => crate::versus::reconnect(quick),
         "library_commits" => library_commits(quick, 100),
         "library_commits_single_doc" => library_commits(quick, 1),
         "api_commits" => api_commits(quick, 100),
         "api_commits_single_doc" => api_commits(quick, 1),
         "sync_reconcile" => crate::sync_core::reconcile(quick),
         "sync_catchup" => crate::sync_core::catchup(quick),
-        "quic_live" => crate::quic_nodes::live(quick),
-        "quic_bulk" => crate::quic_nodes::bulk(quick),
         "conflict_overhead" => crate::conflicts::overhead(quick),
         other => anyhow::bail!("unknown scenario {other}"),
     }
@@ -118,80 +120,6 @@ fn library_commits(quick: bool, docs: usize) -> anyhow::Result<Map<String, Value
     ]))
 }
 
-/// Resident memory per idle document (stored, indexed, not loaded) and per
-/// document held loaded in the cache.
-fn memory_idle_docs(quick: bool) -> anyhow::Result<Map<String, Value>> {
-    let docs = if quick { 20_000 } else { 100_000 };
-    let loaded = 1_000;
-    let dir = tempfile::tempdir()?;
-    let path = dir.path().join("store.db");
-    {
-        // Write the documents through a first replica, then drop it.
-        let replica = Replica::open(
-            ReplicaOptions::new("bench".parse()?),
-            Arc::new(Sqlite::open(&path)?),
-        )?;
-        let ids: Arc<Vec<DocId>> = Arc::new(
-            (0..docs)
-                .map(|d| format!("tenant-{}/orders/{d}", d % 7).parse())
-                .collect::<Result<_, _>>()?,
-        );
-        let next = Arc::new(AtomicUsize::new(0));
-        let workers: Vec<_> = (0..8)
-            .map(|_| {
-                let (replica, ids, next) = (replica.clone(), ids.clone(), next.clone());
-                std::thread::spawn(move || -> anyhow::Result<()> {
-                    loop {
-                        let i = next.fetch_add(1, Ordering::Relaxed);
-                        if i >= ids.len() {
-                            return Ok(());
-                        }
-                        let ops: Vec<Op> = serde_json::from_value(json!([
-                            {"op": "set", "path": "/customer", "value": format!("c{i}")},
-                            {"op": "set", "path": "/total", "value": i},
-                            {"op": "set", "path": "/stock", "value": 10, "as": "counter"},
-                        ]))?;
-                        replica.apply_ops(&ids[i], &ops, None)?;
-                    }
-                })
-            })
-            .collect();
-        for worker in workers {
-            worker
-                .join()
-                .map_err(|_| anyhow::anyhow!("worker panicked"))??;
-        }
-    }
-    let before = rss_bytes()?;
-    let mut options = ReplicaOptions::new("bench".parse()?);
-    options.cache_docs_max = loaded;
-    let replica = Replica::open(options, Arc::new(Sqlite::open(&path)?))?;
-    let ids = replica.doc_ids("");
-    anyhow::ensure!(
-        ids.len() == docs,
-        "expected {docs} documents, found {}",
-        ids.len()
-    );
-    let after_open = rss_bytes()?;
-    // Serve every document once through the cache; the last `loaded` stay
-    // loaded, the rest are evicted back to bytes in the store.
-    for id in &ids {
-        replica.read_json(id, None)?;
-    }
-    let after_all = rss_bytes()?;
-    let per_index_entry = after_open.saturating_sub(before) as f64 / docs as f64;
-    let per_idle = after_all.saturating_sub(before) as f64 / docs as f64;
-    Ok(metrics(&[
-        ("docs", json!(docs)),
-        ("loaded_docs", json!(replica.stats().loaded_docs)),
-        (
-            "rss_bytes_per_doc_index_only",
-            json!(per_index_entry.round()),
-        ),
-        ("rss_bytes_per_idle_doc", json!(per_idle.round())),
-    ]))
-}
-
 /// Durable `POST /v1/docs/{id}/ops` commits per second through a node's
 /// HTTP API on 127.0.0.1: 8 concurrent clients, round-robin over `docs`.
 fn api_commits(quick: bool, docs: usize) -> anyhow::Result<Map<String, Value>> {
@@ -243,7 +171,8 @@ fn api_commits(quick: bool, docs: usize) -> anyhow::Result<Map<String, Value>> {
     })
 }
 
-fn rss_bytes() -> anyhow::Result<u64> {
+/// The process's resident memory.
+pub(crate) fn rss_bytes() -> anyhow::Result<u64> {
     let status = std::fs::read_to_string("/proc/self/status")?;
     let line = status
         .lines()

@@ -43,8 +43,9 @@ impl Host for Replica {
         self.apply_changes(doc, changes, Origin::Peer(from.clone()))
     }
 
-    fn snapshot(&self, doc: &DocId) -> Result<Vec<u8>, Error> {
-        self.save_bytes(doc)?
+    fn snapshot(&self, doc: &DocId) -> Result<(Vec<u8>, Vec<ChangeHash>), Error> {
+        self.snapshot_bytes(doc)?
+            .map(|s| (s.bytes, s.heads))
             .ok_or_else(|| Error::NotFound(doc.clone()))
     }
 

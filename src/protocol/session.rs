@@ -46,8 +46,9 @@ pub trait Host {
     fn sample(&self, doc: &DocId) -> Result<Vec<ChangeHash>, Error>;
     /// Applies received changes durably, in one batch.
     fn apply(&self, doc: &DocId, changes: &[Vec<u8>], from: &SiteName) -> Result<Applied, Error>;
-    /// The whole document in automerge's saved form.
-    fn snapshot(&self, doc: &DocId) -> Result<Vec<u8>, Error>;
+    /// The whole document in a form automerge loads (its saved form, or
+    /// stored chunks concatenated), with heads the bytes contain.
+    fn snapshot(&self, doc: &DocId) -> Result<(Vec<u8>, Vec<ChangeHash>), Error>;
     /// Merges a whole document received in saved form, durably.
     fn apply_snapshot(&self, doc: &DocId, bytes: &[u8], from: &SiteName) -> Result<Applied, Error>;
 }
@@ -678,10 +679,8 @@ impl Session {
                 // The peer holds none of it: the saved form is far cheaper
                 // to produce and to apply than the changes one by one.
                 match host.snapshot(&doc) {
-                    Ok(bytes) if bytes.len() <= SNAPSHOT_BYTES_MAX => {
-                        if let Some(heads) = host.heads(&doc) {
-                            self.learn_peer_has(&doc, &heads);
-                        }
+                    Ok((bytes, heads)) if bytes.len() <= SNAPSHOT_BYTES_MAX => {
+                        self.learn_peer_has(&doc, &heads);
                         self.send_snapshot(doc, bytes);
                         continue;
                     }

@@ -53,6 +53,10 @@ pub struct ReplicaOptions {
     pub site: SiteName,
     /// Most documents kept loaded in memory.
     pub cache_docs_max: usize,
+    /// A loaded document unused this long is dropped back to its stored
+    /// bytes by [`Replica::evict_idle`] (which the daemon calls every few
+    /// seconds).
+    pub cache_idle: std::time::Duration,
     /// Appended changes after which a document is compacted into a snapshot
     /// (once they also weigh a quarter of the snapshot).
     pub compact_changes_min: usize,
@@ -73,6 +77,7 @@ impl ReplicaOptions {
         ReplicaOptions {
             site,
             cache_docs_max: 1024,
+            cache_idle: std::time::Duration::from_secs(30),
             compact_changes_min: 64,
             compact_changes_max: 4096,
             subscription_capacity: 4096,
@@ -151,6 +156,15 @@ pub struct Applied {
     pub heads: Vec<ChangeHash>,
 }
 
+/// A whole document in a form automerge loads, and the heads it contains.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Snapshot {
+    /// Saved document, possibly followed by change chunks.
+    pub bytes: Vec<u8>,
+    /// The heads the bytes contain.
+    pub heads: Vec<ChangeHash>,
+}
+
 /// A document as JSON with the heads it was read at.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct DocView {
@@ -215,8 +229,8 @@ struct State {
     index: BTreeMap<DocId, Vec<ChangeHash>>,
     /// Documents with a slot (loaded, being loaded, or in use).
     slots: HashMap<DocId, (Arc<Slot>, u64)>,
-    /// Slots by last use, oldest first.
-    lru: BTreeMap<u64, DocId>,
+    /// Slots by last use, oldest first, with the time of that use.
+    lru: BTreeMap<u64, (DocId, std::time::Instant)>,
     tick: u64,
 }
 
@@ -725,6 +739,38 @@ impl Replica {
         self.with_doc(id, Automerge::save)
     }
 
+    /// The document in a form automerge loads, for a peer that holds none
+    /// of it, with the heads those bytes contain. A document not loaded here
+    /// is not loaded for this: its stored snapshot and appended changes are
+    /// concatenated as they are (automerge loads a run of chunks), so
+    /// sending many idle documents costs no memory for them.
+    pub fn snapshot_bytes(&self, id: &DocId) -> Result<Option<Snapshot>, Error> {
+        if !lock(&self.shared.state).index.contains_key(id) {
+            return Ok(None);
+        }
+        let slot = self.slot(id);
+        // Commits hold this lock until they are durable and indexed, so the
+        // index heads and the stored bytes agree while it is held.
+        let loaded = lock(&slot.loaded);
+        if let Some(loaded) = loaded.as_ref() {
+            return Ok(Some(Snapshot {
+                bytes: loaded.doc.save(),
+                heads: loaded.doc.get_heads(),
+            }));
+        }
+        let Some(heads) = self.heads(id) else {
+            return Ok(None);
+        };
+        let Some(stored) = self.shared.store.load(id)? else {
+            return Ok(None);
+        };
+        let mut bytes = stored.snapshot.unwrap_or_default();
+        for change in &stored.changes {
+            bytes.extend_from_slice(change);
+        }
+        Ok(Some(Snapshot { bytes, heads }))
+    }
+
     /// Merges a whole document received in saved form. The bytes are
     /// verified on load (automerge checks the heads against the contents;
     /// decoder panics are contained); a document new here is stored as the
@@ -788,6 +834,9 @@ impl Replica {
             *guard = None;
             return Err(e.into());
         }
+        // A document that arrived whole is not in use here: keep its bytes,
+        // not the loaded form (bulk arrivals would otherwise fill the cache).
+        *guard = None;
         self.publish(Committed {
             doc: id.clone(),
             heads: heads.clone(),
@@ -885,6 +934,30 @@ impl Replica {
         let _ = self.shared.events.send(committed);
     }
 
+    /// Drops the loaded state of documents unused for longer than
+    /// [`ReplicaOptions::cache_idle`] (documents in use stay); returns how
+    /// many were dropped. Idle documents cost their stored bytes only.
+    pub fn evict_idle(&self) -> usize {
+        let idle = self.shared.options.cache_idle;
+        let mut state = lock(&self.shared.state);
+        let state = &mut *state;
+        let now = std::time::Instant::now();
+        let mut evict = Vec::new();
+        for (&t, (doc, used)) in state.lru.iter() {
+            if now.saturating_duration_since(*used) < idle {
+                break;
+            }
+            if Arc::strong_count(&state.slots[doc].0) == 1 {
+                evict.push((t, doc.clone()));
+            }
+        }
+        for (t, doc) in &evict {
+            state.lru.remove(t);
+            state.slots.remove(doc);
+        }
+        evict.len()
+    }
+
     /// The slot of a document, created if needed, marked as just used;
     /// evicts the least recently used idle slots beyond the cache bound.
     fn slot(&self, id: &DocId) -> Arc<Slot> {
@@ -904,13 +977,15 @@ impl Replica {
                 slot
             }
         };
-        state.lru.insert(tick, id.clone());
+        state
+            .lru
+            .insert(tick, (id.clone(), std::time::Instant::now()));
         let max = self.shared.options.cache_docs_max.max(1);
         if state.slots.len() > max {
             // Only slots nobody holds may go: a held slot may be mid-commit,
             // and a second slot for the same document would fork its state.
             let mut evict = Vec::new();
-            for (&t, doc) in state.lru.iter() {
+            for (&t, (doc, _)) in state.lru.iter() {
                 if state.slots.len() - evict.len() <= max {
                     break;
                 }

@@ -69,6 +69,8 @@ pub struct Sqlite {
     path: PathBuf,
     sender: Mutex<Option<mpsc::Sender<Request>>>,
     writer: Mutex<Option<JoinHandle<()>>>,
+    /// Stops the checkpointer when dropped or sent to.
+    checkpoints: Mutex<Option<(mpsc::Sender<()>, JoinHandle<()>)>>,
     readers: Mutex<Vec<Connection>>,
     options: SqliteOptions,
     // Held for the store's lifetime so a second process cannot open it.
@@ -109,7 +111,7 @@ impl Sqlite {
         lock.try_lock()
             .map_err(|e| StoreError::Locked(format!("{}: {e}", lock_path.display())))?;
 
-        let writer_conn = open_connection(&path)?;
+        let writer_conn = open_connection(&path, WRITER_CACHE_KIB)?;
         writer_conn.execute_batch(SCHEMA).map_err(backend)?;
         let version: i64 = writer_conn
             .query_row("PRAGMA user_version", [], |r| r.get(0))
@@ -125,6 +127,22 @@ impl Sqlite {
             });
         }
 
+        // Checkpoints run beside the writer, not inside a commit: SQLite's
+        // automatic checkpoint would copy the WAL into the database and fsync
+        // it inside whichever commit crosses the threshold, stalling it for
+        // milliseconds. The automatic one stays as a backstop.
+        writer_conn
+            .execute_batch(&format!(
+                "PRAGMA wal_autocheckpoint = {WAL_AUTOCHECKPOINT_PAGES};"
+            ))
+            .map_err(backend)?;
+        let checkpoint_conn = open_connection(&path, READER_CACHE_KIB)?;
+        let (stop_checkpoints, stopped) = mpsc::channel::<()>();
+        let checkpointer = std::thread::Builder::new()
+            .name("archipelago-sqlite-checkpoint".into())
+            .spawn(move || checkpoint_loop(checkpoint_conn, stopped))
+            .map_err(backend)?;
+
         let (sender, receiver) = mpsc::channel();
         let group = (options.group_requests_max.max(1), options.group_bytes_max);
         let writer = std::thread::Builder::new()
@@ -135,6 +153,7 @@ impl Sqlite {
             path,
             sender: Mutex::new(Some(sender)),
             writer: Mutex::new(Some(writer)),
+            checkpoints: Mutex::new(Some((stop_checkpoints, checkpointer))),
             readers: Mutex::new(Vec::new()),
             options,
             _lock: lock,
@@ -153,6 +172,10 @@ impl Sqlite {
         if let Some(writer) = lock(&self.writer).take() {
             let _ = writer.join();
         }
+        if let Some((stop, checkpointer)) = lock(&self.checkpoints).take() {
+            drop(stop);
+            let _ = checkpointer.join();
+        }
     }
 
     fn with_reader<R>(
@@ -162,7 +185,7 @@ impl Sqlite {
         let conn = lock(&self.readers).pop();
         let conn = match conn {
             Some(conn) => conn,
-            None => open_connection(&self.path)?,
+            None => open_connection(&self.path, READER_CACHE_KIB)?,
         };
         let result = f(&conn).map_err(backend);
         let mut readers = lock(&self.readers);
@@ -183,13 +206,37 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-fn open_connection(path: &Path) -> Result<Connection, StoreError> {
+/// WAL pages after which a commit checkpoints by itself (a backstop: the
+/// checkpoint thread normally keeps the WAL far below this).
+const WAL_AUTOCHECKPOINT_PAGES: u32 = 20_000;
+/// How often the checkpoint thread copies the WAL into the database.
+const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// Copies committed WAL frames into the database every [`CHECKPOINT_EVERY`]
+/// (passive: never blocks the writer or readers) until `stop` closes.
+fn checkpoint_loop(conn: Connection, stop: mpsc::Receiver<()>) {
+    while let Err(mpsc::RecvTimeoutError::Timeout) = stop.recv_timeout(CHECKPOINT_EVERY) {
+        if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+            tracing::warn!(error = %e, "WAL checkpoint failed; the next one retries");
+        }
+    }
+}
+
+/// Page cache of the writer connection, KiB (SQLite's default).
+const WRITER_CACHE_KIB: usize = 2048;
+/// Page cache of each read connection, KiB: documents are read whole and
+/// then cached decoded by the replica, so the kernel's page cache serves
+/// re-reads well enough, and idle memory stays small.
+const READER_CACHE_KIB: usize = 256;
+
+fn open_connection(path: &Path, cache_kib: usize) -> Result<Connection, StoreError> {
     let conn = Connection::open(path).map_err(backend)?;
-    conn.execute_batch(
+    conn.execute_batch(&format!(
         "PRAGMA journal_mode = WAL;
          PRAGMA synchronous = FULL;
-         PRAGMA busy_timeout = 10000;",
-    )
+         PRAGMA busy_timeout = 10000;
+         PRAGMA cache_size = -{cache_kib};"
+    ))
     .map_err(backend)?;
     Ok(conn)
 }

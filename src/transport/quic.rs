@@ -147,7 +147,12 @@ pub fn transport_config() -> quinn::TransportConfig {
         ))
         .max_concurrent_bidi_streams(VarInt::from_u32(2))
         .max_concurrent_uni_streams(VarInt::from_u32(0))
-        .datagram_receive_buffer_size(None);
+        .datagram_receive_buffer_size(None)
+        // No path MTU discovery: packets stay at the 1200 bytes every path
+        // carries. Discovery sends a dozen padded probes per connection
+        // (about 11 KB, twice what a reconnect between identical sites
+        // otherwise costs), to gain about 3% of header overhead in bulk.
+        .mtu_discovery_config(None);
     config
 }
 

@@ -256,6 +256,7 @@ pub struct Node {
     sync_addr_file: PathBuf,
     events: Arc<EventLog>,
     feed: Option<JoinHandle<()>>,
+    evictor: Option<JoinHandle<()>>,
     stop: Option<oneshot::Sender<()>>,
     server: Option<JoinHandle<std::io::Result<()>>>,
 }
@@ -321,6 +322,7 @@ impl Node {
         // The router installs the metrics recorder the feed records into.
         let app = api::router(state);
         let feed = spawn_feed(&replica, sync.clone(), events.clone());
+        let evictor = spawn_evictor(&replica);
         let (stop, stopped) = oneshot::channel::<()>();
         let server = tokio::spawn(async move {
             axum::serve(listener, app)
@@ -347,6 +349,7 @@ impl Node {
             sync_addr_file,
             events,
             feed: Some(feed),
+            evictor: Some(evictor),
             stop: Some(stop),
             server: Some(server),
         })
@@ -434,9 +437,12 @@ impl Node {
                 ),
             }
         }
-        if let Some(feed) = self.feed.take() {
-            feed.abort();
-            let _ = feed.await;
+        for task in [self.feed.take(), self.evictor.take()]
+            .into_iter()
+            .flatten()
+        {
+            task.abort();
+            let _ = task.await;
         }
         if let Some(sync) = self.sync.take() {
             if let Some(endpoint) = sync.take() {
@@ -454,13 +460,38 @@ impl Node {
     }
 }
 
+/// Every few seconds, drops documents idle longer than the cache's idle
+/// time back to their stored bytes.
+fn spawn_evictor(replica: &Replica) -> JoinHandle<()> {
+    let replica = replica.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(EVICT_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let replica = replica.clone();
+            if let Ok(dropped) = tokio::task::spawn_blocking(move || replica.evict_idle()).await {
+                if dropped > 0 {
+                    tracing::debug!(dropped, "idle documents dropped from the cache");
+                }
+            }
+        }
+    })
+}
+
+/// How often idle documents are dropped from the cache.
+const EVICT_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+
 impl Drop for Node {
     fn drop(&mut self) {
         // Without `shutdown`: end the event streams and the feed, and drop
         // the sync endpoint, which stops its tasks without waiting.
         self.events.close();
-        if let Some(feed) = self.feed.take() {
-            feed.abort();
+        for task in [self.feed.take(), self.evictor.take()]
+            .into_iter()
+            .flatten()
+        {
+            task.abort();
         }
         if let Some(sync) = self.sync.take() {
             drop(sync.take());

@@ -1,0 +1,494 @@
+//! The head-to-head scenarios: archipelago (two sites, each a replica over
+//! SQLite with its QUIC sync endpoint, on 127.0.0.1) against in-process
+//! automerge and against samod (`crate::samod_side`) on the same workload,
+//! in the same run.
+//!
+//! How arrival at B is detected, the same way for both systems: `bulk`,
+//! `reconnect` and `memory` poll B's heads of the expected documents (every
+//! 1-2 ms) until they equal A's; `live` subscribes at B (archipelago: the
+//! replica's committed-change feed; samod: each document's change stream)
+//! and timestamps the first moment B holds each change. Latency is measured
+//! from the start of A's commit call to that moment (for archipelago the
+//! commit includes making it durable at A, and B shows a change only once
+//! it is durable at B; samod's side keeps both in memory).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use archipelago::automerge::transaction::{CommitOptions, Transactable};
+use archipelago::automerge::{Automerge, ROOT};
+use archipelago::doc::Op;
+use archipelago::store::Sqlite;
+use archipelago::transport::quic::SyncEndpoint;
+use archipelago::transport::relay::{Faults, Relay};
+use archipelago::transport::tls::CertificateAuthority;
+use archipelago::{ChangeHash, DocId, Origin, Replica, ReplicaOptions, SiteName};
+use serde_json::{json, Map, Value};
+
+use crate::samod_side;
+use crate::scenarios::{metrics, rss_bytes};
+
+/// Bound of every waiting loop.
+const WAIT_MAX: Duration = Duration::from_secs(600);
+
+fn site(name: &str) -> anyhow::Result<SiteName> {
+    Ok(name.parse()?)
+}
+
+fn open(
+    dir: &std::path::Path,
+    name: &str,
+    cache_idle: Option<Duration>,
+) -> anyhow::Result<Replica> {
+    let store = Sqlite::open(dir.join(format!("{name}.db")))?;
+    let mut options = ReplicaOptions::new(site(name)?);
+    if let Some(idle) = cache_idle {
+        options.cache_idle = idle;
+    }
+    Ok(Replica::open(options, Arc::new(store))?)
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?)
+}
+
+/// The encoded changes of one document built by `commits` separate commits,
+/// commit `i` setting integer key `k{i % 10}` to `i` (the workload samod's
+/// side builds too).
+fn small_commits(commits: usize) -> Vec<Vec<u8>> {
+    let mut doc = Automerge::new();
+    for i in 0..commits {
+        let mut tx = doc.transaction();
+        tx.put(ROOT, format!("k{}", i % 10), i as i64)
+            .expect("a put on the root works");
+        tx.commit_with(CommitOptions::default());
+    }
+    doc.get_changes(&[])
+        .iter()
+        .map(|c| c.raw_bytes().to_vec())
+        .collect()
+}
+
+/// Site B's endpoint (which accepts) and site A's (which dials B, directly
+/// or through a counting relay).
+struct Link {
+    ca: CertificateAuthority,
+    a: Option<SyncEndpoint>,
+    b: SyncEndpoint,
+    relay: Option<Relay>,
+}
+
+impl Link {
+    async fn connect(a: &Replica, b: &Replica, relay: bool) -> anyhow::Result<Link> {
+        let ca = CertificateAuthority::generate("bench cluster")?;
+        let nowhere: SocketAddr = "127.0.0.1:9".parse()?;
+        let b_endpoint = SyncEndpoint::bind(
+            "127.0.0.1:0".parse()?,
+            ca.issue_site(b.site())?,
+            ca.cert_der(),
+            vec![(a.site().clone(), nowhere)],
+            b.clone(),
+        )?;
+        let mut link = Link {
+            ca,
+            a: None,
+            b: b_endpoint,
+            relay: None,
+        };
+        link.dial(a, relay).await?;
+        Ok(link)
+    }
+
+    /// (Re)binds A's endpoint, dialing B (through a fresh relay when asked,
+    /// so its byte count covers this connection only).
+    async fn dial(&mut self, a: &Replica, relay: bool) -> anyhow::Result<()> {
+        let b_addr = self.b.local_addr()?;
+        let target = if relay {
+            let relay = Relay::start(b_addr, Faults::default()).await?;
+            let addr = relay.local_addr();
+            self.relay = Some(relay);
+            addr
+        } else {
+            b_addr
+        };
+        let endpoint = SyncEndpoint::bind(
+            "127.0.0.1:0".parse()?,
+            self.ca.issue_site(a.site())?,
+            self.ca.cert_der(),
+            vec![(self.b_site()?, target)],
+            a.clone(),
+        )?;
+        let started = Instant::now();
+        while !endpoint.peer_status().iter().any(|p| p.connected) {
+            anyhow::ensure!(started.elapsed() < WAIT_MAX, "sites did not connect");
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        self.a = Some(endpoint);
+        Ok(())
+    }
+
+    fn b_site(&self) -> anyhow::Result<SiteName> {
+        site("site-b")
+    }
+
+    /// Closes A's side (B keeps listening); returns the relay's bytes.
+    async fn disconnect(&mut self) -> u64 {
+        if let Some(a) = self.a.take() {
+            a.shutdown().await;
+        }
+        match self.relay.take() {
+            Some(relay) => {
+                let bytes = relay.stats().bytes;
+                relay.stop().await;
+                bytes
+            }
+            None => 0,
+        }
+    }
+
+    fn relay_bytes(&self) -> u64 {
+        self.relay.as_ref().map_or(0, |r| r.stats().bytes)
+    }
+
+    async fn close(mut self) -> u64 {
+        let bytes = self.disconnect().await;
+        self.b.shutdown().await;
+        bytes
+    }
+}
+
+/// Waits until B holds A's heads for every document in `ids`.
+async fn until_same(a: &Replica, b: &Replica, ids: &[DocId], poll: Duration) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let mut pending: Vec<&DocId> = ids.iter().collect();
+    loop {
+        pending.retain(|id| b.heads(id) != a.heads(id));
+        if pending.is_empty() {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            started.elapsed() < WAIT_MAX,
+            "{} documents did not arrive",
+            pending.len()
+        );
+        tokio::time::sleep(poll).await;
+    }
+}
+
+/// Waits until the relay's byte count stops growing (the tail of acks).
+async fn quiet_bytes(link: &Link) -> u64 {
+    let mut last = link.relay_bytes();
+    for _ in 0..20 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let now = link.relay_bytes();
+        if now == last {
+            break;
+        }
+        last = now;
+    }
+    last
+}
+
+/// `bulk`: 1,000 documents x 100 small commits at A, B empty, until B's
+/// heads equal A's; against in-process `apply_changes` and samod.
+pub(crate) fn bulk(_quick: bool) -> anyhow::Result<Map<String, Value>> {
+    let (docs, per_doc) = (1_000, 100);
+    let dir = tempfile::tempdir()?;
+    let (a, b) = (
+        open(dir.path(), "site-a", None)?,
+        open(dir.path(), "site-b", None)?,
+    );
+    let ids: Vec<DocId> = (0..docs)
+        .map(|d| format!("bulk/{d}").parse())
+        .collect::<Result<_, _>>()?;
+    let mut all = Vec::with_capacity(docs);
+    for id in &ids {
+        let changes = small_commits(per_doc);
+        a.apply_changes(id, &changes, Origin::Local)?;
+        all.push(changes);
+    }
+    let in_process = crate::scenarios::automerge_in_process(&all)?.as_secs_f64();
+    let (seconds, bytes) = runtime()?.block_on(async {
+        let started = Instant::now();
+        let link = Link::connect(&a, &b, true).await?;
+        until_same(&a, &b, &ids, Duration::from_millis(2)).await?;
+        let seconds = started.elapsed().as_secs_f64();
+        anyhow::Ok((seconds, link.close().await))
+    })?;
+    eprintln!("  archipelago {seconds:.3} s (in-process automerge {in_process:.3} s); samod ...");
+    let samod = samod_side::bulk(docs, per_doc)?.as_secs_f64();
+    let total = docs * per_doc;
+    Ok(metrics(&[
+        ("docs", json!(docs)),
+        ("changes", json!(total)),
+        ("seconds", json!(seconds)),
+        ("automerge_in_process_seconds", json!(in_process)),
+        ("samod_seconds", json!(samod)),
+        ("ratio_vs_automerge", json!(seconds / in_process)),
+        ("ratio_vs_samod", json!(seconds / samod)),
+        ("wire_bytes", json!(bytes)),
+    ]))
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> f64 {
+    let index = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[index].as_secs_f64() * 1000.0
+}
+
+fn set_op(key: usize, value: usize) -> Vec<Op> {
+    serde_json::from_value(
+        json!([{"op": "set", "path": format!("/k{}", key % 10), "value": value}]),
+    )
+    .expect("static op")
+}
+
+/// Commit-to-visible latencies at B while A commits one change every
+/// `interval` round-robin over 100 synced documents.
+async fn live_latencies(
+    changes: usize,
+    interval: Duration,
+) -> anyhow::Result<(Vec<Duration>, Vec<Duration>)> {
+    let dir = tempfile::tempdir()?;
+    let (a, b) = (
+        open(dir.path(), "site-a", None)?,
+        open(dir.path(), "site-b", None)?,
+    );
+    let ids: Vec<DocId> = (0..100)
+        .map(|d| format!("live/{d}").parse())
+        .collect::<Result<_, _>>()?;
+    for id in &ids {
+        a.apply_ops(id, &set_op(0, 0), None)?;
+    }
+    let link = Link::connect(&a, &b, false).await?;
+    until_same(&a, &b, &ids, Duration::from_millis(5)).await?;
+    let mut feed = b.subscribe();
+    let arrivals = tokio::spawn(async move {
+        let mut seen: HashMap<ChangeHash, Instant> = HashMap::new();
+        while seen.len() < changes {
+            match feed.recv().await {
+                Ok(committed) => {
+                    let now = Instant::now();
+                    for hash in committed.hashes {
+                        seen.insert(hash, now);
+                    }
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                Err(_) => break,
+            }
+        }
+        seen
+    });
+    let mut commits: Vec<(ChangeHash, Instant, Instant)> = Vec::with_capacity(changes);
+    let mut tick = tokio::time::interval(interval);
+    for i in 0..changes {
+        tick.tick().await;
+        let (a, id) = (a.clone(), ids[i % ids.len()].clone());
+        let started = Instant::now();
+        let commit = tokio::task::spawn_blocking(move || a.apply_ops(&id, &set_op(i, i + 1), None))
+            .await??;
+        let durable = Instant::now();
+        commits.push((
+            commit.change.ok_or_else(|| anyhow::anyhow!("no change"))?,
+            started,
+            durable,
+        ));
+    }
+    let seen = tokio::time::timeout(WAIT_MAX, arrivals).await??;
+    link.close().await;
+    let mut from_start = Vec::with_capacity(changes);
+    let mut from_durable = Vec::with_capacity(changes);
+    for (hash, started, durable) in &commits {
+        let arrived = seen
+            .get(hash)
+            .ok_or_else(|| anyhow::anyhow!("a change never arrived"))?;
+        from_start.push(arrived.saturating_duration_since(*started));
+        from_durable.push(arrived.saturating_duration_since(*durable));
+    }
+    Ok((from_start, from_durable))
+}
+
+/// `live`: 100 synced documents; A commits every 10 ms round-robin, 1,000
+/// changes; commit-to-visible at B, against samod.
+pub(crate) fn live(quick: bool) -> anyhow::Result<Map<String, Value>> {
+    let changes = if quick { 500 } else { 1_000 };
+    let interval = Duration::from_millis(10);
+    let (mut ours, mut after_durable) = runtime()?.block_on(live_latencies(changes, interval))?;
+    ours.sort();
+    after_durable.sort();
+    eprintln!(
+        "  archipelago p50 {:.3} ms p99 {:.3} ms; samod ...",
+        percentile(&ours, 0.5),
+        percentile(&ours, 0.99)
+    );
+    let mut samod = samod_side::live(100, changes, interval)?;
+    samod.sort();
+    let (p50, p99) = (percentile(&ours, 0.5), percentile(&ours, 0.99));
+    let (s50, s99) = (percentile(&samod, 0.5), percentile(&samod, 0.99));
+    Ok(metrics(&[
+        ("changes", json!(changes)),
+        ("p50_ms", json!(p50)),
+        ("p99_ms", json!(p99)),
+        (
+            "p50_ms_from_durable_at_a",
+            json!(percentile(&after_durable, 0.5)),
+        ),
+        (
+            "p99_ms_from_durable_at_a",
+            json!(percentile(&after_durable, 0.99)),
+        ),
+        ("samod_p50_ms", json!(s50)),
+        ("samod_p99_ms", json!(s99)),
+        ("p50_ratio_vs_samod", json!(p50 / s50)),
+        ("p99_ratio_vs_samod", json!(p99 / s99)),
+    ]))
+}
+
+/// Our side of `reconnect`: `docs` documents of `per_doc` changes identical
+/// at both sites; A disconnects, 10 documents change at A, A reconnects.
+/// Returns the seconds until B has the changes, the bytes both ways, and
+/// the bytes of a connection between the identical sites (handshake and
+/// reconciliation alone).
+fn reconnect_ours(docs: usize, per_doc: usize, changed: usize) -> anyhow::Result<(f64, u64, u64)> {
+    let dir = tempfile::tempdir()?;
+    let (a, b) = (
+        open(dir.path(), "site-a", None)?,
+        open(dir.path(), "site-b", None)?,
+    );
+    let ids: Vec<DocId> = (0..docs)
+        .map(|d| format!("tenant-{}/orders/{d}", d % 7).parse())
+        .collect::<Result<_, _>>()?;
+    for id in &ids {
+        let changes = small_commits(per_doc);
+        a.apply_changes(id, &changes, Origin::Local)?;
+        b.apply_changes(id, &changes, Origin::Local)?;
+    }
+    runtime()?.block_on(async {
+        let mut link = Link::connect(&a, &b, true).await?;
+        until_same(&a, &b, &ids, Duration::from_millis(5)).await?;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let identical = link.disconnect().await;
+        let touched: Vec<DocId> = ids
+            .iter()
+            .step_by(docs / changed)
+            .take(changed)
+            .cloned()
+            .collect();
+        for (n, id) in touched.iter().enumerate() {
+            a.apply_ops(id, &set_op(n, 1_000_000 + n), None)?;
+        }
+        let started = Instant::now();
+        link.dial(&a, true).await?;
+        until_same(&a, &b, &touched, Duration::from_millis(1)).await?;
+        let seconds = started.elapsed().as_secs_f64();
+        let bytes = quiet_bytes(&link).await;
+        link.close().await;
+        Ok((seconds, bytes, identical))
+    })
+}
+
+/// `reconnect`: N documents identical at both sites, 10 change at A while
+/// apart; seconds and wire bytes until B has them, against samod.
+pub(crate) fn reconnect(quick: bool) -> anyhow::Result<Map<String, Value>> {
+    let (docs, per_doc, changed) = (if quick { 2_000 } else { 10_000 }, 20, 10);
+    let (seconds, bytes, identical) = reconnect_ours(docs, per_doc, changed)?;
+    eprintln!("  archipelago {seconds:.3} s, {bytes} bytes; samod ...");
+    let (samod_time, samod_bytes) = samod_side::reconnect(docs, per_doc, changed)?;
+    let samod_seconds = samod_time.as_secs_f64();
+    let mut pairs = vec![
+        ("docs", json!(docs)),
+        ("changed", json!(changed)),
+        ("seconds", json!(seconds)),
+        ("wire_bytes", json!(bytes)),
+        ("identical_sites_wire_bytes", json!(identical)),
+        ("samod_seconds", json!(samod_seconds)),
+        ("samod_wire_bytes", json!(samod_bytes)),
+        ("seconds_ratio_vs_samod", json!(seconds / samod_seconds)),
+        (
+            "wire_bytes_ratio_vs_samod",
+            json!(bytes as f64 / samod_bytes as f64),
+        ),
+    ];
+    if !quick {
+        let (s, b, _) = reconnect_ours(100_000, per_doc, changed)?;
+        pairs.push(("docs_100k_seconds", json!(s)));
+        pairs.push(("docs_100k_wire_bytes", json!(b)));
+    }
+    Ok(metrics(&pairs))
+}
+
+/// Resident memory once the allocator has returned what was freed: jemalloc
+/// (the bench's allocator, as the daemon's) purges freed pages after its
+/// decay time (10 s) on a background thread.
+fn settled_rss() -> anyhow::Result<u64> {
+    let mut last = rss_bytes()?;
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(20) {
+        std::thread::sleep(Duration::from_secs(1));
+        let now = rss_bytes()?;
+        if now >= last && started.elapsed() > Duration::from_secs(11) {
+            return Ok(now.min(last));
+        }
+        last = last.min(now);
+    }
+    Ok(last)
+}
+
+/// `memory`: RSS growth at B per document after receiving N documents from
+/// A over QUIC and serving each once, then idle (the cache drops documents
+/// idle for 1 s); against samod, which keeps every document loaded.
+pub(crate) fn memory(quick: bool) -> anyhow::Result<Map<String, Value>> {
+    let docs = if quick { 10_000 } else { 100_000 };
+    // samod's cost to sync grows faster than the number of documents
+    // (about 7 s for 2,000, minutes for 10,000): fewer in quick mode.
+    let samod_docs = if quick { 2_000 } else { 10_000 };
+    // Freed memory goes back to the system in the background.
+    let _ = tikv_jemalloc_ctl::background_thread::write(true);
+    let idle = Duration::from_secs(1);
+    let dir = tempfile::tempdir()?;
+    let a = open(dir.path(), "site-a", None)?;
+    let ids: Vec<DocId> = (0..docs)
+        .map(|d| format!("tenant-{}/orders/{d}", d % 7).parse())
+        .collect::<Result<_, _>>()?;
+    for id in &ids {
+        a.apply_changes(id, &small_commits(4), Origin::Local)?;
+    }
+    a.evict_idle();
+    let before = rss_bytes()?;
+    let b = open(dir.path(), "site-b", Some(idle))?;
+    runtime()?.block_on(async {
+        let link = Link::connect(&a, &b, false).await?;
+        until_same(&a, &b, &ids, Duration::from_millis(20)).await?;
+        link.close().await;
+        anyhow::Ok(())
+    })?;
+    let after_sync = rss_bytes()?;
+    for id in &ids {
+        b.read_json(id, None)?;
+    }
+    let after_serve = rss_bytes()?;
+    std::thread::sleep(idle + Duration::from_millis(200));
+    let dropped = b.evict_idle();
+    a.evict_idle();
+    let after = settled_rss()?;
+    let per_doc = after.saturating_sub(before) as f64 / docs as f64;
+    eprintln!(
+        "  archipelago {per_doc:.0} B per idle doc (RSS MB: before {}, received {}, served {}, idle {}); samod ...",
+        before >> 20,
+        after_sync >> 20,
+        after_serve >> 20,
+        after >> 20
+    );
+    let samod = samod_side::memory(samod_docs)?;
+    Ok(metrics(&[
+        ("docs", json!(docs)),
+        ("idle_docs_dropped_from_cache", json!(dropped)),
+        ("rss_bytes_per_idle_doc", json!(per_doc.round())),
+        ("samod_docs", json!(samod_docs)),
+        ("samod_rss_bytes_per_idle_doc", json!(samod.round())),
+    ]))
+}
