@@ -492,3 +492,24 @@ pub(crate) fn memory(quick: bool) -> anyhow::Result<Map<String, Value>> {
         ("samod_rss_bytes_per_idle_doc", json!(samod.round())),
     ]))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_small_reconnect_delivers_the_changes() {
+        let (seconds, bytes, identical) = reconnect_ours(50, 3, 5).unwrap();
+        assert!(seconds > 0.0 && bytes > identical && identical > 0);
+    }
+
+    #[test]
+    fn small_live_latencies_are_measured() {
+        let (from_start, from_durable) = runtime()
+            .unwrap()
+            .block_on(live_latencies(5, Duration::from_millis(10)))
+            .unwrap();
+        assert_eq!(from_start.len(), 5);
+        assert!(from_start.iter().zip(&from_durable).all(|(s, d)| s >= d));
+    }
+}
