@@ -413,28 +413,29 @@ impl ParseId for String {
     }
 }
 
-#[test]
-fn resolve_ops_that_fail_change_nothing() {
-    let config = ConflictConfig::default();
-    let doc = id("customers/c2");
+/// Two sites that set `/tier` of `doc` concurrently to 2 and 3, synced.
+fn tier_set_at_both(doc: &DocId) -> (Replica, Replica) {
     let (a, b) = shared_base(
-        &config,
-        &doc,
+        &ConflictConfig::default(),
+        doc,
         json!([{"op": "set", "path": "/tier", "value": 1}]),
     );
-    a.apply_ops(
-        &doc,
-        &ops(json!([{"op": "set", "path": "/tier", "value": 2}])),
-        None,
-    )
-    .unwrap();
-    b.apply_ops(
-        &doc,
-        &ops(json!([{"op": "set", "path": "/tier", "value": 3}])),
-        None,
-    )
-    .unwrap();
-    sync(&[&a, &b], &doc);
+    for (site, tier) in [(&a, 2), (&b, 3)] {
+        site.apply_ops(
+            doc,
+            &ops(json!([{"op": "set", "path": "/tier", "value": tier}])),
+            None,
+        )
+        .unwrap();
+    }
+    sync(&[&a, &b], doc);
+    (a, b)
+}
+
+#[test]
+fn resolve_ops_that_fail_change_nothing() {
+    let doc = id("customers/c2");
+    let (a, _b) = tier_set_at_both(&doc);
     let report = all(&a).pop().unwrap();
     let heads = a.heads(&doc);
     let err = a
@@ -455,26 +456,8 @@ fn resolve_ops_that_fail_change_nothing() {
 
 #[test]
 fn concurrent_manual_closings_converge_to_one_status() {
-    let config = ConflictConfig::default();
     let doc = id("customers/c3");
-    let (a, b) = shared_base(
-        &config,
-        &doc,
-        json!([{"op": "set", "path": "/tier", "value": 1}]),
-    );
-    a.apply_ops(
-        &doc,
-        &ops(json!([{"op": "set", "path": "/tier", "value": 2}])),
-        None,
-    )
-    .unwrap();
-    b.apply_ops(
-        &doc,
-        &ops(json!([{"op": "set", "path": "/tier", "value": 3}])),
-        None,
-    )
-    .unwrap();
-    sync(&[&a, &b], &doc);
+    let (a, b) = tier_set_at_both(&doc);
     let report = all(&a).pop().unwrap();
     a.dismiss_conflict(&report.id, Some("fine")).unwrap();
     b.resolve_conflict(
@@ -653,26 +636,8 @@ fn rust_resolvers_return_ops_that_commit_with_the_status() {
 
 #[test]
 fn reserved_keys_are_hidden_and_protected() {
-    let config = ConflictConfig::default();
     let doc = id("customers/c4");
-    let (a, b) = shared_base(
-        &config,
-        &doc,
-        json!([{"op": "set", "path": "/tier", "value": 1}]),
-    );
-    a.apply_ops(
-        &doc,
-        &ops(json!([{"op": "set", "path": "/tier", "value": 2}])),
-        None,
-    )
-    .unwrap();
-    b.apply_ops(
-        &doc,
-        &ops(json!([{"op": "set", "path": "/tier", "value": 3}])),
-        None,
-    )
-    .unwrap();
-    sync(&[&a, &b], &doc);
+    let (a, _b) = tier_set_at_both(&doc);
     assert_eq!(all(&a).len(), 1);
     let err = a
         .apply_ops(

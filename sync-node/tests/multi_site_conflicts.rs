@@ -8,14 +8,13 @@
 //! Every wait is bounded.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use archipelago::transport::relay::{Faults, Relay};
 use serde_json::{json, Value};
+use support::{cli, wait_file, Process, WAIT_MAX};
 
-const BIN: &str = env!("CARGO_BIN_EXE_sync-node");
-const WAIT_MAX: Duration = Duration::from_secs(60);
+mod support;
 
 const RULES: &str = r#"
 [[rules]]
@@ -26,44 +25,6 @@ min = 0
 resolver = "us-east"
 policy = "clamp"
 "#;
-
-/// Kills the child on drop, so a failing test leaves no process behind.
-struct Process(Option<Child>);
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.0.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-fn cli(args: &[&str]) {
-    let output = Command::new(BIN).args(args).output().unwrap();
-    assert!(
-        output.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-}
-
-fn wait_file(path: &Path) -> String {
-    let started = Instant::now();
-    loop {
-        if let Ok(text) = std::fs::read_to_string(path) {
-            if !text.trim().is_empty() {
-                return text.trim().to_owned();
-            }
-        }
-        assert!(
-            started.elapsed() < WAIT_MAX,
-            "{} never appeared",
-            path.display()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
 
 struct Site {
     dir: PathBuf,
@@ -76,14 +37,7 @@ struct Site {
 impl Site {
     fn start(dir: &Path) -> Site {
         let _ = std::fs::remove_file(dir.join("api.addr"));
-        let log = std::fs::File::create(dir.join("node.log")).unwrap();
-        let child = Command::new(BIN)
-            .args(["run", "--config"])
-            .arg(dir.join("sync-node.toml"))
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
+        let process = Process::start(&dir.join("sync-node.toml"), &dir.join("node.log"));
         let url = format!("http://{}", wait_file(&dir.join("api.addr")));
         let token = std::fs::read_to_string(dir.join("api.token"))
             .unwrap()
@@ -91,7 +45,7 @@ impl Site {
             .to_owned();
         Site {
             dir: dir.to_path_buf(),
-            _process: Process(Some(child)),
+            _process: process,
             url,
             token,
             http: reqwest::Client::builder()

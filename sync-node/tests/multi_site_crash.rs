@@ -7,71 +7,13 @@
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
+use support::{cli, wait_file, Process, WAIT_MAX};
 
-const BIN: &str = env!("CARGO_BIN_EXE_sync-node");
-const WAIT_MAX: Duration = Duration::from_secs(60);
-
-/// Kills the child on drop, so a failing test leaves no process behind.
-struct Process(Option<Child>);
-
-impl Process {
-    fn start(config: &Path, log: &Path) -> Process {
-        let log = std::fs::File::create(log).unwrap();
-        let child = Command::new(BIN)
-            .args(["run", "--config"])
-            .arg(config)
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        Process(Some(child))
-    }
-
-    fn kill_9(&mut self) {
-        if let Some(mut child) = self.0.take() {
-            child.kill().unwrap();
-            child.wait().unwrap();
-        }
-    }
-}
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        self.kill_9();
-    }
-}
-
-fn cli(args: &[&str]) {
-    let output = Command::new(BIN).args(args).output().unwrap();
-    assert!(
-        output.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-}
-
-/// Waits for a file a node writes once it has bound its sockets.
-fn wait_file(path: &Path) -> String {
-    let started = Instant::now();
-    loop {
-        if let Ok(text) = std::fs::read_to_string(path) {
-            if !text.trim().is_empty() {
-                return text.trim().to_owned();
-            }
-        }
-        assert!(
-            started.elapsed() < WAIT_MAX,
-            "{} never appeared",
-            path.display()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
+mod support;
 
 struct Site {
     dir: PathBuf,
