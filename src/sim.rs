@@ -413,6 +413,9 @@ impl Sim {
         };
         let duplicate = faults && self.rng.chance(2);
         let out_of_order = faults && self.rng.chance(1);
+        // Sometimes several queued frames arrive together (as a transport
+        // hands them over), which the session may apply together.
+        let together = !duplicate && !out_of_order && self.rng.chance(25);
         let pick = self.rng.next_u64();
         let Some(link) = self.links.get_mut(&key) else {
             return;
@@ -424,6 +427,11 @@ impl Sim {
         };
         if queue.is_empty() {
             return;
+        }
+        if together {
+            let count = (1 + pick % 8).min(queue.len() as u64) as usize;
+            let frames: Vec<Vec<u8>> = queue.drain(..count).collect();
+            return self.deliver_many(key, to_high, &frames);
         }
         let index = if out_of_order {
             (pick % queue.len() as u64) as usize
@@ -441,7 +449,11 @@ impl Sim {
     }
 
     fn deliver(&mut self, key: (usize, usize), to_high: bool, frame: &[u8]) {
-        self.report.deliveries += 1;
+        self.deliver_many(key, to_high, &[frame.to_vec()]);
+    }
+
+    fn deliver_many(&mut self, key: (usize, usize), to_high: bool, frames: &[Vec<u8>]) {
+        self.report.deliveries += frames.len();
         let site = if to_high { key.1 } else { key.0 };
         let Some(replica) = self.sites[site].replica.clone() else {
             return;
@@ -456,7 +468,8 @@ impl Sim {
             &mut link.low_session
         };
         // Frames carry their length prefix; the session takes the payload.
-        session.handle_frame(now, &replica, &frame[4..]);
+        let payloads: Vec<&[u8]> = frames.iter().map(|f| &f[4..]).collect();
+        session.handle_frames(now, &replica, &payloads);
     }
 
     /// Moves frames from sessions to the network, committed changes to

@@ -379,3 +379,78 @@ fn documents_idle_past_the_cache_idle_time_are_dropped_to_bytes() {
     let view = replica.read_json(&id("inv/2"), None).unwrap().unwrap();
     assert_eq!(view.value, json!({"n": 2}));
 }
+
+#[test]
+fn whole_documents_apply_together_and_stay_durable() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("store.db");
+    let source = Replica::open(options("west"), Arc::new(Memory::new())).unwrap();
+    for d in 0..3 {
+        source
+            .apply_ops(
+                &id(&format!("inv/{d}")),
+                &ops(json!([{"op": "set", "path": "/n", "value": d}])),
+                None,
+            )
+            .unwrap();
+    }
+    let saved: Vec<Vec<u8>> = (0..3)
+        .map(|d| {
+            source
+                .save_bytes(&id(&format!("inv/{d}")))
+                .unwrap()
+                .unwrap()
+        })
+        .collect();
+    {
+        let replica =
+            Replica::open(options("east"), Arc::new(Sqlite::open(&path).unwrap())).unwrap();
+        // inv/2 exists here already: it merges on its own.
+        replica
+            .apply_ops(
+                &id("inv/2"),
+                &ops(json!([{"op": "set", "path": "/local", "value": true}])),
+                None,
+            )
+            .unwrap();
+        let from = Origin::Peer("west".parse().unwrap());
+        let batch: Vec<(DocId, &[u8])> = vec![
+            (id("inv/0"), &saved[0]),
+            (id("inv/1"), &saved[1]),
+            (id("inv/2"), &saved[2]),
+            (id("inv/3"), b"not a document"),
+            (id("inv/0"), &saved[0]),
+        ];
+        let results = replica.apply_snapshots(&batch, &from);
+        assert_eq!(results.len(), 5);
+        for (i, expected) in [(0, "inv/0"), (1, "inv/1")] {
+            let applied = results[i].as_ref().unwrap();
+            assert_eq!(Some(applied.heads.clone()), source.heads(&id(expected)));
+        }
+        assert!(!results[2].as_ref().unwrap().applied.is_empty(), "merged");
+        assert!(matches!(results[3], Err(Error::BadChange { .. })));
+        assert_eq!(
+            results[4].as_ref().unwrap().duplicates,
+            1,
+            "the second copy is known"
+        );
+    }
+    let replica = Replica::open(options("east"), Arc::new(Sqlite::open(&path).unwrap())).unwrap();
+    assert_eq!(
+        replica
+            .read_json(&id("inv/1"), None)
+            .unwrap()
+            .unwrap()
+            .value,
+        json!({"n": 1})
+    );
+    assert_eq!(
+        replica
+            .read_json(&id("inv/2"), None)
+            .unwrap()
+            .unwrap()
+            .value,
+        json!({"n": 2, "local": true})
+    );
+    assert!(replica.heads(&id("inv/3")).is_none());
+}

@@ -52,4 +52,12 @@ impl Host for Replica {
     fn apply_snapshot(&self, doc: &DocId, bytes: &[u8], from: &SiteName) -> Result<Applied, Error> {
         Replica::apply_snapshot(self, doc, bytes, Origin::Peer(from.clone()))
     }
+
+    fn apply_snapshots(
+        &self,
+        docs: &[(DocId, &[u8])],
+        from: &SiteName,
+    ) -> Vec<Result<Applied, Error>> {
+        Replica::apply_snapshots(self, docs, &Origin::Peer(from.clone()))
+    }
 }

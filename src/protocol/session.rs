@@ -51,6 +51,17 @@ pub trait Host {
     fn snapshot(&self, doc: &DocId) -> Result<(Vec<u8>, Vec<ChangeHash>), Error>;
     /// Merges a whole document received in saved form, durably.
     fn apply_snapshot(&self, doc: &DocId, bytes: &[u8], from: &SiteName) -> Result<Applied, Error>;
+    /// [`Host::apply_snapshot`] for several documents, results in order; a
+    /// host may make them durable together.
+    fn apply_snapshots(
+        &self,
+        docs: &[(DocId, &[u8])],
+        from: &SiteName,
+    ) -> Vec<Result<Applied, Error>> {
+        docs.iter()
+            .map(|(doc, bytes)| self.apply_snapshot(doc, bytes, from))
+            .collect()
+    }
 }
 
 /// Which stream a frame belongs on: live changes must never wait behind a
@@ -351,15 +362,43 @@ impl Session {
 
     /// Feeds one already-decoded frame payload (for transports that frame
     /// messages themselves).
-    pub fn handle_frame(&mut self, _now: Instant, host: &dyn Host, payload: &[u8]) {
-        if self.phase == Phase::Closed {
-            return;
+    pub fn handle_frame(&mut self, now: Instant, host: &dyn Host, payload: &[u8]) {
+        self.handle_frames(now, host, std::slice::from_ref(&payload));
+    }
+
+    /// Feeds frame payloads that arrived together, in order. Whole
+    /// documents among them that follow one another are applied together.
+    pub fn handle_frames<P: AsRef<[u8]>>(
+        &mut self,
+        _now: Instant,
+        host: &dyn Host,
+        payloads: &[P],
+    ) {
+        let mut snapshots: Vec<(DocId, Vec<u8>, u64)> = Vec::new();
+        for payload in payloads {
+            if self.phase == Phase::Closed {
+                return;
+            }
+            let payload = payload.as_ref();
+            self.stats.bytes_received += payload.len() as u64 + 4;
+            match wire::decode_payload(payload) {
+                Ok(Message::Snapshot { doc, bytes, batch }) if self.phase == Phase::Open => {
+                    snapshots.push((doc, bytes, batch));
+                }
+                Ok(message) => {
+                    self.on_snapshots(host, &mut snapshots);
+                    if self.phase != Phase::Closed {
+                        self.handle_message(host, message);
+                    }
+                }
+                Err(e) => {
+                    self.on_snapshots(host, &mut snapshots);
+                    self.close(close_code::PROTOCOL_ERROR, &e.to_string());
+                    return;
+                }
+            }
         }
-        self.stats.bytes_received += payload.len() as u64 + 4;
-        match wire::decode_payload(payload) {
-            Ok(message) => self.handle_message(host, message),
-            Err(e) => self.close(close_code::PROTOCOL_ERROR, &e.to_string()),
-        }
+        self.on_snapshots(host, &mut snapshots);
     }
 
     /// Offers a locally durable commit (any origin) for live push.
@@ -609,34 +648,80 @@ impl Session {
     }
 
     fn on_changes(&mut self, host: &dyn Host, doc: DocId, payload: Payload<'_>, batch: u64) {
-        self.stats.batches_received += 1;
         if !self.config.scope.may_receive(&doc) {
+            self.stats.batches_received += 1;
             self.reject(doc, "the peer may not write this document");
-        } else {
-            let applied = match payload {
-                Payload::Changes(changes) => host.apply(&doc, changes, &self.config.peer),
-                Payload::Snapshot(bytes) => host.apply_snapshot(&doc, bytes, &self.config.peer),
-            };
-            match applied {
-                Ok(applied) => {
-                    if !applied.applied.is_empty() {
-                        self.stats.changes_applied += applied.applied.len() as u64;
-                        self.events.push_back(Event::Applied {
-                            doc: doc.clone(),
-                            changes: applied.applied.len(),
-                        });
-                    }
-                    if !applied.missing_deps.is_empty() {
-                        // Arrived ahead of changes they depend on (lanes
-                        // reorder): ask for a catch-up from our heads.
-                        self.send_have(host, &doc, false);
-                    }
-                }
-                Err(Error::BadChange { reason, .. }) => {
-                    self.reject(doc, &format!("malformed change: {reason}"))
-                }
-                Err(e) => return self.host_error(e),
+            self.send(Lane::Control, &Message::Ack { batch });
+            return;
+        }
+        let applied = match payload {
+            Payload::Changes(changes) => host.apply(&doc, changes, &self.config.peer),
+            Payload::Snapshot(bytes) => host.apply_snapshot(&doc, bytes, &self.config.peer),
+        };
+        self.on_applied(host, doc, applied, batch);
+    }
+
+    /// Whole documents received back to back, applied together (one
+    /// durable write for those new here), then acknowledged in order.
+    fn on_snapshots(&mut self, host: &dyn Host, pending: &mut Vec<(DocId, Vec<u8>, u64)>) {
+        if pending.is_empty() {
+            return;
+        }
+        let mut allowed: Vec<(DocId, &[u8])> = Vec::new();
+        for (doc, bytes, _) in pending.iter() {
+            if self.config.scope.may_receive(doc) {
+                allowed.push((doc.clone(), bytes.as_slice()));
             }
+        }
+        let mut results = host
+            .apply_snapshots(&allowed, &self.config.peer)
+            .into_iter();
+        for (doc, _, batch) in std::mem::take(pending) {
+            if self.phase == Phase::Closed {
+                return;
+            }
+            if !self.config.scope.may_receive(&doc) {
+                self.stats.batches_received += 1;
+                self.reject(doc, "the peer may not write this document");
+                self.send(Lane::Control, &Message::Ack { batch });
+                continue;
+            }
+            let applied = results.next().unwrap_or_else(|| {
+                Err(Error::Store(crate::store::StoreError::Backend(
+                    "the host returned too few results".to_owned(),
+                )))
+            });
+            self.on_applied(host, doc, applied, batch);
+        }
+    }
+
+    fn on_applied(
+        &mut self,
+        host: &dyn Host,
+        doc: DocId,
+        applied: Result<Applied, Error>,
+        batch: u64,
+    ) {
+        self.stats.batches_received += 1;
+        match applied {
+            Ok(applied) => {
+                if !applied.applied.is_empty() {
+                    self.stats.changes_applied += applied.applied.len() as u64;
+                    self.events.push_back(Event::Applied {
+                        doc: doc.clone(),
+                        changes: applied.applied.len(),
+                    });
+                }
+                if !applied.missing_deps.is_empty() {
+                    // Arrived ahead of changes they depend on (lanes
+                    // reorder): ask for a catch-up from our heads.
+                    self.send_have(host, &doc, false);
+                }
+            }
+            Err(Error::BadChange { reason, .. }) => {
+                self.reject(doc, &format!("malformed change: {reason}"))
+            }
+            Err(e) => return self.host_error(e),
         }
         self.send(Lane::Control, &Message::Ack { batch });
     }

@@ -26,7 +26,7 @@ use crate::conflict::{Conflict, ConflictConfig};
 use crate::doc::{self, ChangeInfo, Op};
 use crate::error::Error;
 use crate::id::{new_actor, DocId, SiteName};
-use crate::store::{Store, StoredDoc, Write};
+use crate::store::{Store, StoreError, StoredDoc, Write};
 
 /// Source of wall-clock time for change stamps (replaceable in simulation).
 pub trait Clock: Send + Sync + 'static {
@@ -851,6 +851,103 @@ impl Replica {
             missing_deps: Vec::new(),
             heads,
         })
+    }
+
+    /// [`Replica::apply_snapshot`] for many documents at once: those new
+    /// here are verified one by one and stored in one durable write (one
+    /// fsync for the lot, where a document at a time pays one each); the
+    /// others merge one by one. Results are in the order of `docs`.
+    pub fn apply_snapshots(
+        &self,
+        docs: &[(DocId, &[u8])],
+        from: &Origin,
+    ) -> Vec<Result<Applied, Error>> {
+        let mut results: Vec<Option<Result<Applied, Error>>> = docs.iter().map(|_| None).collect();
+        // Documents new here, each once, in id order (the lock order).
+        let mut fresh: Vec<(usize, Automerge)> = Vec::new();
+        {
+            let state = lock(&self.shared.state);
+            let mut seen = HashSet::new();
+            for (i, (id, bytes)) in docs.iter().enumerate() {
+                if state.index.contains_key(id) || !seen.insert(id.clone()) {
+                    continue;
+                }
+                let stored = StoredDoc {
+                    snapshot: Some(bytes.to_vec()),
+                    changes: Vec::new(),
+                };
+                match load_document(&stored) {
+                    Ok(doc) => fresh.push((i, doc)),
+                    Err(reason) => {
+                        results[i] = Some(Err(Error::BadChange {
+                            doc: id.clone(),
+                            index: 0,
+                            reason,
+                        }))
+                    }
+                }
+            }
+        }
+        fresh.sort_by(|a, b| docs[a.0].0.cmp(&docs[b.0].0));
+        let slots: Vec<Arc<Slot>> = fresh.iter().map(|(i, _)| self.slot(&docs[*i].0)).collect();
+        let mut guards: Vec<MutexGuard<'_, Option<Loaded>>> =
+            slots.iter().map(|slot| lock(&slot.loaded)).collect();
+        let mut writes = Vec::new();
+        let mut stored = Vec::new();
+        let mut events = Vec::new();
+        for ((i, doc), guard) in fresh.iter().zip(guards.iter_mut()) {
+            let id = &docs[*i].0;
+            // Created meanwhile (a local write, another peer): merge it
+            // alone below.
+            // Commits hold the slot lock until indexed, so with it held the
+            // index is current for this document.
+            if guard.is_some() || lock(&self.shared.state).index.contains_key(id) {
+                continue;
+            }
+            let heads = doc.get_heads();
+            writes.push(Write::Snapshot {
+                doc: id.clone(),
+                bytes: docs[*i].1.to_vec(),
+                heads: heads.clone(),
+            });
+            let (index, announced) = self.index_reports(doc, None);
+            writes.extend(index);
+            events.extend(announced);
+            stored.push((*i, heads));
+        }
+        if !writes.is_empty() {
+            if let Err(e) = self.shared.store.commit(writes) {
+                let reason = e.to_string();
+                for (i, _) in &stored {
+                    results[*i] = Some(Err(Error::Store(StoreError::Backend(reason.clone()))));
+                }
+                stored.clear();
+            }
+        }
+        for (i, heads) in stored {
+            self.publish(Committed {
+                doc: docs[i].0.clone(),
+                heads: heads.clone(),
+                changes: Arc::new(Vec::new()),
+                hashes: heads.clone(),
+                origin: from.clone(),
+            });
+            results[i] = Some(Ok(Applied {
+                applied: heads.clone(),
+                duplicates: 0,
+                missing_deps: Vec::new(),
+                heads,
+            }));
+        }
+        drop(guards);
+        self.announce(events);
+        // Everything else: one at a time.
+        docs.iter()
+            .zip(results)
+            .map(|((id, bytes), result)| {
+                result.unwrap_or_else(|| self.apply_snapshot(id, bytes, from.clone()))
+            })
+            .collect()
     }
 
     /// Writes new changes of a loaded document durably (compacting when

@@ -895,6 +895,9 @@ struct SessionOutcome {
     close: u32,
 }
 
+/// Most queued frames handed to the session in one turn.
+const FRAMES_PER_TURN_MAX: usize = 256;
+
 /// The blocking side of one connection: owns the session.
 struct SessionDriver {
     shared: Arc<Shared>,
@@ -913,6 +916,8 @@ impl SessionDriver {
             reason: String::from("inputs ended"),
             close: connection_close::NORMAL,
         };
+        // An input taken from the queue while gathering frames.
+        let mut next: Option<Input> = None;
         loop {
             if let Err(why) = self.flush(&mut session, &mut outcome) {
                 outcome.reason = why;
@@ -921,14 +926,32 @@ impl SessionDriver {
             if session.is_closed() {
                 return outcome;
             }
-            let Some(input) = inputs.blocking_recv() else {
-                return outcome;
+            let input = match next.take() {
+                Some(input) => input,
+                None => match inputs.blocking_recv() {
+                    Some(input) => input,
+                    None => return outcome,
+                },
             };
             let now = Instant::now();
             match input {
                 Input::Frame(payload) => {
-                    session.handle_frame(now, &replica, &payload);
-                    self.input_bytes.add_permits(payload.len());
+                    // Frames that queued meanwhile go in together, so whole
+                    // documents arriving back to back become one durable write.
+                    let mut frames = vec![payload];
+                    while frames.len() < FRAMES_PER_TURN_MAX {
+                        match inputs.try_recv() {
+                            Ok(Input::Frame(payload)) => frames.push(payload),
+                            Ok(other) => {
+                                next = Some(other);
+                                break;
+                            }
+                            Err(_) => break,
+                        }
+                    }
+                    session.handle_frames(now, &replica, &frames);
+                    self.input_bytes
+                        .add_permits(frames.iter().map(Vec::len).sum());
                     self.shared.update(&self.peer, self.connection_id, |entry| {
                         entry.last_seen = Some(SystemTime::now());
                     });
