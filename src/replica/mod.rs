@@ -774,82 +774,50 @@ impl Replica {
     /// Merges a whole document received in saved form. The bytes are
     /// verified on load (automerge checks the heads against the contents;
     /// decoder panics are contained); a document new here is stored as the
-    /// received snapshot, an existing one merges it. Subscribers get a
-    /// [`Committed`] with no change bytes: it names the new heads only.
+    /// received snapshot (and not kept loaded), an existing one merges it.
+    /// Subscribers get a [`Committed`] with no change bytes for a new
+    /// document: it names the new heads only.
     pub fn apply_snapshot(&self, id: &DocId, bytes: &[u8], from: Origin) -> Result<Applied, Error> {
+        self.apply_snapshots(&[(id.clone(), bytes)], &from)
+            .pop()
+            .expect("one result per document")
+    }
+
+    /// Merges a whole document into the one held here, like changes.
+    fn merge_snapshot(&self, id: &DocId, bytes: &[u8], from: Origin) -> Result<Applied, Error> {
         let stored = StoredDoc {
             snapshot: Some(bytes.to_vec()),
             changes: Vec::new(),
         };
-        let mut incoming = load_document(&stored).map_err(|reason| Error::BadChange {
+        let incoming = load_document(&stored).map_err(|reason| Error::BadChange {
             doc: id.clone(),
             index: 0,
             reason,
         })?;
         let slot = self.slot(id);
         let mut guard = lock(&slot.loaded);
-        let before = self.ensure_loaded_or_new(id, &mut guard)?.doc.get_heads();
-        if !before.is_empty() {
-            // Known here: merge the changes it adds like any others.
-            let loaded = guard.as_mut().expect("loaded above");
-            let new = loaded.doc.get_changes_added(&incoming);
-            if new.is_empty() {
-                return Ok(Applied {
-                    duplicates: 1,
-                    heads: before,
-                    ..Applied::default()
-                });
-            }
-            let hashes: Vec<ChangeHash> = new.iter().map(Change::hash).collect();
-            let bytes: Vec<Vec<u8>> = new.iter().map(|c| c.raw_bytes().to_vec()).collect();
-            let merge = Merge {
-                before: &before,
-                incoming: &new,
-                written: None,
-            };
-            let heads = self.merge_and_settle(id, &mut guard, &merge, bytes, from)?;
+        let loaded = self.ensure_loaded_or_new(id, &mut guard)?;
+        let before = loaded.doc.get_heads();
+        let new = loaded.doc.get_changes_added(&incoming);
+        if new.is_empty() {
             return Ok(Applied {
-                applied: hashes,
-                heads,
+                duplicates: 1,
+                heads: before,
                 ..Applied::default()
             });
         }
-        // New here: adopt the document and store the bytes as received.
-        incoming.set_actor(self.shared.actor.clone());
-        let loaded = guard.as_mut().expect("loaded above");
-        loaded.doc = incoming;
-        loaded.snapshot_bytes = bytes.len();
-        loaded.appended_changes = 0;
-        loaded.appended_bytes = 0;
-        let heads = loaded.doc.get_heads();
-        let write = Write::Snapshot {
-            doc: id.clone(),
-            bytes: bytes.to_vec(),
-            heads: heads.clone(),
+        let hashes: Vec<ChangeHash> = new.iter().map(Change::hash).collect();
+        let bytes: Vec<Vec<u8>> = new.iter().map(|c| c.raw_bytes().to_vec()).collect();
+        let merge = Merge {
+            before: &before,
+            incoming: &new,
+            written: None,
         };
-        let (extra, events) = self.index_reports(&loaded.doc, None);
-        let mut writes = vec![write];
-        writes.extend(extra);
-        if let Err(e) = self.shared.store.commit(writes) {
-            *guard = None;
-            return Err(e.into());
-        }
-        // A document that arrived whole is not in use here: keep its bytes,
-        // not the loaded form (bulk arrivals would otherwise fill the cache).
-        *guard = None;
-        self.publish(Committed {
-            doc: id.clone(),
-            heads: heads.clone(),
-            changes: Arc::new(Vec::new()),
-            hashes: heads.clone(),
-            origin: from,
-        });
-        self.announce(events);
+        let heads = self.merge_and_settle(id, &mut guard, &merge, bytes, from)?;
         Ok(Applied {
-            applied: heads.clone(),
-            duplicates: 0,
-            missing_deps: Vec::new(),
+            applied: hashes,
             heads,
+            ..Applied::default()
         })
     }
 
@@ -945,7 +913,7 @@ impl Replica {
         docs.iter()
             .zip(results)
             .map(|((id, bytes), result)| {
-                result.unwrap_or_else(|| self.apply_snapshot(id, bytes, from.clone()))
+                result.unwrap_or_else(|| self.merge_snapshot(id, bytes, from.clone()))
             })
             .collect()
     }
