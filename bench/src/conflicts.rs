@@ -106,23 +106,38 @@ fn fixture(history_ops: usize) -> anyhow::Result<Fixture> {
     })
 }
 
-/// Median time of merging the fixture's remote changes into a fresh copy of
-/// the local document, over `trials`.
-fn merge_time(f: &Fixture, config: &ConflictConfig, trials: usize) -> anyhow::Result<Duration> {
+/// Time of merging the fixture's remote changes into a fresh copy of the
+/// local document.
+fn merge_once(f: &Fixture, config: &ConflictConfig) -> anyhow::Result<Duration> {
     let id: DocId = "inventory/sku-1".parse()?;
-    let mut times = Vec::with_capacity(trials);
+    let r = replica("ap-south", config.clone())?;
+    r.apply_snapshot(&id, &f.local, Origin::Local)?;
+    // Load it, so the timing covers the merge alone.
+    r.with_doc(&id, |_| ())?;
+    let started = Instant::now();
+    let applied = r.apply_changes(&id, &f.remote, Origin::Local)?;
+    let elapsed = started.elapsed();
+    anyhow::ensure!(applied.applied.len() == 100, "all 100 changes merge");
+    Ok(elapsed)
+}
+
+/// Median merge times with the layer off and on, over `trials` each; the
+/// trials alternate so that drift (other load, CPU frequency) affects both
+/// sides alike.
+fn merge_times(
+    f: &Fixture,
+    off: &ConflictConfig,
+    on: &ConflictConfig,
+    trials: usize,
+) -> anyhow::Result<(Duration, Duration)> {
+    let (mut offs, mut ons) = (Vec::with_capacity(trials), Vec::with_capacity(trials));
     for _ in 0..trials {
-        let r = replica("ap-south", config.clone())?;
-        r.apply_snapshot(&id, &f.local, Origin::Local)?;
-        // Load it, so the timing covers the merge alone.
-        r.with_doc(&id, |_| ())?;
-        let started = Instant::now();
-        let applied = r.apply_changes(&id, &f.remote, Origin::Local)?;
-        times.push(started.elapsed());
-        anyhow::ensure!(applied.applied.len() == 100, "all 100 changes merge");
+        offs.push(merge_once(f, off)?);
+        ons.push(merge_once(f, on)?);
     }
-    times.sort();
-    Ok(times[times.len() / 2])
+    offs.sort();
+    ons.sort();
+    Ok((offs[trials / 2], ons[trials / 2]))
 }
 
 pub(crate) fn overhead(quick: bool) -> anyhow::Result<Map<String, Value>> {
@@ -133,9 +148,7 @@ pub(crate) fn overhead(quick: bool) -> anyhow::Result<Map<String, Value>> {
         ("100k", 100_000, if quick { 5 } else { 11 }),
     ] {
         let f = fixture(history_ops)?;
-        // Alternate so drift affects both sides alike.
-        let off = merge_time(&f, &layer_off(), trials)?;
-        let on = merge_time(&f, &layer_on()?, trials)?;
+        let (off, on) = merge_times(&f, &layer_off(), &layer_on()?, trials)?;
         let ratio = on.as_secs_f64() / off.as_secs_f64();
         worst = worst.max(ratio);
         out.push((format!("ratio_{label}_ops"), json!(ratio)));

@@ -63,7 +63,8 @@ pub struct ReplicaOptions {
     /// Appended changes after which a document is compacted regardless.
     pub compact_changes_max: usize,
     /// Capacity of the change subscription channel; a subscriber that falls
-    /// further behind sees `Lagged` and must catch up from the store.
+    /// further behind sees `Lagged` and must catch up from the store. The
+    /// conflict subscription holds at most 256.
     pub subscription_capacity: usize,
     /// Time source for change stamps.
     pub clock: Arc<dyn Clock>,
@@ -104,6 +105,11 @@ pub enum Origin {
     /// Received from a peer (the site that sent it, which may have relayed it).
     Peer(SiteName),
 }
+
+/// Most report events the conflict subscription holds for a slow
+/// subscriber. Reports are few next to changes, and each slot of the ring is
+/// allocated up front (a report is about 300 bytes), so it stays small.
+const CONFLICT_SUBSCRIPTION_CAPACITY_MAX: usize = 256;
 
 /// Changes that became durable in one document, as delivered to subscribers.
 #[derive(Debug, Clone)]
@@ -290,7 +296,11 @@ impl Replica {
     pub fn open(options: ReplicaOptions, store: Arc<dyn Store>) -> Result<Replica, Error> {
         let index = store.docs()?.into_iter().map(|e| (e.id, e.heads)).collect();
         let (events, _) = broadcast::channel(options.subscription_capacity.max(1));
-        let (conflict_events, _) = broadcast::channel(options.subscription_capacity.max(1));
+        let (conflict_events, _) = broadcast::channel(
+            options
+                .subscription_capacity
+                .clamp(1, CONFLICT_SUBSCRIPTION_CAPACITY_MAX),
+        );
         let actor = new_actor(&options.site);
         Ok(Replica {
             shared: Arc::new(Shared {

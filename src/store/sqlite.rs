@@ -227,7 +227,7 @@ const WRITER_CACHE_KIB: usize = 2048;
 /// Page cache of each read connection, KiB: documents are read whole and
 /// then cached decoded by the replica, so the kernel's page cache serves
 /// re-reads well enough, and idle memory stays small.
-const READER_CACHE_KIB: usize = 256;
+const READER_CACHE_KIB: usize = 64;
 
 fn open_connection(path: &Path, cache_kib: usize) -> Result<Connection, StoreError> {
     let conn = Connection::open(path).map_err(backend)?;
