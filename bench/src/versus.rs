@@ -435,7 +435,10 @@ fn settled_rss() -> anyhow::Result<u64> {
 /// are resident before the baseline and not counted per document.
 fn warm_up() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
-    let (a, b) = (open(dir.path(), "site-a", None)?, open(dir.path(), "site-b", None)?);
+    let (a, b) = (
+        open(dir.path(), "site-a", None)?,
+        open(dir.path(), "site-b", None)?,
+    );
     let ids: Vec<DocId> = (0..100)
         .map(|d| format!("warm/{d}").parse())
         .collect::<Result<_, _>>()?;
@@ -458,8 +461,8 @@ fn warm_up() -> anyhow::Result<()> {
 /// own allocations are not in it).
 fn heap_bytes() -> anyhow::Result<u64> {
     tikv_jemalloc_ctl::epoch::advance().map_err(|e| anyhow::anyhow!("jemalloc epoch: {e}"))?;
-    let allocated =
-        tikv_jemalloc_ctl::stats::allocated::read().map_err(|e| anyhow::anyhow!("jemalloc stats: {e}"))?;
+    let allocated = tikv_jemalloc_ctl::stats::allocated::read()
+        .map_err(|e| anyhow::anyhow!("jemalloc stats: {e}"))?;
     Ok(allocated as u64)
 }
 
@@ -548,4 +551,3 @@ mod tests {
         assert!(from_start.iter().zip(&from_durable).all(|(s, d)| s >= d));
     }
 }
-

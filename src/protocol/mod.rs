@@ -53,6 +53,14 @@ impl Host for Replica {
         Replica::apply_snapshot(self, doc, bytes, Origin::Peer(from.clone()))
     }
 
+    fn mark_synced(&self, peer: &SiteName) {
+        Replica::mark_synced(self, peer)
+    }
+
+    fn changed_since_synced(&self, peer: &SiteName) -> Option<Vec<DocId>> {
+        Replica::changed_since_synced(self, peer)
+    }
+
     fn apply_snapshots(
         &self,
         docs: &[(DocId, &[u8])],

@@ -62,6 +62,14 @@ pub trait Host {
             .map(|(doc, bytes)| self.apply_snapshot(doc, bytes, from))
             .collect()
     }
+    /// Notes that the session with `peer` has nothing in flight.
+    fn mark_synced(&self, _peer: &SiteName) {}
+    /// Documents probably changed here since the last [`Host::mark_synced`]
+    /// for `peer`, or `None` when unknown. Only a hint: reconciliation
+    /// finds every difference whatever it says.
+    fn changed_since_synced(&self, _peer: &SiteName) -> Option<Vec<DocId>> {
+        None
+    }
 }
 
 /// Which stream a frame belongs on: live changes must never wait behind a
@@ -475,6 +483,7 @@ impl Session {
             (Phase::Open, Message::ReconcileDone) => {
                 self.reconcile_done = true;
                 self.maybe_reconciled();
+                self.maybe_synced(host);
             }
             (Phase::Open, Message::Have { doc, heads, reply }) => {
                 self.on_have(host, doc, from_wire(&heads), reply)
@@ -517,7 +526,13 @@ impl Session {
             Err(e) => return self.close(close_code::INTERNAL, &format!("index: {e}")),
         };
         if self.config.local < self.config.peer {
-            let first = items.initiate();
+            // Documents changed here since the peer last held everything
+            // are listed up front: when they are all that differs, one
+            // round trip settles the rest.
+            let first = match host.changed_since_synced(&self.config.peer) {
+                Some(changed) => items.initiate_hinted(&changed),
+                None => items.initiate(),
+            };
             self.stats.reconcile_messages_sent += 1;
             self.send(Lane::Control, &Message::Reconcile(first));
         }
@@ -553,6 +568,7 @@ impl Session {
             }
         }
         self.maybe_reconciled();
+        self.maybe_synced(host);
     }
 
     fn maybe_reconciled(&mut self) {
@@ -724,6 +740,7 @@ impl Session {
             Err(e) => return self.host_error(e),
         }
         self.send(Lane::Control, &Message::Ack { batch });
+        self.maybe_synced(host);
     }
 
     fn on_ack(&mut self, host: &dyn Host, batch: u64) {
@@ -736,6 +753,21 @@ impl Session {
         }
         self.pump_live();
         self.pump_catchup(host);
+        self.maybe_synced(host);
+    }
+
+    /// Tells the host when reconciliation is over and nothing sent is
+    /// waiting for an ack or queued: the peer then holds what this side
+    /// had (as far as it can tell; the mark only steers hints).
+    fn maybe_synced(&self, host: &dyn Host) {
+        if self.is_reconciled()
+            && self.items.is_none()
+            && self.unacked.is_empty()
+            && self.live_queue.is_empty()
+            && self.catchup_queue.is_empty()
+        {
+            host.mark_synced(&self.config.peer);
+        }
     }
 
     fn queue_catchup(&mut self, host: &dyn Host, doc: DocId, base: Vec<ChangeHash>) {

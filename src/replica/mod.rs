@@ -12,7 +12,7 @@
 //! held until the store reports the change durable; commits to different
 //! documents proceed in parallel and share the store's group commit.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -110,6 +110,14 @@ pub enum Origin {
 /// subscriber. Reports are few next to changes, and each slot of the ring is
 /// allocated up front (a report is about 300 bytes), so it stays small.
 const CONFLICT_SUBSCRIPTION_CAPACITY_MAX: usize = 256;
+
+/// Most recent document updates remembered for [`Replica::changed_since_synced`]
+/// (about 24 bytes each): a peer apart for longer reconciles without hints.
+const RECENT_UPDATES_MAX: usize = 4096;
+
+/// Most documents [`Replica::changed_since_synced`] names; beyond that,
+/// plain reconciliation is about as cheap.
+const CHANGED_SINCE_SYNCED_MAX: usize = 1024;
 
 /// Changes that became durable in one document, as delivered to subscribers.
 #[derive(Debug, Clone)]
@@ -238,6 +246,15 @@ struct State {
     /// Slots by last use, oldest first, with the time of that use.
     lru: BTreeMap<u64, (DocId, std::time::Instant)>,
     tick: u64,
+    /// Number of the latest index update.
+    update: u64,
+    /// The latest index updates, oldest first, with their numbers; at most
+    /// [`RECENT_UPDATES_MAX`].
+    recent: VecDeque<(u64, DocId)>,
+    /// Per peer: the update number at which its session last had nothing
+    /// in flight (see [`Replica::mark_synced`]). In memory only: after a
+    /// restart the first reconciliation with each peer runs without hints.
+    synced: HashMap<SiteName, u64>,
 }
 
 /// One document's lock and, once loaded, its automerge state.
@@ -1003,10 +1020,54 @@ impl Replica {
     /// Records a durable change in the index, then tells subscribers (none
     /// listening is not an error).
     fn publish(&self, committed: Committed) {
-        lock(&self.shared.state)
+        let mut state = lock(&self.shared.state);
+        state.update += 1;
+        let update = state.update;
+        state.recent.push_back((update, committed.doc.clone()));
+        if state.recent.len() > RECENT_UPDATES_MAX {
+            state.recent.pop_front();
+        }
+        state
             .index
             .insert(committed.doc.clone(), committed.heads.clone());
+        drop(state);
         let _ = self.shared.events.send(committed);
+    }
+
+    /// Records that the session with `peer` has nothing in flight: the
+    /// peer holds, as far as this side can tell, every update made so far.
+    /// [`Replica::changed_since_synced`] then names what changes after.
+    pub fn mark_synced(&self, peer: &SiteName) {
+        let mut state = lock(&self.shared.state);
+        let update = state.update;
+        state.synced.insert(peer.clone(), update);
+    }
+
+    /// The documents updated here since the session with `peer` last had
+    /// nothing in flight, in no particular order: a guess at what differs,
+    /// used to start reconciliation with them listed. `None` when there is
+    /// no such mark (no session since this replica opened), when the
+    /// updates since go back further than this replica remembers, or when
+    /// they name more than 1,024 documents.
+    pub fn changed_since_synced(&self, peer: &SiteName) -> Option<Vec<DocId>> {
+        let state = lock(&self.shared.state);
+        let since = *state.synced.get(peer)?;
+        if since == state.update {
+            return Some(Vec::new());
+        }
+        let oldest = state.recent.front()?.0;
+        if oldest > since + 1 {
+            return None;
+        }
+        let mut docs: Vec<DocId> = state
+            .recent
+            .iter()
+            .filter(|(update, _)| *update > since)
+            .map(|(_, doc)| doc.clone())
+            .collect();
+        docs.sort_unstable();
+        docs.dedup();
+        (docs.len() <= CHANGED_SINCE_SYNCED_MAX).then_some(docs)
     }
 
     /// Drops the loaded state of documents unused for longer than
