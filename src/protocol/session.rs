@@ -608,8 +608,15 @@ impl Session {
                 self.queue_catchup(host, doc, theirs);
             }
         } else if !reply {
-            // The peer has changes we lack: tell it what we have.
-            self.send_have(host, &doc, true);
+            // The peer has changes we lack: tell it what we have, unless our
+            // own `Have` is already on its way, in which case the peer acts
+            // on that (sends what we lack, or answers with its heads when it
+            // lacks some of ours too); the side whose name sorts first still
+            // answers, so that one side always reaches the sampling below.
+            let ours_sent = self.reconciled.contains(&doc);
+            if !ours_sent || self.config.local < self.config.peer {
+                self.send_have(host, &doc, true);
+            }
         } else {
             // Both sides hold changes the other lacks: find a common base.
             match host.sample(&doc) {
