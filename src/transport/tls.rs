@@ -398,6 +398,13 @@ pub fn server_config(
         .with_client_cert_verifier(verifier)
         .with_single_cert(identity.cert_chain.clone(), identity.key.clone_key())?;
     config.alpn_protocols = vec![ALPN_PROTOCOL.to_vec()];
+    // No session resumption: a resumed handshake skips the certificate
+    // verifiers, so a peer that has since been removed from the list or
+    // whose certificate expired would get back in; and over QUIC it saves
+    // no bytes (the packets carrying the handshake are padded to 1,200
+    // bytes either way) while every ticket costs some.
+    config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    config.send_tls13_tickets = 0;
     Ok(Arc::new(config))
 }
 
@@ -423,6 +430,8 @@ pub fn client_config(
         .with_webpki_verifier(verifier)
         .with_client_auth_cert(identity.cert_chain.clone(), identity.key.clone_key())?;
     config.alpn_protocols = vec![ALPN_PROTOCOL.to_vec()];
+    // Every handshake checks both certificates (see `server_config`).
+    config.resumption = rustls::client::Resumption::disabled();
     Ok(Arc::new(config))
 }
 
@@ -704,5 +713,90 @@ mod tests {
         let (ca_pem, _) = ca.to_pem();
         let twice = format!("{ca_pem}{ca_pem}");
         assert!(ca_cert_from_pem(&twice).is_err());
+    }
+
+    /// Runs an in-memory handshake to the end, including anything the
+    /// server sends after it; the bytes both ways.
+    fn handshake(
+        client: Arc<ClientConfig>,
+        server: Arc<ServerConfig>,
+        server_site: &SiteName,
+    ) -> (rustls::ClientConnection, rustls::ServerConnection, usize) {
+        let mut client =
+            rustls::ClientConnection::new(client, server_name(server_site).unwrap()).unwrap();
+        let mut server = rustls::ServerConnection::new(server).unwrap();
+        let mut total = 0;
+        for _ in 0..20 {
+            let mut moved = false;
+            while client.wants_write() {
+                let mut bytes = Vec::new();
+                client.write_tls(&mut bytes).unwrap();
+                moved |= !bytes.is_empty();
+                total += bytes.len();
+                server.read_tls(&mut bytes.as_slice()).unwrap();
+                server.process_new_packets().unwrap();
+            }
+            while server.wants_write() {
+                let mut bytes = Vec::new();
+                server.write_tls(&mut bytes).unwrap();
+                moved |= !bytes.is_empty();
+                total += bytes.len();
+                client.read_tls(&mut bytes.as_slice()).unwrap();
+                client.process_new_packets().unwrap();
+            }
+            if !moved {
+                break;
+            }
+        }
+        assert!(!client.is_handshaking() && !server.is_handshaking());
+        (client, server, total)
+    }
+
+    #[test]
+    fn every_handshake_checks_both_certificates_again() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let ca = CertificateAuthority::generate("test").unwrap();
+        let east = ca.issue_site(&site("us-east")).unwrap();
+        let west = ca.issue_site(&site("us-west")).unwrap();
+        let allowed = Arc::new(AtomicBool::new(true));
+        let still = allowed.clone();
+        let server =
+            server_config(&east, ca.cert_der(), move |_| still.load(Ordering::SeqCst)).unwrap();
+        let client = client_config(&west, ca.cert_der(), east.site()).unwrap();
+        let (_, first, first_bytes) = handshake(client.clone(), server.clone(), east.site());
+        let (_, second, second_bytes) = handshake(client.clone(), server.clone(), east.site());
+        // Same configurations, so a session could have been resumed: it is
+        // not, and no ticket is sent.
+        assert_eq!(first.handshake_kind(), Some(rustls::HandshakeKind::Full));
+        assert_eq!(second.handshake_kind(), Some(rustls::HandshakeKind::Full));
+        // (ECDSA signatures vary by a byte or two in length.)
+        assert!(
+            first_bytes.abs_diff(second_bytes) <= 8,
+            "{first_bytes} then {second_bytes}"
+        );
+        // So a client taken off the peer list is refused at once.
+        allowed.store(false, Ordering::SeqCst);
+        let mut c =
+            rustls::ClientConnection::new(client, server_name(east.site()).unwrap()).unwrap();
+        let mut s = rustls::ServerConnection::new(server).unwrap();
+        let mut refused = false;
+        for _ in 0..10 {
+            while c.wants_write() {
+                let mut bytes = Vec::new();
+                c.write_tls(&mut bytes).unwrap();
+                s.read_tls(&mut bytes.as_slice()).unwrap();
+                refused |= s.process_new_packets().is_err();
+            }
+            while s.wants_write() {
+                let mut bytes = Vec::new();
+                s.write_tls(&mut bytes).unwrap();
+                c.read_tls(&mut bytes.as_slice()).unwrap();
+                let _ = c.process_new_packets();
+            }
+            if refused {
+                break;
+            }
+        }
+        assert!(refused, "the server must refuse a client no longer listed");
     }
 }
