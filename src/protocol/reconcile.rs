@@ -21,6 +21,14 @@
 //! per level, over about `log_BRANCHING(n / ID_LIST_MAX)` levels, and then a
 //! list of about a dozen items of about 13 bytes each.
 //!
+//! A side that can guess which of its documents differ (those changed since
+//! the peer last held everything) opens with them listed and the gaps
+//! between them fingerprinted ([`ItemSet::initiate_hinted`]): when the guess
+//! covers the differences, one round trip settles everything, at about 60
+//! bytes per listed document (ten among 2,000: 821 bytes in two messages,
+//! against about 4.4 KB in five). A wrong guess only costs bytes: the gaps
+//! that differ are split as usual.
+//!
 //! The module is sans-IO and deterministic: [`ItemSet::respond`] takes a
 //! message and returns the reply and what this side learned. The sides call it
 //! in turn until one of them has nothing to send back. A peer's message never

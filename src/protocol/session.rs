@@ -6,7 +6,10 @@
 //! [`Replica`](crate::Replica) in production and in the simulation).
 //!
 //! Flow: both sides send `Hello`; the side whose site name sorts first
-//! starts range-based set reconciliation of `(doc id, heads)`; every
+//! starts range-based set reconciliation of `(doc id, heads)`, listing up
+//! front the documents it changed since the peer last held everything
+//! ([`Host::changed_since_synced`]; the session marks that moment with
+//! [`Host::mark_synced`] whenever nothing it sent is in flight); every
 //! document found to differ is caught up with a per-document exchange of
 //! heads that only ever sends changes after heads the sender has verified it
 //! knows (automerge answers unknown heads with the whole history). Local
