@@ -65,8 +65,10 @@ pub trait Host {
             .map(|(doc, bytes)| self.apply_snapshot(doc, bytes, from))
             .collect()
     }
+
     /// Notes that the session with `peer` has nothing in flight.
     fn mark_synced(&self, _peer: &SiteName) {}
+
     /// Documents probably changed here since the last [`Host::mark_synced`]
     /// for `peer`, or `None` when unknown. Only a hint: reconciliation
     /// finds every difference whatever it says.
