@@ -44,6 +44,8 @@ struct Pair {
     to_a: Vec<(Lane, VecDeque<Vec<u8>>)>,
     to_b: Vec<(Lane, VecDeque<Vec<u8>>)>,
     bytes_on_wire: usize,
+    /// Messages sent, by kind, both ways.
+    kinds: std::collections::BTreeMap<&'static str, usize>,
 }
 
 impl Pair {
@@ -76,6 +78,7 @@ impl Pair {
             to_a: lanes(),
             to_b: lanes(),
             bytes_on_wire: 0,
+            kinds: Default::default(),
         }
     }
 
@@ -91,6 +94,11 @@ impl Pair {
             }
             while let Some((lane, frame)) = end.session.poll_transmit() {
                 self.bytes_on_wire += frame.len();
+                let mut decoder = wire::FrameDecoder::new();
+                decoder.push(&frame);
+                while let Ok(Some(message)) = decoder.next_message() {
+                    *self.kinds.entry(message.kind()).or_default() += 1;
+                }
                 out.iter_mut()
                     .find(|(l, _)| *l == lane)
                     .unwrap()
@@ -193,6 +201,40 @@ fn reconnecting_identical_sites_costs_one_small_exchange() {
     again.run([Lane::Control, Lane::Live]);
     // Two hellos, one fingerprint, one done: well under a kilobyte.
     assert!(again.bytes_on_wire < 300, "{} bytes", again.bytes_on_wire);
+}
+
+#[test]
+fn documents_changed_while_apart_cost_one_round_trip_and_no_heads() {
+    let (a, b) = (replica("east"), replica("west"));
+    for i in 0..2_000 {
+        set(&a, &format!("inv/{i}"), "stock", json!(i));
+    }
+    Pair::everything(a.clone(), b.clone()).run([Lane::Control, Lane::Live]);
+    // East (which opens reconciliation) changes ten while apart.
+    for i in (0..2_000).step_by(200) {
+        set(&a, &format!("inv/{i}"), "stock", json!(-1));
+    }
+    let mut pair = Pair::everything(a.clone(), b.clone());
+    pair.run([Lane::Control, Lane::Live]);
+    for i in (0..2_000).step_by(200) {
+        pair.assert_converged(&format!("inv/{i}"));
+    }
+    // The hinted opening and its answer; then the changes, straight away.
+    assert_eq!(pair.kinds.get("reconcile"), Some(&2), "{:?}", pair.kinds);
+    assert_eq!(pair.kinds.get("have"), None, "{:?}", pair.kinds);
+    assert_eq!(pair.kinds.get("changes"), Some(&10), "{:?}", pair.kinds);
+    // West (which answers) changes five, east five others: found by
+    // splitting, and every one arrives.
+    for i in (0..2_000).step_by(400) {
+        set(&b, &format!("inv/{i}"), "stock", json!(-2));
+        set(&a, &format!("inv/{}", i + 1), "stock", json!(-3));
+    }
+    let mut pair = Pair::everything(a, b);
+    pair.run([Lane::Control, Lane::Live]);
+    for i in (0..2_000).step_by(400) {
+        pair.assert_converged(&format!("inv/{i}"));
+        pair.assert_converged(&format!("inv/{}", i + 1));
+    }
 }
 
 #[test]

@@ -53,6 +53,10 @@ impl Host for Replica {
         Replica::apply_snapshot(self, doc, bytes, Origin::Peer(from.clone()))
     }
 
+    fn heads_of_state(&self, doc: &DocId, short: &[u8; 8]) -> Option<Vec<ChangeHash>> {
+        Replica::heads_of_state(self, doc, short)
+    }
+
     fn mark_synced(&self, peer: &SiteName) {
         Replica::mark_synced(self, peer)
     }

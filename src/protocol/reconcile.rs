@@ -305,6 +305,14 @@ pub struct Differences {
     pub only_mine: Vec<DocId>,
     /// Only the other side has the document.
     pub only_theirs: Vec<DocId>,
+    /// Of the above, those this side's reply lists for the peer (as
+    /// [`Mode::ItemsFinal`]): the peer learns from that list that they
+    /// differ, and with which state here.
+    pub told: Vec<DocId>,
+    /// Of the above, those the peer listed for this side (its
+    /// [`Mode::ItemsFinal`]), with the short hash of its state: the peer
+    /// knows they differ too.
+    pub listed_by_peer: Vec<(DocId, ShortHash)>,
 }
 
 impl Differences {
@@ -319,6 +327,8 @@ impl Differences {
         self.differ.append(&mut other.differ);
         self.only_mine.append(&mut other.only_mine);
         self.only_theirs.append(&mut other.only_theirs);
+        self.told.append(&mut other.told);
+        self.listed_by_peer.append(&mut other.listed_by_peer);
     }
 }
 
@@ -664,7 +674,11 @@ impl ItemSet {
                 .only_mine
                 .extend(self.items[start..end].iter().map(|(id, _)| id.clone()));
             if mine <= reply.limits.list_max {
-                Mode::ItemsFinal(self.list(start, end))
+                let list = self.list(start, end);
+                differences
+                    .told
+                    .extend(list.iter().map(|(id, _)| id.clone()));
+                Mode::ItemsFinal(list)
             } else {
                 Mode::Skip
             }
@@ -771,6 +785,9 @@ fn answer_items(
         // has recorded every difference in the range, which is enough.
         Mode::Skip
     } else {
+        differences
+            .told
+            .extend(delta.iter().map(|(id, _)| id.clone()));
         Mode::ItemsFinal(delta)
     }
 }
@@ -786,9 +803,13 @@ fn absorb_final(
             Ok(index) => {
                 if short_hash(&mine[index].1) != *their_hash {
                     differences.differ.push(id.clone());
+                    differences.listed_by_peer.push((id.clone(), *their_hash));
                 }
             }
-            Err(_) => differences.only_theirs.push(id.clone()),
+            Err(_) => {
+                differences.only_theirs.push(id.clone());
+                differences.listed_by_peer.push((id.clone(), *their_hash));
+            }
         }
     }
 }

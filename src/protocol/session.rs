@@ -66,6 +66,13 @@ pub trait Host {
             .collect()
     }
 
+    /// The heads of a recent state of `doc` whose item hash starts with
+    /// `short` (see [`super::reconcile::item_hash`]), if this side can find
+    /// one; `None` is always a correct answer.
+    fn heads_of_state(&self, _doc: &DocId, _short: &[u8; 8]) -> Option<Vec<ChangeHash>> {
+        None
+    }
+
     /// Notes that the session with `peer` has nothing in flight.
     fn mark_synced(&self, _peer: &SiteName) {}
 
@@ -210,6 +217,8 @@ pub struct Session {
     // Reconciliation.
     items: Option<ItemSet>,
     reconciled: HashSet<DocId>,
+    /// Documents this side sent its own (unprompted) `Have` for.
+    haves_sent: HashSet<DocId>,
     /// Set by whichever side ends the exchange (its `respond` had nothing
     /// to send back) and by the other on hearing `ReconcileDone`.
     reconcile_done: bool,
@@ -250,6 +259,7 @@ impl Session {
             stats: SessionStats::default(),
             items: None,
             reconciled: HashSet::new(),
+            haves_sent: HashSet::new(),
             reconcile_done: false,
             next_batch: 1,
             unacked: BTreeMap::new(),
@@ -562,15 +572,35 @@ impl Session {
                 self.reconcile_done = true;
             }
         }
+        let told: HashSet<DocId> = differences.told.into_iter().collect();
+        let listed: HashMap<DocId, [u8; 8]> = differences.listed_by_peer.into_iter().collect();
         let docs = differences
             .differ
             .into_iter()
             .chain(differences.only_mine)
             .chain(differences.only_theirs);
         for doc in docs {
-            if self.reconciled.insert(doc.clone()) {
-                self.send_have(host, &doc, false);
+            if !self.reconciled.insert(doc.clone()) {
+                continue;
             }
+            if told.contains(&doc) {
+                // Our list tells the peer; it answers with changes or with
+                // its heads.
+                continue;
+            }
+            if let Some(theirs) = listed.get(&doc) {
+                // The peer listed its state: when that is one of ours, we
+                // know its heads and send what it lacks at once.
+                if let Some(heads) = host.heads_of_state(&doc, theirs) {
+                    self.learn_peer_has(&doc, &heads);
+                    if self.config.scope.may_send(&doc) {
+                        self.queue_catchup(host, doc, heads);
+                    }
+                    continue;
+                }
+            }
+            self.haves_sent.insert(doc.clone());
+            self.send_have(host, &doc, false);
         }
         self.maybe_reconciled();
         self.maybe_synced(host);
@@ -618,7 +648,7 @@ impl Session {
             // on that (sends what we lack, or answers with its heads when it
             // lacks some of ours too); the side whose name sorts first still
             // answers, so that one side always reaches the sampling below.
-            let ours_sent = self.reconciled.contains(&doc);
+            let ours_sent = self.haves_sent.contains(&doc);
             if !ours_sent || self.config.local < self.config.peer {
                 self.send_have(host, &doc, true);
             }

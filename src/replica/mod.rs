@@ -1034,6 +1034,34 @@ impl Replica {
         let _ = self.shared.events.send(committed);
     }
 
+    /// The heads of a recent state of the document whose item hash (see
+    /// [`crate::protocol::reconcile::item_hash`]) starts with `short`: its
+    /// current heads, or the heads before each of its last 16 changes as
+    /// long as its history is one line. Lets a side that learns a peer's
+    /// state from reconciliation send what the peer lacks without first
+    /// asking for its heads.
+    pub fn heads_of_state(&self, id: &DocId, short: &[u8; 8]) -> Option<Vec<ChangeHash>> {
+        const STATES_MAX: usize = 16;
+        let found = self.with_doc(id, |doc| {
+            let mut heads = doc.get_heads();
+            for _ in 0..STATES_MAX {
+                let raw: Vec<[u8; 32]> = heads.iter().map(|h| h.0).collect();
+                if crate::protocol::reconcile::item_hash(id, &raw)[..8] == short[..] {
+                    return Some(heads);
+                }
+                let [only] = heads.as_slice() else {
+                    return None;
+                };
+                heads = doc.get_change_by_hash(only)?.deps().to_vec();
+                if heads.is_empty() {
+                    return None;
+                }
+            }
+            None
+        });
+        found.ok().flatten().flatten()
+    }
+
     /// Records that the session with `peer` has nothing in flight: the
     /// peer holds, as far as this side can tell, every update made so far.
     /// [`Replica::changed_since_synced`] then names what changes after.
