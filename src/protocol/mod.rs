@@ -53,7 +53,7 @@ impl Host for Replica {
         Replica::apply_snapshot(self, doc, bytes, Origin::Peer(from.clone()))
     }
 
-    fn heads_of_state(&self, doc: &DocId, short: &[u8; 8]) -> Option<Vec<ChangeHash>> {
+    fn heads_of_state(&self, doc: &DocId, short: &reconcile::ShortHash) -> Option<Vec<ChangeHash>> {
         Replica::heads_of_state(self, doc, short)
     }
 

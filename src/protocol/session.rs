@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use automerge::ChangeHash;
 
-use super::reconcile::{item_hash, ItemSet};
+use super::reconcile::{item_hash, ItemSet, ShortHash};
 use super::scope::Scope;
 use super::wire::{
     self, capabilities, close_code, FrameDecoder, Hash, Message, CHANGES_PER_MESSAGE_MAX,
@@ -69,7 +69,7 @@ pub trait Host {
     /// The heads of a recent state of `doc` whose item hash starts with
     /// `short` (see [`super::reconcile::item_hash`]), if this side can find
     /// one; `None` is always a correct answer.
-    fn heads_of_state(&self, _doc: &DocId, _short: &[u8; 8]) -> Option<Vec<ChangeHash>> {
+    fn heads_of_state(&self, _doc: &DocId, _short: &ShortHash) -> Option<Vec<ChangeHash>> {
         None
     }
 
@@ -573,7 +573,7 @@ impl Session {
             }
         }
         let told: HashSet<DocId> = differences.told.into_iter().collect();
-        let listed: HashMap<DocId, [u8; 8]> = differences.listed_by_peer.into_iter().collect();
+        let listed: HashMap<DocId, ShortHash> = differences.listed_by_peer.into_iter().collect();
         let docs = differences
             .differ
             .into_iter()
@@ -803,7 +803,6 @@ impl Session {
     /// had (as far as it can tell; the mark only steers hints).
     fn maybe_synced(&self, host: &dyn Host) {
         if self.is_reconciled()
-            && self.items.is_none()
             && self.unacked.is_empty()
             && self.live_queue.is_empty()
             && self.catchup_queue.is_empty()

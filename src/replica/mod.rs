@@ -26,6 +26,7 @@ use crate::conflict::{Conflict, ConflictConfig};
 use crate::doc::{self, ChangeInfo, Op};
 use crate::error::Error;
 use crate::id::{new_actor, DocId, SiteName};
+use crate::protocol::reconcile::{item_hash, short_hash, ShortHash};
 use crate::store::{Store, StoreError, StoredDoc, Write};
 
 /// Source of wall-clock time for change stamps (replaceable in simulation).
@@ -1040,13 +1041,13 @@ impl Replica {
     /// long as its history is one line. Lets a side that learns a peer's
     /// state from reconciliation send what the peer lacks without first
     /// asking for its heads.
-    pub fn heads_of_state(&self, id: &DocId, short: &[u8; 8]) -> Option<Vec<ChangeHash>> {
+    pub fn heads_of_state(&self, id: &DocId, short: &ShortHash) -> Option<Vec<ChangeHash>> {
         const STATES_MAX: usize = 16;
         let found = self.with_doc(id, |doc| {
             let mut heads = doc.get_heads();
             for _ in 0..STATES_MAX {
                 let raw: Vec<[u8; 32]> = heads.iter().map(|h| h.0).collect();
-                if crate::protocol::reconcile::item_hash(id, &raw)[..8] == short[..] {
+                if short_hash(&item_hash(id, &raw)) == *short {
                     return Some(heads);
                 }
                 let [only] = heads.as_slice() else {
