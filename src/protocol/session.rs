@@ -24,8 +24,8 @@ use automerge::ChangeHash;
 use super::reconcile::{item_hash, ItemSet, ShortHash};
 use super::scope::Scope;
 use super::wire::{
-    self, capabilities, close_code, FrameDecoder, Hash, Message, CHANGES_PER_MESSAGE_MAX,
-    HASHES_PER_MESSAGE_MAX, MESSAGE_CHANGE_BYTES_TARGET, PROTOCOL_VERSION,
+    self, capabilities, close_code, FrameDecoder, Hash, Message, WireError,
+    CHANGES_PER_MESSAGE_MAX, HASHES_PER_MESSAGE_MAX, MESSAGE_CHANGE_BYTES_TARGET, PROTOCOL_VERSION,
 };
 use crate::error::Error;
 
@@ -111,6 +111,10 @@ pub struct SessionConfig {
     pub live_queue_bytes_max: usize,
     /// Time allowed for the peer's `Hello`.
     pub handshake_timeout: Duration,
+    /// Announce and send bundles of compressed frames (when the peer
+    /// announces them too). Off, every frame travels as it is, which only
+    /// helps someone reading raw captures.
+    pub bundles: bool,
 }
 
 impl SessionConfig {
@@ -125,6 +129,7 @@ impl SessionConfig {
             catchup_window_bytes: 8 << 20,
             live_queue_bytes_max: 64 << 20,
             handshake_timeout: Duration::from_secs(10),
+            bundles: true,
         }
     }
 }
@@ -212,6 +217,11 @@ pub struct Session {
     deadline: Option<Instant>,
     decoder: FrameDecoder,
     transmits: VecDeque<(Lane, Vec<u8>)>,
+    /// The batch of the `Ack` that is the last frame in `transmits`: a newer
+    /// one replaces it.
+    ack_at_back: Option<u64>,
+    /// The peer accepts bundles of compressed frames.
+    peer_bundles: bool,
     events: VecDeque<Event>,
     stats: SessionStats,
     // Reconciliation.
@@ -255,6 +265,8 @@ impl Session {
             phase: Phase::AwaitHello,
             decoder: FrameDecoder::new(),
             transmits: VecDeque::new(),
+            ack_at_back: None,
+            peer_bundles: false,
             events: VecDeque::new(),
             stats: SessionStats::default(),
             items: None,
@@ -275,7 +287,11 @@ impl Session {
             &Message::Hello {
                 version: PROTOCOL_VERSION,
                 site: session.config.local.clone(),
-                capabilities: capabilities::RANGE_RECONCILE,
+                capabilities: if session.config.bundles {
+                    capabilities::RANGE_RECONCILE | capabilities::BUNDLES
+                } else {
+                    capabilities::RANGE_RECONCILE
+                },
             },
         );
         session
@@ -320,8 +336,44 @@ impl Session {
     }
 
     /// The next frame to send and its lane.
+    ///
+    /// Control frames that queued together go out as one compressed bundle
+    /// when the peer accepts bundles and they total at least
+    /// [`wire::BUNDLE_COMPRESS_BYTES_MIN`]. Live pushes go out as they are:
+    /// they are sent one at a time, and latency comes first.
     pub fn poll_transmit(&mut self) -> Option<(Lane, Vec<u8>)> {
-        self.transmits.pop_front()
+        if self.peer_bundles {
+            let together = self
+                .transmits
+                .iter()
+                .take_while(|(lane, _)| *lane == Lane::Control)
+                .scan(0usize, |bytes, (_, frame)| {
+                    *bytes += frame.len();
+                    (*bytes <= wire::BUNDLE_BYTES_MAX).then_some(frame.len())
+                });
+            let (count, bytes) = together.fold((0, 0), |(n, b), len| (n + 1, b + len));
+            if bytes >= wire::BUNDLE_COMPRESS_BYTES_MIN {
+                let frames: Vec<&[u8]> = self
+                    .transmits
+                    .iter()
+                    .take(count)
+                    .map(|(_, frame)| frame.as_slice())
+                    .collect();
+                let bundle = wire::bundle(&frames);
+                self.transmits.drain(..count);
+                return Some(self.transmitted(Lane::Control, bundle));
+            }
+        }
+        let (lane, frame) = self.transmits.pop_front()?;
+        Some(self.transmitted(lane, frame))
+    }
+
+    fn transmitted(&mut self, lane: Lane, frame: Vec<u8>) -> (Lane, Vec<u8>) {
+        if self.transmits.is_empty() {
+            self.ack_at_back = None;
+        }
+        self.stats.bytes_sent += frame.len() as u64;
+        (lane, frame)
     }
 
     /// The next event.
@@ -399,29 +451,60 @@ impl Session {
     ) {
         let mut snapshots: Vec<(DocId, Vec<u8>, u64)> = Vec::new();
         for payload in payloads {
-            if self.phase == Phase::Closed {
-                return;
-            }
             let payload = payload.as_ref();
             self.stats.bytes_received += payload.len() as u64 + 4;
-            match wire::decode_payload(payload) {
-                Ok(Message::Snapshot { doc, bytes, batch }) if self.phase == Phase::Open => {
-                    snapshots.push((doc, bytes, batch));
-                }
-                Ok(message) => {
-                    self.on_snapshots(host, &mut snapshots);
-                    if self.phase != Phase::Closed {
-                        self.handle_message(host, message);
-                    }
-                }
-                Err(e) => {
-                    self.on_snapshots(host, &mut snapshots);
-                    self.close(close_code::PROTOCOL_ERROR, &e.to_string());
-                    return;
+            if payload.first() != Some(&wire::WIRE_BUNDLE) {
+                self.handle_payload(host, payload, &mut snapshots);
+                continue;
+            }
+            let frames = match wire::unbundle(payload) {
+                Ok(frames) => frames,
+                Err(e) => return self.protocol_error(host, &mut snapshots, &e),
+            };
+            for inner in wire::frames_in(&frames) {
+                match inner {
+                    Ok(inner) => self.handle_payload(host, inner, &mut snapshots),
+                    Err(e) => return self.protocol_error(host, &mut snapshots, &e),
                 }
             }
         }
         self.on_snapshots(host, &mut snapshots);
+    }
+
+    /// One plain frame payload; whole documents wait in `snapshots` until
+    /// something else arrives.
+    fn handle_payload(
+        &mut self,
+        host: &dyn Host,
+        payload: &[u8],
+        snapshots: &mut Vec<(DocId, Vec<u8>, u64)>,
+    ) {
+        if self.phase == Phase::Closed {
+            return;
+        }
+        match wire::decode_payload(payload) {
+            Ok(Message::Snapshot { doc, bytes, batch }) if self.phase == Phase::Open => {
+                snapshots.push((doc, bytes, batch));
+            }
+            Ok(message) => {
+                self.on_snapshots(host, snapshots);
+                if self.phase != Phase::Closed {
+                    self.handle_message(host, message);
+                }
+            }
+            Err(e) => self.protocol_error(host, snapshots, &e),
+        }
+    }
+
+    /// Applies what arrived intact before a malformed frame, then closes.
+    fn protocol_error(
+        &mut self,
+        host: &dyn Host,
+        snapshots: &mut Vec<(DocId, Vec<u8>, u64)>,
+        error: &WireError,
+    ) {
+        self.on_snapshots(host, snapshots);
+        self.close(close_code::PROTOCOL_ERROR, &error.to_string());
     }
 
     /// Offers a locally durable commit (any origin) for live push.
@@ -481,6 +564,7 @@ impl Session {
                 if caps & capabilities::RANGE_RECONCILE == 0 {
                     return self.close(close_code::VERSION, "peer lacks range reconciliation");
                 }
+                self.peer_bundles = self.config.bundles && caps & capabilities::BUNDLES != 0;
                 self.phase = Phase::Open;
                 self.deadline = None;
                 self.events.push_back(Event::Connected { peer: site });
@@ -709,7 +793,7 @@ impl Session {
         if !self.config.scope.may_receive(&doc) {
             self.stats.batches_received += 1;
             self.reject(doc, "the peer may not write this document");
-            self.send(Lane::Control, &Message::Ack { batch });
+            self.send_ack(batch);
             return;
         }
         let applied = match payload {
@@ -741,7 +825,7 @@ impl Session {
             if !self.config.scope.may_receive(&doc) {
                 self.stats.batches_received += 1;
                 self.reject(doc, "the peer may not write this document");
-                self.send(Lane::Control, &Message::Ack { batch });
+                self.send_ack(batch);
                 continue;
             }
             let applied = results.next().unwrap_or_else(|| {
@@ -781,7 +865,7 @@ impl Session {
             }
             Err(e) => return self.host_error(e),
         }
-        self.send(Lane::Control, &Message::Ack { batch });
+        self.send_ack(batch);
         self.maybe_synced(host);
     }
 
@@ -947,9 +1031,21 @@ impl Session {
     }
 
     fn send(&mut self, lane: Lane, message: &Message) {
-        let frame = wire::encode(message);
-        self.stats.bytes_sent += frame.len() as u64;
-        self.transmits.push_back((lane, frame));
+        self.ack_at_back = None;
+        self.transmits.push_back((lane, wire::encode(message)));
+    }
+
+    /// Acknowledges every batch up to `batch`, merging with an `Ack` still
+    /// waiting at the back of the queue: acknowledgements are cumulative,
+    /// so one carrying the higher batch says all both would.
+    fn send_ack(&mut self, batch: u64) {
+        let mut batch = batch;
+        if let Some(queued) = self.ack_at_back {
+            self.transmits.pop_back();
+            batch = batch.max(queued);
+        }
+        self.send(Lane::Control, &Message::Ack { batch });
+        self.ack_at_back = Some(batch);
     }
 
     fn finish(&mut self, code: u16, reason: String, by_peer: bool) {

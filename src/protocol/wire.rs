@@ -5,6 +5,14 @@
 //! wire version followed by the postcard encoding of a [`Message`]. Decoding
 //! never panics and never allocates more than the frame limit for one frame;
 //! anything malformed is a [`WireError`] that closes the session.
+//!
+//! A *bundle* is a frame whose version byte is [`WIRE_BUNDLE`]: the rest is
+//! the raw DEFLATE compression of whole frames laid end to end, at most
+//! [`BUNDLE_BYTES_MAX`] of them once inflated. A sender bundles frames that
+//! queued together once the peer's [`Message::Hello`] announced
+//! [`capabilities::BUNDLES`]: ten changed documents caught up after a
+//! reconnect repeat the same actor, document id prefix and column layout,
+//! and one bundle carries them in little more than half the bytes.
 
 use serde::{Deserialize, Serialize};
 
@@ -13,6 +21,14 @@ use crate::id::{DocId, SiteName};
 
 /// The wire version written in every frame.
 pub const WIRE_VERSION: u8 = 1;
+/// The version byte of a bundle of compressed frames.
+pub const WIRE_BUNDLE: u8 = 2;
+/// Most bytes of frames (length prefixes included) in one bundle once
+/// inflated; a receiver refuses a bundle that inflates to more.
+pub const BUNDLE_BYTES_MAX: usize = 2 << 20;
+/// Frames queued together that are shorter than this in all are sent as
+/// they are: compression would save a few bytes at best.
+pub const BUNDLE_COMPRESS_BYTES_MIN: usize = 256;
 /// The protocol version announced in [`Message::Hello`].
 pub const PROTOCOL_VERSION: u16 = 1;
 /// Largest frame payload accepted, in bytes.
@@ -34,6 +50,8 @@ pub type Hash = [u8; 32];
 pub mod capabilities {
     /// Range-based set reconciliation of the document index.
     pub const RANGE_RECONCILE: u64 = 1;
+    /// The sender accepts bundles of compressed frames ([`super::WIRE_BUNDLE`]).
+    pub const BUNDLES: u64 = 1 << 1;
 }
 
 /// One protocol message.
@@ -228,11 +246,129 @@ pub fn decode_payload(payload: &[u8]) -> Result<Message, WireError> {
     Ok(message)
 }
 
+/// Compresses `frames` (each a whole frame as [`encode`] makes it) into one
+/// bundle frame. The frames must total at most [`BUNDLE_BYTES_MAX`] bytes.
+/// Frames that do not compress come out a few bytes longer (DEFLATE stores
+/// them as they are), which is why only frames queued together that total
+/// at least [`BUNDLE_COMPRESS_BYTES_MIN`] are bundled.
+pub fn bundle<F: AsRef<[u8]>>(frames: &[F]) -> Vec<u8> {
+    let raw: usize = frames.iter().map(|f| f.as_ref().len()).sum();
+    debug_assert!(raw <= BUNDLE_BYTES_MAX, "bundles stay under their limit");
+    // Fast compression: the gain is in repeats across frames, and it must
+    // not slow a bulk catch-up down.
+    let mut deflate = flate2::Compress::new(flate2::Compression::fast(), false);
+    let mut out = Vec::with_capacity(5 + raw / 2);
+    out.extend_from_slice(&[0; 4]);
+    out.push(WIRE_BUNDLE);
+    for (n, frame) in frames.iter().enumerate() {
+        let last = n + 1 == frames.len();
+        let flush = if last {
+            flate2::FlushCompress::Finish
+        } else {
+            flate2::FlushCompress::None
+        };
+        let mut input = frame.as_ref();
+        loop {
+            if out.len() == out.capacity() {
+                out.reserve(out.len());
+            }
+            let before = deflate.total_in();
+            let status = deflate
+                .compress_vec(input, &mut out, flush)
+                .expect("compressing into a growing buffer cannot fail");
+            let consumed = (deflate.total_in() - before) as usize;
+            input = &input[consumed..];
+            let done = if last {
+                status == flate2::Status::StreamEnd
+            } else {
+                input.is_empty()
+            };
+            if done {
+                break;
+            }
+        }
+    }
+    let len = u32::try_from(out.len() - 4).expect("bundles stay far below 4 GiB");
+    out[..4].copy_from_slice(&len.to_be_bytes());
+    out
+}
+
+/// Inflates a bundle's payload (version byte included) into the frames it
+/// holds, laid end to end; refuses more than [`BUNDLE_BYTES_MAX`] bytes.
+pub fn unbundle(payload: &[u8]) -> Result<Vec<u8>, WireError> {
+    let (&version, body) = payload.split_first().ok_or(WireError::EmptyFrame)?;
+    if version != WIRE_BUNDLE {
+        return Err(WireError::Version(version));
+    }
+    let mut inflate = flate2::Decompress::new(false);
+    let mut out = Vec::new();
+    let mut input = body;
+    loop {
+        if out.len() == out.capacity() {
+            if out.len() > BUNDLE_BYTES_MAX {
+                return Err(WireError::OverLimit("bundle bytes"));
+            }
+            // One byte past the limit tells "exactly full" from "more".
+            let room = (BUNDLE_BYTES_MAX + 1 - out.len()).min(out.len().max(4096));
+            out.reserve_exact(room);
+        }
+        let before = inflate.total_in();
+        let status = inflate
+            .decompress_vec(input, &mut out, flate2::FlushDecompress::None)
+            .map_err(|e| WireError::Malformed(format!("bundle: {e}")))?;
+        let consumed = usize::try_from(inflate.total_in() - before)
+            .map_err(|_| WireError::Malformed("bundle: input count".into()))?;
+        input = &input[consumed..];
+        if out.len() > BUNDLE_BYTES_MAX {
+            return Err(WireError::OverLimit("bundle bytes"));
+        }
+        match status {
+            flate2::Status::StreamEnd if input.is_empty() => return Ok(out),
+            flate2::Status::StreamEnd => {
+                return Err(WireError::Malformed("bundle: bytes after its end".into()))
+            }
+            flate2::Status::BufError if input.is_empty() && out.len() < out.capacity() => {
+                return Err(WireError::Malformed("bundle: truncated".into()))
+            }
+            _ => {}
+        }
+    }
+}
+
+/// The payloads of the frames laid end to end in `bytes` (an unbundled
+/// bundle), each checked to be a plain frame: bundles do not nest.
+pub fn frames_in(bytes: &[u8]) -> impl Iterator<Item = Result<&[u8], WireError>> {
+    let mut rest = bytes;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let Some((prefix, after)) = rest.split_first_chunk::<4>() else {
+            rest = &[];
+            return Some(Err(WireError::Malformed("bundle: cut frame".into())));
+        };
+        let len = u32::from_be_bytes(*prefix) as usize;
+        if len == 0 || len > after.len() {
+            rest = &[];
+            return Some(Err(WireError::Malformed("bundle: cut frame".into())));
+        }
+        let (payload, tail) = after.split_at(len);
+        rest = tail;
+        if payload[0] == WIRE_BUNDLE {
+            rest = &[];
+            return Some(Err(WireError::Malformed("bundle inside a bundle".into())));
+        }
+        Some(Ok(payload))
+    })
+}
+
 /// Splits a byte stream into frames, enforcing [`FRAME_BYTES_MAX`] before
-/// buffering a frame.
+/// buffering a frame, and opens bundles.
 #[derive(Debug, Default)]
 pub struct FrameDecoder {
     buffer: Vec<u8>,
+    /// Messages of an opened bundle not yet returned.
+    unbundled: std::collections::VecDeque<Message>,
 }
 
 impl FrameDecoder {
@@ -254,6 +390,9 @@ impl FrameDecoder {
     /// The next complete message, `None` when more bytes are needed. After an
     /// error the stream is unusable.
     pub fn next_message(&mut self) -> Result<Option<Message>, WireError> {
+        if let Some(message) = self.unbundled.pop_front() {
+            return Ok(Some(message));
+        }
         let Some(prefix) = self.buffer.get(..4) else {
             return Ok(None);
         };
@@ -264,7 +403,16 @@ impl FrameDecoder {
         if self.buffer.len() < 4 + len {
             return Ok(None);
         }
-        let message = decode_payload(&self.buffer[4..4 + len]);
+        let payload = &self.buffer[4..4 + len];
+        if payload.first() == Some(&WIRE_BUNDLE) {
+            let frames = unbundle(payload)?;
+            self.buffer.drain(..4 + len);
+            for payload in frames_in(&frames) {
+                self.unbundled.push_back(decode_payload(payload?)?);
+            }
+            return self.next_message();
+        }
+        let message = decode_payload(payload);
         self.buffer.drain(..4 + len);
         message.map(Some)
     }
@@ -334,6 +482,52 @@ mod tests {
         }
 
         #[test]
+        fn bundles_carry_their_frames_unchanged(
+            before in proptest::collection::vec(message(), 0..3),
+            bundled in proptest::collection::vec(message(), 1..12),
+            after in proptest::collection::vec(message(), 0..3),
+            split in 1usize..200,
+        ) {
+            let mut stream = Vec::new();
+            for m in &before {
+                stream.extend(encode(m));
+            }
+            let frames: Vec<Vec<u8>> = bundled.iter().map(encode).collect();
+            let bundle = bundle(&frames);
+            prop_assert_eq!(bundle[4], WIRE_BUNDLE);
+            prop_assert_eq!(unbundle(&bundle[4..]).unwrap(), frames.concat());
+            stream.extend(&bundle);
+            for m in &after {
+                stream.extend(encode(m));
+            }
+            let mut decoder = FrameDecoder::new();
+            let mut out = Vec::new();
+            for chunk in stream.chunks(split) {
+                decoder.push(chunk);
+                while let Some(m) = decoder.next_message().unwrap() {
+                    out.push(m);
+                }
+            }
+            let expected: Vec<Message> = before.into_iter().chain(bundled).chain(after).collect();
+            prop_assert_eq!(out, expected);
+        }
+
+        #[test]
+        fn arbitrary_bundles_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let mut deflate = flate2::Compress::new(flate2::Compression::fast(), false);
+            let mut payload = vec![WIRE_BUNDLE];
+            payload.reserve(bytes.len() + 64);
+            deflate.compress_vec(&bytes, &mut payload, flate2::FlushCompress::Finish).unwrap();
+            if let Ok(frames) = unbundle(&payload) {
+                prop_assert_eq!(&frames, &bytes);
+                for payload in frames_in(&frames).flatten() {
+                    let _ = decode_payload(payload);
+                }
+            }
+            let _ = unbundle(&bytes);
+        }
+
+        #[test]
         fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
             let mut decoder = FrameDecoder::new();
             decoder.push(&bytes);
@@ -345,6 +539,71 @@ mod tests {
             }
             let _ = decode_payload(&bytes);
         }
+    }
+
+    /// A raw DEFLATE stream of `bytes`, as a bundle payload.
+    fn deflated(bytes: &[u8]) -> Vec<u8> {
+        let mut deflate = flate2::Compress::new(flate2::Compression::fast(), false);
+        let mut payload = vec![WIRE_BUNDLE];
+        payload.reserve(bytes.len() / 2 + 1024);
+        let status = deflate
+            .compress_vec(bytes, &mut payload, flate2::FlushCompress::Finish)
+            .unwrap();
+        assert_eq!(status, flate2::Status::StreamEnd);
+        payload
+    }
+
+    #[test]
+    fn a_bundle_that_inflates_past_its_limit_is_refused() {
+        // A small payload that would inflate to more than the limit.
+        let bomb = deflated(&vec![0; BUNDLE_BYTES_MAX + 1]);
+        assert!(bomb.len() * 50 < BUNDLE_BYTES_MAX, "{}", bomb.len());
+        assert_eq!(unbundle(&bomb), Err(WireError::OverLimit("bundle bytes")));
+        // Exactly at the limit is accepted.
+        let full = deflated(&vec![0; BUNDLE_BYTES_MAX]);
+        assert_eq!(unbundle(&full).map(|b| b.len()), Ok(BUNDLE_BYTES_MAX));
+    }
+
+    #[test]
+    fn broken_bundles_are_refused() {
+        let frames = [
+            encode(&Message::ReconcileDone),
+            encode(&Message::Ack { batch: 7 }),
+        ];
+        let good = bundle(&frames);
+        let payload = &good[4..];
+        // Cut short.
+        assert!(matches!(
+            unbundle(&payload[..payload.len() - 2]),
+            Err(WireError::Malformed(_))
+        ));
+        // Bytes after the end of the stream.
+        let mut longer = payload.to_vec();
+        longer.push(0);
+        assert!(matches!(unbundle(&longer), Err(WireError::Malformed(_))));
+        // Not a DEFLATE stream at all.
+        assert!(matches!(
+            unbundle(&[WIRE_BUNDLE, 0xff, 0xff, 0xff]),
+            Err(WireError::Malformed(_))
+        ));
+        // A bundle inside a bundle.
+        let nested = bundle(&[good]);
+        let inner = unbundle(&nested[4..]).unwrap();
+        assert!(matches!(
+            frames_in(&inner).next(),
+            Some(Err(WireError::Malformed(_)))
+        ));
+        let mut decoder = FrameDecoder::new();
+        decoder.push(&nested);
+        assert!(matches!(
+            decoder.next_message(),
+            Err(WireError::Malformed(_))
+        ));
+        // A frame cut inside the bundle.
+        let cut = deflated(&frames.concat()[..9]);
+        let inner = unbundle(&cut).unwrap();
+        let parsed: Vec<_> = frames_in(&inner).collect();
+        assert!(matches!(parsed.last(), Some(Err(WireError::Malformed(_)))));
     }
 
     #[test]
