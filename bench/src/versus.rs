@@ -10,7 +10,9 @@
 //! and timestamps the first moment B holds each change. Latency is measured
 //! from the start of A's commit call to that moment (for archipelago the
 //! commit includes making it durable at A, and B shows a change only once
-//! it is durable at B; samod's side keeps both in memory).
+//! it is durable at B; samod's side keeps both in memory). `live` also
+//! runs once with both replicas over an in-memory store
+//! (`p50_ms_without_storage`): the floor of the path without any disk.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -48,6 +50,16 @@ fn open(
         options.cache_idle = idle;
     }
     Ok(Replica::open(options, Arc::new(store))?)
+}
+
+/// A replica over an in-memory store (nothing durable): for the `live`
+/// floor that shows what the path costs without storage.
+fn open_in_memory(name: &str) -> anyhow::Result<Replica> {
+    let options = ReplicaOptions::new(site(name)?);
+    Ok(Replica::open(
+        options,
+        Arc::new(archipelago::store::Memory::new()),
+    )?)
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
@@ -249,15 +261,21 @@ fn set_op(key: usize, value: usize) -> Vec<Op> {
 
 /// Commit-to-visible latencies at B while A commits one change every
 /// `interval` round-robin over 100 synced documents.
+/// With `durable` false both replicas keep everything in memory.
 async fn live_latencies(
     changes: usize,
     interval: Duration,
+    durable: bool,
 ) -> anyhow::Result<(Vec<Duration>, Vec<Duration>)> {
     let dir = tempfile::tempdir()?;
-    let (a, b) = (
-        open(dir.path(), "site-a", None)?,
-        open(dir.path(), "site-b", None)?,
-    );
+    let (a, b) = if durable {
+        (
+            open(dir.path(), "site-a", None)?,
+            open(dir.path(), "site-b", None)?,
+        )
+    } else {
+        (open_in_memory("site-a")?, open_in_memory("site-b")?)
+    };
     let ids: Vec<DocId> = (0..100)
         .map(|d| format!("live/{d}").parse())
         .collect::<Result<_, _>>()?;
@@ -317,9 +335,14 @@ async fn live_latencies(
 pub(crate) fn live(quick: bool) -> anyhow::Result<Map<String, Value>> {
     let changes = if quick { 500 } else { 1_000 };
     let interval = Duration::from_millis(10);
-    let (mut ours, mut after_durable) = runtime()?.block_on(live_latencies(changes, interval))?;
+    let (mut ours, mut after_durable) =
+        runtime()?.block_on(live_latencies(changes, interval, true))?;
     ours.sort();
     after_durable.sort();
+    // The same path with nothing durable at either site: what the hops
+    // between threads and QUIC cost alone.
+    let (mut floor, _) = runtime()?.block_on(live_latencies(changes, interval, false))?;
+    floor.sort();
     eprintln!(
         "  archipelago p50 {:.3} ms p99 {:.3} ms; samod ...",
         percentile(&ours, 0.5),
@@ -341,6 +364,8 @@ pub(crate) fn live(quick: bool) -> anyhow::Result<Map<String, Value>> {
             "p99_ms_from_durable_at_a",
             json!(percentile(&after_durable, 0.99)),
         ),
+        ("p50_ms_without_storage", json!(percentile(&floor, 0.5))),
+        ("p99_ms_without_storage", json!(percentile(&floor, 0.99))),
         ("samod_p50_ms", json!(s50)),
         ("samod_p99_ms", json!(s99)),
         ("p50_ratio_vs_samod", json!(p50 / s50)),
