@@ -693,3 +693,120 @@ fn an_interrupted_catch_up_resumes_where_it_stopped() {
         "only the missing changes travel again"
     );
 }
+
+/// A host that records how many whole documents each write is given.
+struct CountingHost {
+    replica: Replica,
+    batches: std::sync::Mutex<Vec<usize>>,
+}
+
+impl archipelago::protocol::Host for CountingHost {
+    fn index(&self) -> Vec<(DocId, Vec<archipelago::ChangeHash>)> {
+        self.replica.index()
+    }
+    fn heads(&self, doc: &DocId) -> Option<Vec<archipelago::ChangeHash>> {
+        archipelago::protocol::Host::heads(&self.replica, doc)
+    }
+    fn known(
+        &self,
+        doc: &DocId,
+        hashes: &[archipelago::ChangeHash],
+    ) -> Result<Vec<archipelago::ChangeHash>, archipelago::Error> {
+        self.replica.known(doc, hashes)
+    }
+    fn changes_after(
+        &self,
+        doc: &DocId,
+        have: &[archipelago::ChangeHash],
+    ) -> Result<Vec<Vec<u8>>, archipelago::Error> {
+        archipelago::protocol::Host::changes_after(&self.replica, doc, have)
+    }
+    fn sample(&self, doc: &DocId) -> Result<Vec<archipelago::ChangeHash>, archipelago::Error> {
+        self.replica.sample(doc)
+    }
+    fn apply(
+        &self,
+        doc: &DocId,
+        changes: &[Vec<u8>],
+        from: &SiteName,
+    ) -> Result<archipelago::Applied, archipelago::Error> {
+        archipelago::protocol::Host::apply(&self.replica, doc, changes, from)
+    }
+    fn snapshot(
+        &self,
+        doc: &DocId,
+    ) -> Result<(Vec<u8>, Vec<archipelago::ChangeHash>), archipelago::Error> {
+        self.replica.snapshot(doc)
+    }
+    fn apply_snapshot(
+        &self,
+        doc: &DocId,
+        bytes: &[u8],
+        from: &SiteName,
+    ) -> Result<archipelago::Applied, archipelago::Error> {
+        self.apply_snapshots(&[(doc.clone(), bytes)], from)
+            .pop()
+            .unwrap()
+    }
+    fn apply_snapshots(
+        &self,
+        docs: &[(DocId, &[u8])],
+        from: &SiteName,
+    ) -> Vec<Result<archipelago::Applied, archipelago::Error>> {
+        self.batches.lock().unwrap().push(docs.len());
+        archipelago::protocol::Host::apply_snapshots(&self.replica, docs, from)
+    }
+}
+
+#[test]
+fn whole_documents_in_bundles_are_written_in_bounded_batches() {
+    let west = replica("west");
+    for d in 0..600 {
+        set(&west, &format!("inv/{d}"), "stock", json!(d));
+    }
+    let host = CountingHost {
+        replica: replica("east"),
+        batches: Default::default(),
+    };
+    let now = Instant::now();
+    let mut session = Session::new(SessionConfig::new(site("east"), site("west")), now);
+    let hello = wire::encode(&Message::Hello {
+        version: 1,
+        site: site("west"),
+        capabilities: wire::capabilities::RANGE_RECONCILE | wire::capabilities::BUNDLES,
+    });
+    session.handle_bytes(now, &host, &hello);
+    // 600 whole documents, bundled as a sender bundles them.
+    let frames: Vec<Vec<u8>> = (0..600)
+        .map(|d| Message::Snapshot {
+            doc: id(&format!("inv/{d}")),
+            bytes: west.save_bytes(&id(&format!("inv/{d}"))).unwrap().unwrap(),
+            batch: d + 1,
+        })
+        .map(|m| wire::encode(&m))
+        .collect();
+    let mut bundles = Vec::new();
+    let mut start = 0;
+    while start < frames.len() {
+        let mut end = start;
+        let mut bytes = 0;
+        while end < frames.len() && bytes + frames[end].len() <= wire::BUNDLE_BYTES_MAX {
+            bytes += frames[end].len();
+            end += 1;
+        }
+        bundles.push(wire::bundle(&frames[start..end]));
+        start = end;
+    }
+    let payloads: Vec<&[u8]> = bundles.iter().map(|b| &b[4..]).collect();
+    session.handle_frames(now, &host, &payloads);
+    assert!(session.is_open());
+    let batches = host.batches.lock().unwrap().clone();
+    assert_eq!(batches.iter().sum::<usize>(), 600, "{batches:?}");
+    assert!(
+        batches
+            .iter()
+            .all(|&n| n <= archipelago::protocol::session::SNAPSHOTS_PER_WRITE_MAX),
+        "{batches:?}"
+    );
+    assert_eq!(host.replica.doc_ids("inv/").len(), 600);
+}

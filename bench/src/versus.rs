@@ -570,7 +570,7 @@ mod tests {
     fn small_live_latencies_are_measured() {
         let (from_start, from_durable) = runtime()
             .unwrap()
-            .block_on(live_latencies(5, Duration::from_millis(10)))
+            .block_on(live_latencies(5, Duration::from_millis(10), true))
             .unwrap();
         assert_eq!(from_start.len(), 5);
         assert!(from_start.iter().zip(&from_durable).all(|(s, d)| s >= d));

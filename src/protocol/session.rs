@@ -202,6 +202,10 @@ enum Phase {
     Closed,
 }
 
+/// Most whole documents received back to back that are applied in one
+/// durable write; each is loaded in memory (~22 KB) while it is checked.
+pub const SNAPSHOTS_PER_WRITE_MAX: usize = 256;
+
 /// What a batch from the peer carries.
 #[derive(Debug, Clone, Copy)]
 enum Payload<'a> {
@@ -485,6 +489,10 @@ impl Session {
         match wire::decode_payload(payload) {
             Ok(Message::Snapshot { doc, bytes, batch }) if self.phase == Phase::Open => {
                 snapshots.push((doc, bytes, batch));
+                // Each is loaded to be checked: bound what one write holds.
+                if snapshots.len() >= SNAPSHOTS_PER_WRITE_MAX {
+                    self.on_snapshots(host, snapshots);
+                }
             }
             Ok(message) => {
                 self.on_snapshots(host, snapshots);

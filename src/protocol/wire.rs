@@ -24,8 +24,10 @@ pub const WIRE_VERSION: u8 = 1;
 /// The version byte of a bundle of compressed frames.
 pub const WIRE_BUNDLE: u8 = 2;
 /// Most bytes of frames (length prefixes included) in one bundle once
-/// inflated; a receiver refuses a bundle that inflates to more.
-pub const BUNDLE_BYTES_MAX: usize = 2 << 20;
+/// inflated; a receiver refuses a bundle that inflates to more. DEFLATE
+/// looks back 32 KiB at most, so larger bundles would compress no better;
+/// a larger frame travels alone, as it is.
+pub const BUNDLE_BYTES_MAX: usize = 64 << 10;
 /// Frames queued together that are shorter than this in all are sent as
 /// they are: compression would save a few bytes at best.
 pub const BUNDLE_COMPRESS_BYTES_MIN: usize = 256;
