@@ -314,7 +314,7 @@ pub fn unbundle(payload: &[u8]) -> Result<Vec<u8>, WireError> {
             let room = (BUNDLE_BYTES_MAX + 1 - out.len()).min(out.len().max(4096));
             out.reserve_exact(room);
         }
-        let before = inflate.total_in();
+        let (before, produced_before) = (inflate.total_in(), out.len());
         let status = inflate
             .decompress_vec(input, &mut out, flate2::FlushDecompress::None)
             .map_err(|e| WireError::Malformed(format!("bundle: {e}")))?;
@@ -329,7 +329,8 @@ pub fn unbundle(payload: &[u8]) -> Result<Vec<u8>, WireError> {
             flate2::Status::StreamEnd => {
                 return Err(WireError::Malformed("bundle: bytes after its end".into()))
             }
-            flate2::Status::BufError if input.is_empty() && out.len() < out.capacity() => {
+            // Room to write and nothing more came: the stream stops short.
+            _ if consumed == 0 && out.len() == produced_before && out.len() < out.capacity() => {
                 return Err(WireError::Malformed("bundle: truncated".into()))
             }
             _ => {}
@@ -392,31 +393,33 @@ impl FrameDecoder {
     /// The next complete message, `None` when more bytes are needed. After an
     /// error the stream is unusable.
     pub fn next_message(&mut self) -> Result<Option<Message>, WireError> {
-        if let Some(message) = self.unbundled.pop_front() {
-            return Ok(Some(message));
-        }
-        let Some(prefix) = self.buffer.get(..4) else {
-            return Ok(None);
-        };
-        let len = u32::from_be_bytes([prefix[0], prefix[1], prefix[2], prefix[3]]) as usize;
-        if len > FRAME_BYTES_MAX {
-            return Err(WireError::FrameTooLarge(len));
-        }
-        if self.buffer.len() < 4 + len {
-            return Ok(None);
-        }
-        let payload = &self.buffer[4..4 + len];
-        if payload.first() == Some(&WIRE_BUNDLE) {
+        // A loop, not recursion: a peer may send any number of empty bundles.
+        loop {
+            if let Some(message) = self.unbundled.pop_front() {
+                return Ok(Some(message));
+            }
+            let Some(prefix) = self.buffer.get(..4) else {
+                return Ok(None);
+            };
+            let len = u32::from_be_bytes([prefix[0], prefix[1], prefix[2], prefix[3]]) as usize;
+            if len > FRAME_BYTES_MAX {
+                return Err(WireError::FrameTooLarge(len));
+            }
+            if self.buffer.len() < 4 + len {
+                return Ok(None);
+            }
+            let payload = &self.buffer[4..4 + len];
+            if payload.first() != Some(&WIRE_BUNDLE) {
+                let message = decode_payload(payload);
+                self.buffer.drain(..4 + len);
+                return message.map(Some);
+            }
             let frames = unbundle(payload)?;
             self.buffer.drain(..4 + len);
             for payload in frames_in(&frames) {
                 self.unbundled.push_back(decode_payload(payload?)?);
             }
-            return self.next_message();
         }
-        let message = decode_payload(payload);
-        self.buffer.drain(..4 + len);
-        message.map(Some)
     }
 }
 
@@ -564,6 +567,20 @@ mod tests {
         // Exactly at the limit is accepted.
         let full = deflated(&vec![0; BUNDLE_BYTES_MAX]);
         assert_eq!(unbundle(&full).map(|b| b.len()), Ok(BUNDLE_BYTES_MAX));
+    }
+
+    #[test]
+    fn any_number_of_empty_bundles_decodes() {
+        let empty = deflated(&[]);
+        let mut frame = (empty.len() as u32).to_be_bytes().to_vec();
+        frame.extend_from_slice(&empty);
+        let mut decoder = FrameDecoder::new();
+        for _ in 0..200_000 {
+            decoder.push(&frame);
+        }
+        decoder.push(&encode(&Message::ReconcileDone));
+        assert_eq!(decoder.next_message(), Ok(Some(Message::ReconcileDone)));
+        assert_eq!(decoder.next_message(), Ok(None));
     }
 
     #[test]
