@@ -148,46 +148,118 @@ fn arbitrary_bytes_never_panic_the_loader() {
     }
 }
 
+fn set_a(value: i64) -> Vec<Op> {
+    ops(json!([{"op": "set", "path": "/a", "value": value}]))
+}
+
+/// Writes are pipelined: subscribers (and so peers) see a change before its
+/// store write returns. A failed write therefore keeps the change in memory,
+/// unsaved, and writes it with the document's next write.
 #[test]
-fn a_failed_store_commit_changes_nothing_visible() {
+fn a_failed_store_write_keeps_the_change_and_the_next_write_saves_it() {
     let store = Arc::new(Faulty::new(Memory::new()));
     let replica = Replica::open(options("east"), store.clone()).unwrap();
     let doc = id("d");
-    replica
-        .apply_ops(
-            &doc,
-            &ops(json!([{"op": "set", "path": "/a", "value": 1}])),
-            None,
-        )
-        .unwrap();
-    let before = replica.read_json(&doc, None).unwrap().unwrap();
+    replica.apply_ops(&doc, &set_a(1), None).unwrap();
     let mut events = replica.subscribe();
     store.set_fail_commits(true);
-    let err = replica
-        .apply_ops(
-            &doc,
-            &ops(json!([{"op": "set", "path": "/a", "value": 2}])),
-            None,
-        )
-        .unwrap_err();
+    let err = replica.apply_ops(&doc, &set_a(2), None).unwrap_err();
     assert!(matches!(err, Error::Store(_)), "{err}");
-    store.set_fail_commits(false);
-    assert_eq!(replica.read_json(&doc, None).unwrap().unwrap(), before);
-    assert!(
-        events.try_recv().is_err(),
-        "no event for a commit that did not happen"
-    );
-    replica
-        .apply_ops(
-            &doc,
-            &ops(json!([{"op": "set", "path": "/a", "value": 3}])),
-            None,
-        )
-        .unwrap();
+    let published = events.try_recv().expect("published before the write");
     assert_eq!(
         replica.read_json(&doc, None).unwrap().unwrap().value,
-        json!({"a": 3})
+        json!({"a": 2}),
+        "the change stays in memory"
     );
+    assert_eq!(replica.heads(&doc).unwrap(), published.heads);
+    // Another failing commit keeps both.
+    replica.apply_ops(&doc, &set_a(3), None).unwrap_err();
+    store.set_fail_commits(false);
+    replica.apply_ops(&doc, &set_a(4), None).unwrap();
+    let reopened = Replica::open(options("east"), store.clone()).unwrap();
+    assert_eq!(
+        reopened.read_json(&doc, None).unwrap().unwrap().value,
+        json!({"a": 4})
+    );
+    assert_eq!(reopened.history(&doc).unwrap().unwrap().len(), 4);
+    assert_eq!(reopened.heads(&doc), replica.heads(&doc));
+}
+
+#[test]
+fn unsaved_documents_stay_loaded_until_a_sweep_writes_them() {
+    let store = Arc::new(Faulty::new(Memory::new()));
+    let mut opts = options("east");
+    opts.cache_idle = std::time::Duration::ZERO;
+    let replica = Replica::open(opts, store.clone()).unwrap();
+    let doc = id("d");
+    replica.apply_ops(&doc, &set_a(1), None).unwrap();
+    store.set_fail_commits(true);
+    replica.apply_ops(&doc, &set_a(2), None).unwrap_err();
+    assert_eq!(
+        replica.evict_idle(),
+        0,
+        "an unsaved document is not dropped"
+    );
+    assert_eq!(replica.stats().loaded_docs, 1);
+    store.set_fail_commits(false);
+    assert_eq!(replica.evict_idle(), 1, "written, then dropped");
+    let reopened = Replica::open(options("east"), store.clone()).unwrap();
+    assert_eq!(
+        reopened.read_json(&doc, None).unwrap().unwrap().value,
+        json!({"a": 2})
+    );
+}
+
+#[test]
+fn a_peer_sending_unsaved_changes_again_retries_their_write() {
+    let east = Replica::open(options("east"), Arc::new(Memory::new())).unwrap();
+    let store = Arc::new(Faulty::new(Memory::new()));
+    let west = Replica::open(options("west"), store.clone()).unwrap();
+    let doc = id("d");
+    east.apply_ops(&doc, &set_a(1), None).unwrap();
+    let changes = east.changes_after(&doc, &[]).unwrap().unwrap();
+    store.set_fail_commits(true);
+    west.apply_changes(&doc, &changes, Origin::Peer("east".parse().unwrap()))
+        .unwrap_err();
+    store.set_fail_commits(false);
+    let again = west
+        .apply_changes(&doc, &changes, Origin::Peer("east".parse().unwrap()))
+        .unwrap();
+    assert_eq!(again.duplicates, 1);
+    let reopened = Replica::open(options("west"), store.clone()).unwrap();
+    assert_eq!(reopened.heads(&doc), east.heads(&doc));
+}
+
+/// If a document holding unsaved local changes must be dropped (here: a
+/// peer sends a change that reuses one of their sequence numbers, which
+/// automerge refuses), the replica moves to a fresh actor, so it never
+/// writes a second, different change under a sequence number peers may
+/// already hold.
+#[test]
+fn dropping_unsaved_local_changes_moves_to_a_fresh_actor() {
+    let store = Arc::new(Faulty::new(Memory::new()));
+    let replica = Replica::open(options("east"), store.clone()).unwrap();
+    let doc = id("d");
+    replica.apply_ops(&doc, &set_a(1), None).unwrap();
+    let saved = replica.save_bytes(&doc).unwrap().unwrap();
+    store.set_fail_commits(true);
+    replica.apply_ops(&doc, &set_a(2), None).unwrap_err();
+    store.set_fail_commits(false);
+    // The same actor and sequence number as the unsaved change, other content.
+    let actor = replica.actor();
+    let mut fork = automerge::AutoCommit::load(&saved)
+        .unwrap()
+        .with_actor(actor.clone());
+    automerge::transaction::Transactable::put(&mut fork, automerge::ROOT, "a", 99).unwrap();
+    let forked = fork.get_last_local_change().unwrap().raw_bytes().to_vec();
+    let err = replica
+        .apply_changes(&doc, &[forked], Origin::Peer("west".parse().unwrap()))
+        .unwrap_err();
+    assert!(matches!(err, Error::BadChange { .. }), "{err}");
+    assert_ne!(replica.actor(), actor);
+    replica.apply_ops(&doc, &set_a(3), None).unwrap();
+    let history = replica.history(&doc).unwrap().unwrap();
+    assert_eq!(history.len(), 2, "the stored change and the new one");
 }
 
 #[test]

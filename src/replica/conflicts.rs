@@ -20,7 +20,7 @@ use crate::store::{StoredDoc, Write};
 
 const INDEX_PREFIX: &str = "conflict/";
 
-fn index_key(id: &ConflictId) -> String {
+pub(super) fn index_key(id: &ConflictId) -> String {
     format!("{INDEX_PREFIX}{id}")
 }
 

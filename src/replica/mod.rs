@@ -120,7 +120,8 @@ const RECENT_UPDATES_MAX: usize = 4096;
 /// plain reconciliation is about as cheap.
 const CHANGED_SINCE_SYNCED_MAX: usize = 1024;
 
-/// Changes that became durable in one document, as delivered to subscribers.
+/// Changes applied to one document, as delivered to subscribers (while
+/// their store write runs).
 #[derive(Debug, Clone)]
 pub struct Committed {
     /// The document.
@@ -231,7 +232,10 @@ impl std::fmt::Debug for Replica {
 
 struct Shared {
     options: ReplicaOptions,
-    actor: automerge::ActorId,
+    /// The actor this replica writes with; replaced by a fresh one if a
+    /// document holding changes that never reached the store has to be
+    /// dropped (see [`Replica::drop_loaded`]).
+    actor: Mutex<automerge::ActorId>,
     store: Arc<dyn Store>,
     state: Mutex<State>,
     events: broadcast::Sender<Committed>,
@@ -240,7 +244,8 @@ struct Shared {
 
 #[derive(Default)]
 struct State {
-    /// Heads of every durable document.
+    /// Heads of every document, as published (a write in progress
+    /// included).
     index: BTreeMap<DocId, Vec<ChangeHash>>,
     /// Documents with a slot (loaded, being loaded, or in use).
     slots: HashMap<DocId, (Arc<Slot>, u64)>,
@@ -264,12 +269,37 @@ struct Slot {
     loaded: Mutex<Option<Loaded>>,
 }
 
+impl Slot {
+    /// Nobody holds the slot (so its lock is free) and dropping it loses
+    /// nothing. Call with the replica's state locked: slots are only handed
+    /// out under that lock.
+    fn evictable(self: &Arc<Slot>) -> bool {
+        Arc::strong_count(self) == 1 && !self.holds_unsaved()
+    }
+
+    /// The loaded document holds changes a failed write left unsaved, as
+    /// far as can be seen without waiting (a slot in use answers no).
+    fn holds_unsaved(&self) -> bool {
+        match self.loaded.try_lock() {
+            Ok(loaded) => loaded.as_ref().is_some_and(|l| l.unsaved),
+            Err(std::sync::TryLockError::Poisoned(p)) => {
+                p.into_inner().as_ref().is_some_and(|l| l.unsaved)
+            }
+            Err(std::sync::TryLockError::WouldBlock) => false,
+        }
+    }
+}
+
 struct Loaded {
     doc: Automerge,
     /// Changes appended to the store since the last snapshot.
     appended_changes: usize,
     appended_bytes: usize,
     snapshot_bytes: usize,
+    /// Holds changes whose store write failed after they were published:
+    /// the next write of this document is a whole snapshot, and the slot is
+    /// not evicted until it succeeds.
+    unsaved: bool,
 }
 
 /// Changes from a peer being merged into a loaded document.
@@ -323,7 +353,7 @@ impl Replica {
         Ok(Replica {
             shared: Arc::new(Shared {
                 options,
-                actor,
+                actor: Mutex::new(actor),
                 store,
                 state: Mutex::new(State {
                     index,
@@ -341,8 +371,8 @@ impl Replica {
     }
 
     /// The automerge actor id this replica writes with.
-    pub fn actor(&self) -> &automerge::ActorId {
-        &self.shared.actor
+    pub fn actor(&self) -> automerge::ActorId {
+        lock(&self.shared.actor).clone()
     }
 
     /// The store underneath.
@@ -350,8 +380,12 @@ impl Replica {
         &self.shared.store
     }
 
-    /// Receives every change committed from now on, local or remote, after
-    /// it is durable.
+    /// Receives every change committed from now on, local or remote, once
+    /// it is applied here, while its store write runs (writes are
+    /// pipelined, so peers get a change without waiting for the local
+    /// fsync). The commit call itself still returns only once durable; a
+    /// change whose write fails stays in memory and is written with the
+    /// document's next write (see [`Replica::evict_idle`]).
     pub fn subscribe(&self) -> broadcast::Receiver<Committed> {
         self.shared.events.subscribe()
     }
@@ -635,6 +669,7 @@ impl Replica {
             None if loaded.doc.get_heads().is_empty() => loaded.doc.empty_commit(options()),
             None => {
                 let heads = loaded.doc.get_heads();
+                self.save_unsaved(id, &mut guard)?;
                 return Ok((
                     Commit {
                         heads,
@@ -691,6 +726,9 @@ impl Replica {
         let loaded = self.ensure_loaded_or_new(id, &mut guard)?;
         let (ready, duplicates, missing_deps) = order_new_changes(&loaded.doc, decoded);
         if ready.is_empty() {
+            // A peer sending again what a failed write left unsaved retries it.
+            self.save_unsaved(id, &mut guard)?;
+            let loaded = guard.as_ref().expect("loaded above");
             return Ok(Applied {
                 applied: Vec::new(),
                 duplicates,
@@ -742,7 +780,7 @@ impl Replica {
         } else {
             PatchLog::inactive()
         };
-        contain(id, "applying the changes", guard, |doc| {
+        self.contain(id, "applying the changes", guard, |doc| {
             doc.apply_changes_log_patches(ready.iter().cloned(), &mut log)
         })?;
         let patches = detect.then(|| {
@@ -828,6 +866,7 @@ impl Replica {
         let before = loaded.doc.get_heads();
         let new = loaded.doc.get_changes_added(&incoming);
         if new.is_empty() {
+            self.save_unsaved(id, &mut guard)?;
             return Ok(Applied {
                 duplicates: 1,
                 heads: before,
@@ -947,15 +986,24 @@ impl Replica {
     }
 
     /// Writes new changes of a loaded document durably (compacting when
-    /// due) together with `extra` writes, updates the index and notifies
-    /// subscribers, one [`Committed`] per part. On a store error the loaded
-    /// document is dropped so the next use reloads the durable state.
+    /// due) together with `extra` writes. The write is pipelined: the index
+    /// and subscribers learn of the changes first, one [`Committed`] per
+    /// part, so sessions push them to peers and readers see them while the
+    /// store writes; the call returns once the write is durable.
+    ///
+    /// If the store fails, the changes stay in the loaded document: they may
+    /// already be on their way to peers, and dropping them would let this
+    /// actor reuse their sequence numbers for different changes. The
+    /// document is marked unsaved, its next write (a commit, a peer sending
+    /// the changes again, or [`Replica::evict_idle`]) is a whole snapshot
+    /// with its report index, and it stays loaded until then. The caller
+    /// gets the error: the commit's outcome is unknown, as after a crash.
     fn persist(
         &self,
         id: &DocId,
         guard: &mut MutexGuard<'_, Option<Loaded>>,
         parts: Vec<Part>,
-        extra: Vec<Write>,
+        mut extra: Vec<Write>,
     ) -> Result<Vec<ChangeHash>, Error> {
         let options = &self.shared.options;
         let loaded = guard
@@ -969,9 +1017,33 @@ impl Replica {
         let new_bytes: usize = changes.iter().map(Vec::len).sum();
         let appended_changes = loaded.appended_changes + changes.len();
         let appended_bytes = loaded.appended_bytes + new_bytes;
-        let compact = appended_changes >= options.compact_changes_max
+        let compact = loaded.unsaved
+            || appended_changes >= options.compact_changes_max
             || (appended_changes >= options.compact_changes_min
                 && appended_bytes * 4 >= loaded.snapshot_bytes);
+        // After a failed write the report index may lag the reports in the
+        // document: rewrite what differs.
+        let mut reports = Vec::new();
+        if loaded.unsaved {
+            let (index, announced) = self.index_reports(&loaded.doc, None);
+            // The caller's own index writes (and announcements) stand.
+            let keyed: HashSet<String> = extra
+                .iter()
+                .filter_map(|w| match w {
+                    Write::PutMeta { key, .. } => Some(key.clone()),
+                    _ => None,
+                })
+                .collect();
+            extra.extend(
+                index
+                    .into_iter()
+                    .filter(|w| !matches!(w, Write::PutMeta { key, .. } if keyed.contains(key))),
+            );
+            reports = announced
+                .into_iter()
+                .filter(|r| !keyed.contains(&conflicts::index_key(&r.id)))
+                .collect();
+        }
         let write = if compact {
             Write::Snapshot {
                 doc: id.clone(),
@@ -991,10 +1063,21 @@ impl Replica {
         };
         let mut writes = vec![write];
         writes.extend(extra);
+        for part in parts {
+            self.publish(Committed {
+                doc: id.clone(),
+                heads: part.heads.unwrap_or_else(|| heads.clone()),
+                changes: Arc::new(part.changes),
+                hashes: part.hashes,
+                origin: part.origin,
+            });
+        }
         if let Err(e) = self.shared.store.commit(writes) {
-            **guard = None;
+            tracing::warn!(doc = %id, error = %e, "store write failed; the changes stay in memory until the document's next write");
+            loaded.unsaved = true;
             return Err(e.into());
         }
+        loaded.unsaved = false;
         match snapshot_len {
             Some(len) => {
                 loaded.snapshot_bytes = len;
@@ -1006,20 +1089,62 @@ impl Replica {
                 loaded.appended_bytes = appended_bytes;
             }
         }
-        for part in parts {
-            self.publish(Committed {
-                doc: id.clone(),
-                heads: part.heads.unwrap_or_else(|| heads.clone()),
-                changes: Arc::new(part.changes),
-                hashes: part.hashes,
-                origin: part.origin,
-            });
-        }
+        self.announce(reports);
         Ok(heads)
     }
 
-    /// Records a durable change in the index, then tells subscribers (none
-    /// listening is not an error).
+    /// Runs an automerge call that may fail or panic on bad input against
+    /// the loaded document. On either, the loaded state is suspect: it is
+    /// dropped so the next use reloads the durable state, and the failure
+    /// is a [`Error::BadChange`].
+    fn contain<R>(
+        &self,
+        id: &DocId,
+        what: &str,
+        guard: &mut MutexGuard<'_, Option<Loaded>>,
+        f: impl FnOnce(&mut Automerge) -> Result<R, automerge::AutomergeError>,
+    ) -> Result<R, Error> {
+        let loaded = guard
+            .as_mut()
+            .expect("contain is called with a loaded document");
+        let reason = match std::panic::catch_unwind(AssertUnwindSafe(|| f(&mut loaded.doc))) {
+            Ok(Ok(result)) => return Ok(result),
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => format!("automerge panicked {what}"),
+        };
+        self.drop_loaded(id, guard);
+        Err(Error::BadChange {
+            doc: id.clone(),
+            index: 0,
+            reason,
+        })
+    }
+
+    /// Writes a document that a failed write left unsaved, if it is.
+    fn save_unsaved(
+        &self,
+        id: &DocId,
+        guard: &mut MutexGuard<'_, Option<Loaded>>,
+    ) -> Result<(), Error> {
+        if guard.as_ref().is_some_and(|loaded| loaded.unsaved) {
+            self.persist(id, guard, Vec::new(), Vec::new())?;
+        }
+        Ok(())
+    }
+
+    /// Drops a document's loaded state. If it held unsaved changes, they may
+    /// already be at peers: the replica moves to a fresh actor, so the
+    /// reloaded document never reuses their sequence numbers.
+    fn drop_loaded(&self, id: &DocId, guard: &mut MutexGuard<'_, Option<Loaded>>) {
+        if guard.take().is_some_and(|loaded| loaded.unsaved) {
+            let fresh = new_actor(&self.shared.options.site);
+            tracing::warn!(doc = %id, actor = %fresh, "dropped a document with unsaved changes; writing with a fresh actor");
+            *lock(&self.shared.actor) = fresh;
+        }
+    }
+
+    /// Records a change in the index, then tells subscribers (none listening
+    /// is not an error). Called before the change's store write returns.
     fn publish(&self, committed: Committed) {
         let mut state = lock(&self.shared.state);
         state.update += 1;
@@ -1102,17 +1227,35 @@ impl Replica {
     /// Drops the loaded state of documents unused for longer than
     /// [`ReplicaOptions::cache_idle`] (documents in use stay); returns how
     /// many were dropped. Idle documents cost their stored bytes only.
+    ///
+    /// Documents a failed write left unsaved are written first (and stay
+    /// loaded while the store still fails).
     pub fn evict_idle(&self) -> usize {
         let idle = self.shared.options.cache_idle;
+        let now = std::time::Instant::now();
+        let unsaved: Vec<(DocId, Arc<Slot>)> = {
+            let state = lock(&self.shared.state);
+            state
+                .slots
+                .iter()
+                .filter(|(_, (slot, _))| slot.holds_unsaved())
+                .map(|(doc, (slot, _))| (doc.clone(), slot.clone()))
+                .collect()
+        };
+        for (doc, slot) in unsaved {
+            let mut guard = lock(&slot.loaded);
+            if let Err(e) = self.save_unsaved(&doc, &mut guard) {
+                tracing::warn!(%doc, error = %e, "unsaved changes still not written");
+            }
+        }
         let mut state = lock(&self.shared.state);
         let state = &mut *state;
-        let now = std::time::Instant::now();
         let mut evict = Vec::new();
         for (&t, (doc, used)) in state.lru.iter() {
             if now.saturating_duration_since(*used) < idle {
                 break;
             }
-            if Arc::strong_count(&state.slots[doc].0) == 1 {
+            if state.slots[doc].0.evictable() {
                 evict.push((t, doc.clone()));
             }
         }
@@ -1154,7 +1297,7 @@ impl Replica {
                 if state.slots.len() - evict.len() <= max {
                     break;
                 }
-                if Arc::strong_count(&state.slots[doc].0) == 1 {
+                if state.slots[doc].0.evictable() {
                     evict.push((t, doc.clone()));
                 }
             }
@@ -1191,10 +1334,11 @@ impl Replica {
             *guard = Some(match self.shared.store.load(id)? {
                 Some(stored) => self.decode(id, &stored)?,
                 None => Loaded {
-                    doc: Automerge::new().with_actor(self.shared.actor.clone()),
+                    doc: Automerge::new().with_actor(self.actor()),
                     appended_changes: 0,
                     appended_bytes: 0,
                     snapshot_bytes: 0,
+                    unsaved: false,
                 },
             });
         }
@@ -1206,40 +1350,15 @@ impl Replica {
             doc: id.clone(),
             reason,
         })?;
-        doc.set_actor(self.shared.actor.clone());
+        doc.set_actor(self.actor());
         Ok(Loaded {
             doc,
             appended_changes: stored.changes.len(),
             appended_bytes: stored.changes.iter().map(Vec::len).sum(),
             snapshot_bytes: stored.snapshot.as_ref().map_or(0, Vec::len),
+            unsaved: false,
         })
     }
-}
-
-/// Runs an automerge call that may fail or panic on bad input against the
-/// loaded document. On either, the loaded state is suspect: it is dropped so
-/// the next use reloads the durable state, and the failure is a
-/// [`Error::BadChange`].
-fn contain<R>(
-    id: &DocId,
-    what: &str,
-    guard: &mut MutexGuard<'_, Option<Loaded>>,
-    f: impl FnOnce(&mut Automerge) -> Result<R, automerge::AutomergeError>,
-) -> Result<R, Error> {
-    let loaded = guard
-        .as_mut()
-        .expect("contain is called with a loaded document");
-    let reason = match std::panic::catch_unwind(AssertUnwindSafe(|| f(&mut loaded.doc))) {
-        Ok(Ok(result)) => return Ok(result),
-        Ok(Err(e)) => e.to_string(),
-        Err(_) => format!("automerge panicked {what}"),
-    };
-    **guard = None;
-    Err(Error::BadChange {
-        doc: id.clone(),
-        index: 0,
-        reason,
-    })
 }
 
 /// Builds a document from stored bytes. automerge's decoder can panic on

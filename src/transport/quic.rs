@@ -660,7 +660,7 @@ enum Input {
     /// One frame payload (without its length prefix) and the bytes it holds
     /// of the input budget.
     Frame(Vec<u8>),
-    /// A local durable commit.
+    /// A local commit (published while its store write runs).
     Committed(Committed),
     /// The commit feed dropped commits: the session cannot know what it
     /// missed.
@@ -722,7 +722,6 @@ async fn drive_connection(
             input_bytes.clone(),
         )),
         tokio::spawn(read_lane(live_recv, input_tx.clone(), input_bytes.clone())),
-        tokio::spawn(forward_commits(commits, input_tx.clone())),
         tokio::spawn(tick(input_tx.clone())),
     ];
     let writers = [
@@ -743,7 +742,13 @@ async fn drive_connection(
         control: control_tx,
         live: live_tx,
     };
-    let mut thread = tokio::task::spawn_blocking(move || driver.run(session, input_rx));
+    let feed = Feed {
+        runtime: tokio::runtime::Handle::current(),
+        inputs: input_rx,
+        commits: Some(commits),
+        commits_first: true,
+    };
+    let mut thread = tokio::task::spawn_blocking(move || driver.run(session, feed));
     let outcome = tokio::select! {
         outcome = &mut thread => outcome,
         () = shutdown_requested(&mut shutdown) => {
@@ -858,16 +863,71 @@ async fn write_lane(mut send: SendStream, mut frames: mpsc::Receiver<Vec<u8>>) {
     }
 }
 
-/// Forwards the replica's commits to the session.
-async fn forward_commits(mut commits: broadcast::Receiver<Committed>, inputs: mpsc::Sender<Input>) {
-    loop {
-        let input = match commits.recv().await {
-            Ok(committed) => Input::Committed(committed),
-            Err(broadcast::error::RecvError::Lagged(missed)) => Input::Lagged(missed),
-            Err(broadcast::error::RecvError::Closed) => return,
+/// What the session thread waits on: the queued inputs, and the replica's
+/// commits read straight from its feed. A commit wakes the session thread
+/// itself, with no task between them: that hand-off is on the path of every
+/// live change.
+struct Feed {
+    runtime: tokio::runtime::Handle,
+    inputs: mpsc::Receiver<Input>,
+    /// `None` once the replica's feed closed.
+    commits: Option<broadcast::Receiver<Committed>>,
+    /// Which source is tried first next time, alternating so neither
+    /// starves the other.
+    commits_first: bool,
+}
+
+impl Feed {
+    /// The next input, waiting for one; `None` once the inputs ended.
+    fn next(&mut self) -> Option<Input> {
+        self.commits_first = !self.commits_first;
+        if self.commits_first {
+            if let Some(input) = self.try_commit() {
+                return Some(input);
+            }
+        }
+        if let Ok(input) = self.inputs.try_recv() {
+            return Some(input);
+        }
+        if let Some(input) = self.try_commit() {
+            return Some(input);
+        }
+        let Feed {
+            runtime,
+            inputs,
+            commits,
+            ..
+        } = self;
+        let Some(feed) = commits else {
+            return inputs.blocking_recv();
         };
-        if inputs.send(input).await.is_err() {
-            return;
+        let (input, closed) = runtime.block_on(async {
+            tokio::select! {
+                input = inputs.recv() => (input, false),
+                committed = feed.recv() => match committed {
+                    Ok(committed) => (Some(Input::Committed(committed)), false),
+                    Err(broadcast::error::RecvError::Lagged(missed)) => (Some(Input::Lagged(missed)), false),
+                    Err(broadcast::error::RecvError::Closed) => (None, true),
+                },
+            }
+        });
+        if closed {
+            *commits = None;
+            return self.next();
+        }
+        input
+    }
+
+    fn try_commit(&mut self) -> Option<Input> {
+        let feed = self.commits.as_mut()?;
+        match feed.try_recv() {
+            Ok(committed) => Some(Input::Committed(committed)),
+            Err(broadcast::error::TryRecvError::Lagged(missed)) => Some(Input::Lagged(missed)),
+            Err(broadcast::error::TryRecvError::Empty) => None,
+            Err(broadcast::error::TryRecvError::Closed) => {
+                self.commits = None;
+                None
+            }
         }
     }
 }
@@ -909,7 +969,7 @@ struct SessionDriver {
 }
 
 impl SessionDriver {
-    fn run(self, mut session: Session, mut inputs: mpsc::Receiver<Input>) -> SessionOutcome {
+    fn run(self, mut session: Session, mut feed: Feed) -> SessionOutcome {
         let replica = self.shared.replica.clone();
         let mut outcome = SessionOutcome {
             connected: false,
@@ -928,7 +988,7 @@ impl SessionDriver {
             }
             let input = match next.take() {
                 Some(input) => input,
-                None => match inputs.blocking_recv() {
+                None => match feed.next() {
                     Some(input) => input,
                     None => return outcome,
                 },
@@ -940,7 +1000,7 @@ impl SessionDriver {
                     // documents arriving back to back become one durable write.
                     let mut frames = vec![payload];
                     while frames.len() < FRAMES_PER_TURN_MAX {
-                        match inputs.try_recv() {
+                        match feed.inputs.try_recv() {
                             Ok(Input::Frame(payload)) => frames.push(payload),
                             Ok(other) => {
                                 next = Some(other);
