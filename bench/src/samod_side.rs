@@ -146,8 +146,23 @@ pub(crate) fn live(
 
         // A's side: (document index, position in that document, hash, commit start).
         let handles_a = bounded("A to open its documents", find_all(&sites.a, &at_a)).await?;
-        let mut commits: Vec<(usize, usize, ChangeHash, Instant)> = Vec::with_capacity(changes);
+        // One unmeasured round, a change per document, as on our side.
         let mut ticks = tokio::time::interval(interval);
+        for (index, handle) in handles_a.iter().enumerate() {
+            ticks.tick().await;
+            commit_seq(handle, -1_000_000 - index as i64)?;
+        }
+        let warm: Vec<_> = handles_a.iter().map(heads_of).collect();
+        bounded(
+            "B to receive the warm-up round",
+            try_join_all(
+                at_b.iter()
+                    .zip(warm)
+                    .map(|(handle, heads)| wait_for_heads(handle, heads)),
+            ),
+        )
+        .await?;
+        let mut commits: Vec<(usize, usize, ChangeHash, Instant)> = Vec::with_capacity(changes);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         for seq in 0..changes {
             ticks.tick().await;

@@ -284,6 +284,17 @@ async fn live_latencies(
     }
     let link = Link::connect(&a, &b, false).await?;
     until_same(&a, &b, &ids, Duration::from_millis(5)).await?;
+    // One unmeasured round, a change per document: B received the documents
+    // whole and keeps them as bytes until first used (see `memory`), so
+    // each one's first live change would also time loading it.
+    let mut tick = tokio::time::interval(interval);
+    for (n, id) in ids.iter().enumerate() {
+        tick.tick().await;
+        let (a, id) = (a.clone(), id.clone());
+        tokio::task::spawn_blocking(move || a.apply_ops(&id, &set_op(n, usize::MAX - n), None))
+            .await??;
+    }
+    until_same(&a, &b, &ids, Duration::from_millis(5)).await?;
     let mut feed = b.subscribe();
     let arrivals = tokio::spawn(async move {
         let mut seen: HashMap<ChangeHash, Instant> = HashMap::new();
@@ -302,7 +313,6 @@ async fn live_latencies(
         seen
     });
     let mut commits: Vec<(ChangeHash, Instant, Instant)> = Vec::with_capacity(changes);
-    let mut tick = tokio::time::interval(interval);
     for i in 0..changes {
         tick.tick().await;
         let (a, id) = (a.clone(), ids[i % ids.len()].clone());
