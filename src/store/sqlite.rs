@@ -214,7 +214,16 @@ const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(2
 
 /// Copies committed WAL frames into the database every [`CHECKPOINT_EVERY`]
 /// (passive: never blocks the writer or readers) until `stop` closes.
+/// Lowers the calling thread's CPU priority (nice +5; on Linux nice is per
+/// thread). The writer and the checkpointer mostly wait on the disk; when
+/// they do need the CPU at the same moment as the threads that carry live
+/// changes (2 cores here), those go first.
+fn lower_priority() {
+    let _ = rustix::process::setpriority_process(Some(rustix::thread::gettid()), 5);
+}
+
 fn checkpoint_loop(conn: Connection, stop: mpsc::Receiver<()>) {
+    lower_priority();
     while let Err(mpsc::RecvTimeoutError::Timeout) = stop.recv_timeout(CHECKPOINT_EVERY) {
         if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
             tracing::warn!(error = %e, "WAL checkpoint failed; the next one retries");
@@ -243,6 +252,7 @@ fn open_connection(path: &Path, cache_kib: usize) -> Result<Connection, StoreErr
 
 fn write_loop(mut conn: Connection, receiver: mpsc::Receiver<Request>, group: (usize, usize)) {
     let (requests_max, bytes_max) = group;
+    lower_priority();
     while let Ok(first) = receiver.recv() {
         let mut bytes: usize = first.writes.iter().map(Write::bytes_len).sum();
         let mut batch = vec![first];
