@@ -7,7 +7,8 @@
 //! many ways (often the same fields at several sites), deliver, duplicate
 //! and reorder frames, reset connections, partition and heal sites, and
 //! crash and restart them (losing everything in memory; commits were durable
-//! when acknowledged). After the final heal the network runs fault-free
+//! when acknowledged), and make their stores fail for a while (writes are
+//! pipelined, so a change whose write failed may already be at peers). After the final heal the network runs fault-free
 //! until quiet, and every site must hold the same documents: equal sorted
 //! heads and equal JSON values.
 //!
@@ -25,7 +26,7 @@ use crate::doc::Op;
 use crate::id::{DocId, SiteName};
 use crate::protocol::session::{Lane, Session, SessionConfig};
 use crate::replica::{Committed, Replica, ReplicaOptions};
-use crate::store::Memory;
+use crate::store::{Faulty, Memory};
 use crate::ChangeHash;
 
 /// A small, stable pseudo-random generator (SplitMix64): the same seed gives
@@ -111,7 +112,9 @@ impl Default for SimConfig {
 
 struct SimSite {
     name: SiteName,
-    store: Arc<Memory>,
+    store: Arc<Faulty<Memory>>,
+    /// Its store refuses every write until this step.
+    store_failing_until: Option<usize>,
     replica: Option<Replica>,
     events: Option<broadcast::Receiver<Committed>>,
 }
@@ -136,6 +139,11 @@ pub struct SimReport {
     pub resets: usize,
     /// Crashes.
     pub crashes: usize,
+    /// Spells of a site's store refusing writes.
+    pub store_faults: usize,
+    /// Edits whose store write failed (published, so maybe replicated,
+    /// but not acknowledged).
+    pub failed_writes: usize,
     /// Documents at every site at the end.
     pub docs: usize,
     /// Conflict reports at every site at the end.
@@ -156,6 +164,8 @@ pub struct Sim {
     elapsed: Duration,
     report: SimReport,
     trace: VecDeque<String>,
+    /// Steps taken so far.
+    steps: usize,
 }
 
 const TRACE_LINES_MAX: usize = 60;
@@ -175,10 +185,11 @@ impl Sim {
         let sites = (0..config.sites)
             .map(|i| {
                 let name = SiteName::new(&format!("site-{i}")).expect("valid site name");
-                let store = Arc::new(Memory::new());
+                let store = Arc::new(Faulty::new(Memory::new()));
                 SimSite {
                     name,
                     store,
+                    store_failing_until: None,
                     replica: None,
                     events: None,
                 }
@@ -195,6 +206,7 @@ impl Sim {
             elapsed: Duration::ZERO,
             report: SimReport::default(),
             trace: VecDeque::new(),
+            steps: 0,
         };
         for i in 0..sim.sites.len() {
             sim.restart(i);
@@ -211,6 +223,7 @@ impl Sim {
         self.heal_all();
         self.settle()?;
         self.check_converged()?;
+        self.check_stored()?;
         Ok(self.report)
     }
 
@@ -237,6 +250,16 @@ impl Sim {
     }
 
     fn step(&mut self) {
+        self.steps += 1;
+        for site in 0..self.sites.len() {
+            if self.sites[site]
+                .store_failing_until
+                .is_some_and(|until| until <= self.steps)
+            {
+                self.note(format!("store of site {site} recovers"));
+                self.set_store_failing(site, None);
+            }
+        }
         let faults = self.config.faults;
         let roll = self.rng.below(100);
         match roll {
@@ -276,15 +299,28 @@ impl Sim {
                     self.restart(site);
                 }
             }
+            98 if faults => {
+                let site = self.rng.below(self.sites.len());
+                let steps = 1 + self.rng.below(20);
+                self.note(format!("store of site {site} fails for {steps} steps"));
+                self.report.store_faults += 1;
+                self.set_store_failing(site, Some(self.steps + steps));
+            }
             _ => self.edit(),
         }
         self.pump();
+    }
+
+    fn set_store_failing(&mut self, site: usize, until: Option<usize>) {
+        self.sites[site].store_failing_until = until;
+        self.sites[site].store.set_fail_commits(until.is_some());
     }
 
     fn heal_all(&mut self) {
         self.note("heal all".into());
         self.partitioned.clear();
         for i in 0..self.sites.len() {
+            self.set_store_failing(i, None);
             if self.sites[i].replica.is_none() {
                 self.restart(i);
             }
@@ -314,20 +350,52 @@ impl Sim {
     }
 
     fn restart(&mut self, site: usize) {
+        let options = Sim::site_options(&self.sites[site].name);
         let state = &mut self.sites[site];
-        let mut options = ReplicaOptions::new(state.name.clone());
+        let replica =
+            Replica::open(options, state.store.clone()).expect("memory stores always open");
+        // Automatic resolutions interrupted by the crash run now; a node
+        // whose store refuses them does not start.
+        if let Err(e) = replica.resolve_pending() {
+            self.note(format!("site {site} cannot start: {e}"));
+            return;
+        }
+        state.events = Some(replica.subscribe());
+        state.replica = Some(replica);
+    }
+
+    fn site_options(name: &SiteName) -> ReplicaOptions {
+        let mut options = ReplicaOptions::new(name.clone());
         // A tiny cache exercises eviction and reloading.
         options.cache_docs_max = 3;
         options.compact_changes_min = 8;
         options.conflicts = Arc::new(sim_conflict_config());
-        let replica =
-            Replica::open(options, state.store.clone()).expect("memory stores always open");
-        // Automatic resolutions interrupted by the crash run now.
-        replica
-            .resolve_pending()
-            .expect("memory stores do not fail");
-        state.events = Some(replica.subscribe());
-        state.replica = Some(replica);
+        options
+    }
+
+    /// Every site's store holds what the site shows, once the writes that
+    /// failed are retried (as the node's sweep does): reopened from its
+    /// store alone, each site lists the same documents at the same heads.
+    fn check_stored(&mut self) -> Result<(), String> {
+        for site in 0..self.sites.len() {
+            let Some(replica) = self.sites[site].replica.clone() else {
+                continue;
+            };
+            replica.evict_idle();
+            let reopened = Replica::open(
+                Sim::site_options(&self.sites[site].name),
+                self.sites[site].store.clone(),
+            )
+            .map_err(|e| self.failure(format!("site {site} cannot reopen: {e}")))?;
+            if reopened.index() != replica.index() {
+                return Err(self.failure(format!(
+                    "site {site}'s store lacks what it shows: stored {:?}, shown {:?}",
+                    reopened.index(),
+                    replica.index()
+                )));
+            }
+        }
+        Ok(())
     }
 
     fn doc_id(&mut self) -> DocId {
@@ -361,9 +429,16 @@ impl Sim {
         let ops: Vec<Op> = serde_json::from_value(ops).expect("ops parse");
         // Ops that do not fit the document's current state are refused;
         // that is part of the workload.
-        if replica.apply_ops(&doc, &ops, None).is_ok() {
-            self.report.edits += 1;
-            self.note(format!("edit site {site} {doc} {:?}", ops[0].path()));
+        match replica.apply_ops(&doc, &ops, None) {
+            Ok(_) => {
+                self.report.edits += 1;
+                self.note(format!("edit site {site} {doc} {:?}", ops[0].path()));
+            }
+            Err(crate::Error::Store(e)) => {
+                self.report.failed_writes += 1;
+                self.note(format!("edit site {site} {doc} not written: {e}"));
+            }
+            Err(_) => {}
         }
     }
 

@@ -1,9 +1,12 @@
 //! Seeded multi-site simulation: five sites edit the same documents while
 //! the network duplicates and reorders frames, connections reset, sites are
-//! partitioned, crash and restart; after the final heal every site must hold
+//! partitioned, crash and restart, and stores refuse writes for a while
+//! (the changes stay in memory, published, and are written later); after
+//! the final heal every site must hold
 //! the same documents (sorted heads and JSON values) and the same conflict
 //! reports with the same statuses, and each site's report index must agree
-//! with the reports stored in its documents.
+//! with the reports stored in its documents, and each site reopened from its
+//! store alone must list what it shows.
 //!
 //! `SIM_SEEDS=A..B cargo test --release --test simulation` runs seeds A..B;
 //! without it a default range runs. A failure prints its seed and the
@@ -32,6 +35,7 @@ fn run(seeds: Range<u64>, config: &SimConfig) {
     let mut resets = 0;
     let mut conflicts = 0;
     let mut closed = 0;
+    let mut failed_writes = 0;
     let count = seeds.end.saturating_sub(seeds.start);
     for seed in seeds {
         match Sim::new(seed, config.clone()).run() {
@@ -40,13 +44,19 @@ fn run(seeds: Range<u64>, config: &SimConfig) {
                 resets += report.resets;
                 conflicts += report.conflicts;
                 closed += report.conflicts_closed;
+                failed_writes += report.failed_writes;
             }
             Err(failure) => panic!("{failure}"),
         }
     }
     eprintln!(
         "{count} seeds converged ({edits} edits, {resets} connection resets, \
-         {conflicts} conflict reports identical at every site, {closed} of them closed)"
+         {conflicts} conflict reports identical at every site, {closed} of them closed, \
+         {failed_writes} edits whose store write failed)"
+    );
+    assert!(
+        count < 8 || !config.faults || failed_writes > 0,
+        "no store write failed, so the unsaved-change path went untested"
     );
     assert!(
         count == 0 || conflicts > 0,
