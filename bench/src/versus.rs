@@ -358,23 +358,28 @@ async fn live_latencies(
 pub(crate) fn live(quick: bool) -> anyhow::Result<Map<String, Value>> {
     let changes = if quick { 500 } else { 1_000 };
     let interval = Duration::from_millis(10);
-    // The two systems take turns, half of the changes each time, so a
-    // slower or faster spell of the machine weighs on both alike.
+    // The runs take turns, half of the changes each time, so a slower or
+    // faster spell of the machine weighs on all alike. The third is the
+    // same path with nothing durable at either site: what the hops between
+    // threads and QUIC cost alone.
     let rounds = 2;
-    let (mut ours, mut after_durable, mut samod) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut ours, mut after_durable, mut samod, mut floor) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for _ in 0..rounds {
         let (from_start, from_durable) =
             runtime()?.block_on(live_latencies(changes / rounds, interval, true))?;
         ours.extend(from_start);
         after_durable.extend(from_durable);
         samod.extend(samod_side::live(100, changes / rounds, interval)?);
+        floor.extend(
+            runtime()?
+                .block_on(live_latencies(changes / rounds, interval, false))?
+                .0,
+        );
     }
     ours.sort();
     after_durable.sort();
     samod.sort();
-    // The same path with nothing durable at either site: what the hops
-    // between threads and QUIC cost alone.
-    let (mut floor, _) = runtime()?.block_on(live_latencies(changes, interval, false))?;
     floor.sort();
     eprintln!(
         "  archipelago p50 {:.3} ms p99 {:.3} ms; samod p50 {:.3} ms p99 {:.3} ms",
