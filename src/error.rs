@@ -19,6 +19,17 @@ pub enum Error {
     /// The store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// A change was applied here and published (so it may already be at
+    /// peers), but its store write failed. It stays in memory and is
+    /// written with the document's next write; retrying the same edit
+    /// would apply it twice.
+    #[error("{doc}: the change is applied here but not durable ({source}); it stays in memory, may already be at peers, and is written with the document's next write, so retrying would apply it twice")]
+    NotDurable {
+        /// The document.
+        doc: DocId,
+        /// Why the write failed.
+        source: StoreError,
+    },
     /// The network transport failed.
     #[error(transparent)]
     Transport(Box<crate::transport::quic::TransportError>),

@@ -434,7 +434,7 @@ impl Sim {
                 self.report.edits += 1;
                 self.note(format!("edit site {site} {doc} {:?}", ops[0].path()));
             }
-            Err(crate::Error::Store(e)) => {
+            Err(e @ crate::Error::NotDurable { .. }) => {
                 self.report.failed_writes += 1;
                 self.note(format!("edit site {site} {doc} not written: {e}"));
             }

@@ -164,7 +164,7 @@ fn a_failed_store_write_keeps_the_change_and_the_next_write_saves_it() {
     let mut events = replica.subscribe();
     store.set_fail_commits(true);
     let err = replica.apply_ops(&doc, &set_a(2), None).unwrap_err();
-    assert!(matches!(err, Error::Store(_)), "{err}");
+    assert!(matches!(err, Error::NotDurable { .. }), "{err}");
     let published = events.try_recv().expect("published before the write");
     assert_eq!(
         replica.read_json(&doc, None).unwrap().unwrap().value,

@@ -997,7 +997,8 @@ impl Replica {
     /// document is marked unsaved, its next write (a commit, a peer sending
     /// the changes again, or [`Replica::evict_idle`]) is a whole snapshot
     /// with its report index, and it stays loaded until then. The caller
-    /// gets the error: the commit's outcome is unknown, as after a crash.
+    /// gets [`Error::NotDurable`]: the change took effect here but would be
+    /// lost with a crash before that write (unless a peer holds it).
     fn persist(
         &self,
         id: &DocId,
@@ -1075,7 +1076,10 @@ impl Replica {
         if let Err(e) = self.shared.store.commit(writes) {
             tracing::warn!(doc = %id, error = %e, "store write failed; the changes stay in memory until the document's next write");
             loaded.unsaved = true;
-            return Err(e.into());
+            return Err(Error::NotDurable {
+                doc: id.clone(),
+                source: e,
+            });
         }
         loaded.unsaved = false;
         match snapshot_len {

@@ -93,6 +93,12 @@ impl From<archipelago::Error> for ApiError {
                     message,
                 )
             }
+            // Not "unavailable": the edit took effect, and a client that
+            // retries it (an `inc`, an `insert`) would apply it twice.
+            Error::NotDurable { .. } => {
+                tracing::error!(error = %message, "write not durable");
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "not_durable", message)
+            }
             Error::Store(_) => {
                 tracing::error!(error = %message, "store failed");
                 ApiError::new(
@@ -130,6 +136,23 @@ mod tests {
         let error = ApiError::from(joined.unwrap_err());
         assert_eq!(error.status, StatusCode::INTERNAL_SERVER_ERROR);
         assert_eq!(error.code, "internal");
+    }
+
+    #[test]
+    fn a_write_that_took_effect_but_failed_is_not_durable_not_unavailable() {
+        use archipelago::store::StoreError;
+        let doc: archipelago::DocId = "d".parse().unwrap();
+        let failed = ApiError::from(archipelago::Error::NotDurable {
+            doc,
+            source: StoreError::Injected,
+        });
+        assert_eq!(
+            (failed.status, failed.code),
+            (StatusCode::SERVICE_UNAVAILABLE, "not_durable")
+        );
+        assert!(failed.message.contains("retrying"), "{}", failed.message);
+        let refused = ApiError::from(archipelago::Error::Store(StoreError::Injected));
+        assert_eq!(refused.code, "store_unavailable");
     }
 
     #[test]
