@@ -291,7 +291,7 @@ async fn live_latencies(
     for (n, id) in ids.iter().enumerate() {
         tick.tick().await;
         let (a, id) = (a.clone(), id.clone());
-        tokio::task::spawn_blocking(move || a.apply_ops(&id, &set_op(n, usize::MAX - n), None))
+        tokio::task::spawn_blocking(move || a.apply_ops(&id, &set_op(n, 1_000_000 + n), None))
             .await??;
     }
     until_same(&a, &b, &ids, Duration::from_millis(5)).await?;
