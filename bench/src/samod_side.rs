@@ -152,16 +152,7 @@ pub(crate) fn live(
             ticks.tick().await;
             commit_seq(handle, -1_000_000 - index as i64)?;
         }
-        let warm: Vec<_> = handles_a.iter().map(heads_of).collect();
-        bounded(
-            "B to receive the warm-up round",
-            try_join_all(
-                at_b.iter()
-                    .zip(warm)
-                    .map(|(handle, heads)| wait_for_heads(handle, heads)),
-            ),
-        )
-        .await?;
+        catch_up("B to receive the warm-up round", &handles_a, &at_b).await?;
         let mut commits: Vec<(usize, usize, ChangeHash, Instant)> = Vec::with_capacity(changes);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         for seq in 0..changes {
@@ -174,16 +165,7 @@ pub(crate) fn live(
 
         // Wait until B holds A's final state, then give the listener a moment
         // to drain events that were already sent.
-        let finals: Vec<_> = handles_a.iter().map(heads_of).collect();
-        bounded(
-            "B to receive every change",
-            try_join_all(
-                at_b.iter()
-                    .zip(finals)
-                    .map(|(handle, heads)| wait_for_heads(handle, heads)),
-            ),
-        )
-        .await?;
+        catch_up("B to receive every change", &handles_a, &at_b).await?;
         tokio::time::sleep(Duration::from_millis(20)).await;
         listener.abort();
 
@@ -652,6 +634,22 @@ fn commit_seq(handle: &DocHandle, seq: i64) -> anyhow::Result<ChangeHash> {
                 .map_err(|failure| anyhow!("committing a change: {:?}", failure.error))
         })?
         .ok_or_else(|| anyhow!("a change that sets a key has a hash"))
+}
+
+/// Waits (bounded, named `what`) until each of B's documents has the heads
+/// its counterpart at A has now.
+async fn catch_up(what: &str, at_a: &[DocHandle], at_b: &[DocHandle]) -> anyhow::Result<()> {
+    let heads: Vec<_> = at_a.iter().map(heads_of).collect();
+    bounded(
+        what,
+        try_join_all(
+            at_b.iter()
+                .zip(heads)
+                .map(|(handle, heads)| wait_for_heads(handle, heads)),
+        ),
+    )
+    .await?;
+    Ok(())
 }
 
 fn heads_of(handle: &DocHandle) -> Vec<ChangeHash> {

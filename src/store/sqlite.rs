@@ -212,8 +212,6 @@ const WAL_AUTOCHECKPOINT_PAGES: u32 = 20_000;
 /// How often the checkpoint thread copies the WAL into the database.
 const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
 
-/// Copies committed WAL frames into the database every [`CHECKPOINT_EVERY`]
-/// (passive: never blocks the writer or readers) until `stop` closes.
 /// Lowers the calling thread's CPU priority (nice +5; on Linux nice is per
 /// thread). The writer and the checkpointer mostly wait on the disk; when
 /// they do need the CPU at the same moment as the threads that carry live
@@ -222,6 +220,8 @@ fn lower_priority() {
     let _ = rustix::process::setpriority_process(Some(rustix::thread::gettid()), 5);
 }
 
+/// Copies committed WAL frames into the database every [`CHECKPOINT_EVERY`]
+/// (passive: never blocks the writer or readers) until `stop` closes.
 fn checkpoint_loop(conn: Connection, stop: mpsc::Receiver<()>) {
     lower_priority();
     while let Err(mpsc::RecvTimeoutError::Timeout) = stop.recv_timeout(CHECKPOINT_EVERY) {
