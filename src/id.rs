@@ -45,6 +45,14 @@ impl InvalidId {
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct DocId(Arc<str>);
 
+/// Ids compare, order and hash as their text, so maps keyed by id can be
+/// searched with a `&str`.
+impl std::borrow::Borrow<str> for DocId {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
+
 impl DocId {
     /// Parses and validates a document id.
     pub fn new(value: &str) -> Result<DocId, InvalidId> {

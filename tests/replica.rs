@@ -526,3 +526,49 @@ fn whole_documents_apply_together_and_stay_durable() {
     );
     assert!(replica.heads(&id("inv/3")).is_none());
 }
+
+#[test]
+fn heads_pages_and_digests_cover_a_prefix_and_change_with_any_head() {
+    let east = Replica::open(options("east"), Arc::new(Memory::new())).unwrap();
+    let west = Replica::open(options("west"), Arc::new(Memory::new())).unwrap();
+    // More documents than one page of the digest's index reads.
+    let ids: Vec<DocId> = (0..4100).map(|n| id(&format!("orders/{n:05}"))).collect();
+    for doc in &ids {
+        east.apply_ops(doc, &set_a(1), None).unwrap();
+    }
+    east.apply_ops(&id("other/1"), &set_a(1), None).unwrap();
+    east.apply_ops(&id("ordersx"), &set_a(1), None).unwrap();
+
+    let first = east.heads_page("orders/", None, 3);
+    let first_ids: Vec<&str> = first.iter().map(|(id, _)| id.as_str()).collect();
+    assert_eq!(first_ids, ["orders/00000", "orders/00001", "orders/00002"]);
+    assert_eq!(first[0].1, east.heads(&ids[0]).unwrap());
+    let next = east.heads_page("orders/", Some("orders/00002"), 2);
+    assert_eq!(next[0].0.as_str(), "orders/00003");
+    // An `after` before the prefix starts at the prefix; past it, nothing.
+    assert_eq!(east.heads_page("orders/", Some("a"), 1)[0].0, ids[0]);
+    assert!(east
+        .heads_page("orders/", Some("orders/99999"), 1)
+        .is_empty());
+    assert_eq!(east.heads_page("", None, usize::MAX).len(), 4102);
+
+    let digest = east.heads_digest("orders/");
+    assert_eq!(digest.docs, 4100);
+    assert_eq!(digest.to_hex().len(), 64);
+    assert_eq!(east.heads_digest("").docs, 4102);
+    assert_eq!(west.heads_digest("orders/").docs, 0);
+    assert_ne!(west.heads_digest("orders/"), digest);
+
+    // The same documents at the same heads give the same digest at another
+    // replica; one more change anywhere gives another.
+    for doc in &ids {
+        let changes = east.changes_after(doc, &[]).unwrap().unwrap();
+        west.apply_changes(doc, &changes, Origin::Peer(east.site().clone()))
+            .unwrap();
+    }
+    assert_eq!(west.heads_digest("orders/"), digest);
+    assert_ne!(west.heads_digest(""), east.heads_digest(""));
+    west.apply_ops(&ids[4099], &set_a(2), None).unwrap();
+    assert_ne!(west.heads_digest("orders/"), digest);
+    assert_eq!(west.heads_digest("orders/").docs, 4100);
+}

@@ -13,11 +13,13 @@
 //! documents proceed in parallel and share the store's group commit.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::ops::Bound;
 use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use automerge::transaction::{CommitOptions, Transaction};
 use automerge::{Automerge, Change, ChangeHash, PatchLog, ReadDoc};
+use sha2::{Digest as _, Sha256};
 use tokio::sync::broadcast;
 
 mod conflicts;
@@ -191,6 +193,43 @@ pub struct DocView {
     pub heads: Vec<ChangeHash>,
     /// The document as JSON.
     pub value: serde_json::Value,
+}
+
+/// What [`Replica::heads_digest`] gives: how many documents it covers, and
+/// SHA-256 over their item hashes (the reconciliation's, see
+/// [`item_hash`]) in id order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HeadsDigest {
+    /// Documents covered.
+    pub docs: usize,
+    /// The digest.
+    pub digest: [u8; 32],
+}
+
+impl HeadsDigest {
+    /// The digest in lowercase hex.
+    pub fn to_hex(&self) -> String {
+        hex::encode(self.digest)
+    }
+}
+
+/// Documents read per lock of the index while computing a digest.
+const HEADS_DIGEST_PAGE: usize = 4096;
+
+/// The index entries starting with `prefix` and sorting after `after`
+/// (exclusive), in order.
+fn index_page<'a>(
+    index: &'a BTreeMap<DocId, Vec<ChangeHash>>,
+    prefix: &'a str,
+    after: Option<&'a str>,
+) -> impl Iterator<Item = (&'a DocId, &'a Vec<ChangeHash>)> + 'a {
+    let from = match after {
+        Some(after) if after >= prefix => Bound::Excluded(after),
+        _ => Bound::Included(prefix),
+    };
+    index
+        .range::<str, _>((from, Bound::Unbounded))
+        .take_while(move |(id, _)| id.as_str().starts_with(prefix))
 }
 
 /// Counts describing a replica.
@@ -402,12 +441,8 @@ impl Replica {
     /// Ids of the stored documents starting with `prefix`, in order.
     pub fn doc_ids(&self, prefix: &str) -> Vec<DocId> {
         let state = lock(&self.shared.state);
-        state
-            .index
-            .keys()
-            .skip_while(|id| id.as_str() < prefix)
-            .take_while(|id| id.as_str().starts_with(prefix))
-            .cloned()
+        index_page(&state.index, prefix, None)
+            .map(|(id, _)| id.clone())
             .collect()
     }
 
@@ -416,18 +451,55 @@ impl Replica {
     /// [`Replica::doc_ids`].
     pub fn doc_ids_page(&self, prefix: &str, after: Option<&str>, limit: usize) -> Vec<DocId> {
         let state = lock(&self.shared.state);
-        let start = match after {
-            Some(after) if after >= prefix => after,
-            _ => prefix,
-        };
-        state
-            .index
-            .keys()
-            .skip_while(|id| id.as_str() < start || after.is_some_and(|a| id.as_str() == a))
-            .take_while(|id| id.as_str().starts_with(prefix))
+        index_page(&state.index, prefix, after)
             .take(limit)
-            .cloned()
+            .map(|(id, _)| id.clone())
             .collect()
+    }
+
+    /// At most `limit` stored documents starting with `prefix` and sorting
+    /// after `after` (exclusive), in order, with their heads: a page of
+    /// [`Replica::index`].
+    pub fn heads_page(
+        &self,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Vec<(DocId, Vec<ChangeHash>)> {
+        let state = lock(&self.shared.state);
+        index_page(&state.index, prefix, after)
+            .take(limit)
+            .map(|(id, heads)| (id.clone(), heads.clone()))
+            .collect()
+    }
+
+    /// A digest of the stored documents starting with `prefix` and their
+    /// heads: two replicas holding the same documents at the same heads
+    /// give the same digest, so comparing sites costs one digest each
+    /// until they differ. Reads the index in pages, so commits go on
+    /// meanwhile; a document committed during the call may or may not
+    /// count.
+    pub fn heads_digest(&self, prefix: &str) -> HeadsDigest {
+        let mut hasher = Sha256::new();
+        let mut docs = 0;
+        let mut after: Option<DocId> = None;
+        loop {
+            let page =
+                self.heads_page(prefix, after.as_ref().map(DocId::as_str), HEADS_DIGEST_PAGE);
+            for (id, heads) in &page {
+                let heads: Vec<[u8; 32]> = heads.iter().map(|h| h.0).collect();
+                hasher.update(item_hash(id, &heads));
+            }
+            docs += page.len();
+            if page.len() < HEADS_DIGEST_PAGE {
+                break;
+            }
+            after = page.last().map(|(id, _)| id.clone());
+        }
+        HeadsDigest {
+            docs,
+            digest: hasher.finalize().into(),
+        }
     }
 
     /// Every stored document with its heads.

@@ -1,11 +1,11 @@
 //! The `sync-node` command line (clap): `ca init`, `init`, `run`, and client
 //! commands against a running node (`status`, `doc get|put|ops|history|list`,
-//! `conflicts list|show|resolve|dismiss`).
+//! `conflicts list|show|resolve|dismiss`), and `check` across nodes.
 //!
 //! Exit codes: 0 on success, 1 when the command fails (including an error
 //! answer from the node, whose message goes to stderr), 2 for usage errors
 //! (clap's own, and arguments that parse but make no sense, such as a
-//! value that is not JSON).
+//! value that is not JSON), and 3 when `check` finds nodes that differ.
 
 use std::io::Read as _;
 use std::net::SocketAddr;
@@ -53,9 +53,33 @@ enum Command {
     /// node.
     #[command(subcommand)]
     Conflicts(ConflictsCommand),
+    /// Compare the documents and heads of several running nodes: exit 0
+    /// when identical, 3 when some still differ after the retries.
+    Check(CheckArgs),
     /// Run three sites on 127.0.0.1 (real QUIC and SQLite), write
     /// concurrently, partition one site, heal, and check they converge.
     Demo(DemoArgs),
+}
+
+#[derive(Debug, Args)]
+struct CheckArgs {
+    /// The config file of a node to compare; give two or more.
+    #[arg(long = "config", value_name = "FILE", required = true)]
+    configs: Vec<PathBuf>,
+    /// Only documents whose id starts with this (sites replicating
+    /// different namespaces should be compared on a prefix they share).
+    #[arg(long, default_value = "")]
+    prefix: String,
+    /// Comparisons before differences are reported, so changes still in
+    /// flight can arrive (1 to 100).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=100))]
+    attempts: u32,
+    /// Pause between attempts, in milliseconds (at most 10 minutes).
+    #[arg(long, default_value_t = 2000, value_parser = clap::value_parser!(u64).range(0..=600_000))]
+    wait_ms: u64,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Debug, Args)]
@@ -256,6 +280,18 @@ impl std::fmt::Display for UsageError {
 
 impl std::error::Error for UsageError {}
 
+/// `sync-node check` found documents that differ: exit code 3.
+#[derive(Debug)]
+struct Inconsistent(usize);
+
+impl std::fmt::Display for Inconsistent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} documents differ between the nodes", self.0)
+    }
+}
+
+impl std::error::Error for Inconsistent {}
+
 /// Parses the process arguments, runs the command and returns the exit
 /// code. Usage errors exit from here with code 2 (clap's convention).
 pub fn main() -> ExitCode {
@@ -266,6 +302,8 @@ pub fn main() -> ExitCode {
             eprintln!("error: {error:#}");
             if error.downcast_ref::<UsageError>().is_some() {
                 ExitCode::from(2)
+            } else if error.downcast_ref::<Inconsistent>().is_some() {
+                ExitCode::from(3)
             } else {
                 ExitCode::FAILURE
             }
@@ -289,7 +327,44 @@ fn run_command(command: Command) -> anyhow::Result<()> {
         Command::Status(client) => client_request(&client, Method::GET, "/v1/status", None),
         Command::Doc(doc) => doc_command(doc),
         Command::Conflicts(conflicts) => conflicts_command(conflicts),
+        Command::Check(args) => run_check(args),
         Command::Demo(args) => run_demo(args),
+    }
+}
+
+/// Most differing documents `check` lists as text.
+const CHECK_LINES_MAX: usize = 50;
+
+fn run_check(args: CheckArgs) -> anyhow::Result<()> {
+    if args.configs.len() < 2 {
+        return Err(
+            UsageError("give at least two nodes (--config FILE, repeated)".to_owned()).into(),
+        );
+    }
+    let clients = args
+        .configs
+        .iter()
+        .map(|path| Client::from_config(path))
+        .collect::<anyhow::Result<Vec<Client>>>()?;
+    let options = crate::check::CheckOptions {
+        prefix: args.prefix,
+        attempts: args.attempts,
+        wait: std::time::Duration::from_millis(args.wait_ms),
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    let report = runtime.block_on(crate::check::check(&clients, &options))?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report.to_json())?);
+    } else {
+        print!("{}", report.to_text(CHECK_LINES_MAX));
+    }
+    if report.consistent() {
+        Ok(())
+    } else {
+        Err(Inconsistent(report.differing.len()).into())
     }
 }
 

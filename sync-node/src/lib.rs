@@ -45,6 +45,7 @@
 
 pub mod api;
 pub mod ca;
+mod check;
 pub mod cli;
 mod client;
 pub mod config;

@@ -16,6 +16,7 @@ mod docs;
 mod error;
 mod events;
 mod extract;
+mod heads;
 pub(crate) mod telemetry;
 
 use std::sync::Arc;
@@ -84,6 +85,8 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/docs/{id}", get(docs::read).put(docs::put))
         .route("/v1/docs/{id}/ops", post(docs::apply_ops))
         .route("/v1/docs/{id}/history", get(docs::history))
+        .route("/v1/heads", get(heads::list))
+        .route("/v1/heads/digest", get(heads::digest))
         .route("/v1/conflicts", get(conflicts::list))
         .route("/v1/conflicts/{id}", get(conflicts::read))
         .route("/v1/conflicts/{id}/resolve", post(conflicts::resolve))
