@@ -1,5 +1,6 @@
 //! An embedded replica per region, typed access, and a manual exchange of
-//! changes between two sites (the sync protocol will automate the exchange).
+//! changes between two sites (done by hand here, with the calls the sync
+//! protocol uses; `embedded_sync` lets the replicas sync over QUIC).
 //!
 //! Run: `cargo run --example embedded_inventory`
 
