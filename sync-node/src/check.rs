@@ -21,9 +21,10 @@ use serde_json::{json, Value};
 
 use crate::client::{encode, Client};
 
-/// Most documents the check holds per node: a bound on its memory when
-/// digests differ (about 200 bytes a document).
-pub(crate) const CHECK_DOCS_MAX: usize = 10_000_000;
+/// Most documents the check lists per node when digests differ: a bound on
+/// its memory (about 200 bytes a document). Larger sets are checked a
+/// prefix at a time.
+pub(crate) const CHECK_DOCS_MAX: usize = 1_000_000;
 
 /// How the check runs.
 #[derive(Debug, Clone)]
