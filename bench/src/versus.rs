@@ -12,7 +12,12 @@
 //! commit includes making it durable at A, and B shows a change only once
 //! it is durable at B; samod's side keeps both in memory). `live` also
 //! runs once with both replicas over an in-memory store
-//! (`p50_ms_without_storage`): the floor of the path without any disk.
+//! (`p50_ms_without_storage`): the path without any disk. And it measures
+//! the least any system can do here for the same workload and the same
+//! detection (`minimal_path_*`): automerge at both ends, one unencrypted
+//! UDP datagram, a broadcast to the subscriber; no storage, validation or
+//! protocol. Every run takes turns between all four, so they share the
+//! machine's faster and slower spells.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -20,7 +25,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use archipelago::automerge::transaction::{CommitOptions, Transactable};
-use archipelago::automerge::{Automerge, ROOT};
+use archipelago::automerge::{Automerge, ReadDoc, ROOT};
 use archipelago::doc::Op;
 use archipelago::store::Sqlite;
 use archipelago::transport::quic::SyncEndpoint;
@@ -353,6 +358,101 @@ async fn live_latencies(
     Ok((from_start, from_durable))
 }
 
+/// The least any replication of a live change can do on this machine,
+/// measured the way `live` measures the systems: at A, a thread that wakes
+/// every `interval` commits one put to an in-process automerge document
+/// (100 of them, round-robin) and sends the encoded change in one UDP
+/// datagram on 127.0.0.1, with no encryption; at B, a thread blocked on the
+/// socket applies it to its copy of the document and publishes it on a
+/// broadcast that a task subscribes to, as `live` subscribes to B's
+/// replica. No storage, no checks, no framing, no session. Returns the
+/// latencies from the start of the commit to the subscriber, after one
+/// unmeasured round over the documents.
+async fn minimal_path(changes: usize, interval: Duration) -> anyhow::Result<Vec<Duration>> {
+    const DOCS: usize = 100;
+    let mut a_docs = Vec::with_capacity(DOCS);
+    let mut b_docs = Vec::with_capacity(DOCS);
+    for _ in 0..DOCS {
+        let mut doc = Automerge::new();
+        let mut tx = doc.transaction();
+        tx.put(ROOT, "k0", 0_i64)?;
+        tx.commit();
+        b_docs.push(Automerge::load(&doc.save())?);
+        a_docs.push(doc);
+    }
+    let total = DOCS + changes;
+    let receiver = std::net::UdpSocket::bind("127.0.0.1:0")?;
+    receiver.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let to = receiver.local_addr()?;
+    let (published, mut feed) = tokio::sync::broadcast::channel::<usize>(1024);
+    let arrivals = tokio::spawn(async move {
+        let mut seen: HashMap<usize, Instant> = HashMap::with_capacity(total);
+        while seen.len() < total {
+            match feed.recv().await {
+                Ok(n) => {
+                    seen.insert(n, Instant::now());
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                Err(_) => break,
+            }
+        }
+        seen
+    });
+    let applier = std::thread::spawn(move || -> anyhow::Result<()> {
+        let mut buf = vec![0u8; 65_536];
+        for _ in 0..total {
+            let len = receiver.recv(&mut buf)?;
+            anyhow::ensure!(len > 8, "a short datagram");
+            let n = u64::from_be_bytes(buf[..8].try_into()?) as usize;
+            let change = archipelago::automerge::Change::try_from(&buf[8..len])?;
+            let hash = change.hash();
+            let doc = &mut b_docs[n % DOCS];
+            doc.apply_changes([change])?;
+            anyhow::ensure!(doc.get_heads() == [hash], "a change did not apply");
+            let _ = published.send(n);
+        }
+        Ok(())
+    });
+    let writer = std::thread::spawn(move || -> anyhow::Result<Vec<Instant>> {
+        let sender = std::net::UdpSocket::bind("127.0.0.1:0")?;
+        let mut started = Vec::with_capacity(total);
+        let start = Instant::now();
+        for n in 0..total {
+            let due = start + interval * (n as u32 + 1);
+            std::thread::sleep(due.saturating_duration_since(Instant::now()));
+            started.push(Instant::now());
+            let doc = &mut a_docs[n % DOCS];
+            let mut tx = doc.transaction();
+            tx.put(ROOT, format!("k{}", n % 10), 1_000_000 + n as i64)?;
+            let (Some(hash), _) = tx.commit() else {
+                anyhow::bail!("the put made no change");
+            };
+            let change = doc
+                .get_change_by_hash(&hash)
+                .ok_or_else(|| anyhow::anyhow!("the change is gone"))?;
+            let mut datagram = (n as u64).to_be_bytes().to_vec();
+            datagram.extend_from_slice(change.raw_bytes());
+            sender.send_to(&datagram, to)?;
+        }
+        Ok(started)
+    });
+    let started = tokio::task::spawn_blocking(move || writer.join())
+        .await?
+        .map_err(|_| anyhow::anyhow!("the writing thread panicked"))??;
+    tokio::task::spawn_blocking(move || applier.join())
+        .await?
+        .map_err(|_| anyhow::anyhow!("the applying thread panicked"))??;
+    let seen = tokio::time::timeout(WAIT_MAX, arrivals).await??;
+    (DOCS..total)
+        .map(|n| {
+            let arrived = seen
+                .get(&n)
+                .ok_or_else(|| anyhow::anyhow!("a change never arrived"))?;
+            Ok(arrived.saturating_duration_since(started[n]))
+        })
+        .collect()
+}
+
 /// `live`: 100 synced documents; A commits every 10 ms round-robin, 1,000
 /// changes; commit-to-visible at B, against samod.
 pub(crate) fn live(quick: bool) -> anyhow::Result<Map<String, Value>> {
@@ -363,8 +463,8 @@ pub(crate) fn live(quick: bool) -> anyhow::Result<Map<String, Value>> {
     // same path with nothing durable at either site: what the hops between
     // threads and QUIC cost alone.
     let rounds = 2;
-    let (mut ours, mut after_durable, mut samod, mut floor) =
-        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut ours, mut after_durable, mut samod, mut floor, mut minimal) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for _ in 0..rounds {
         let (from_start, from_durable) =
             runtime()?.block_on(live_latencies(changes / rounds, interval, true))?;
@@ -376,17 +476,20 @@ pub(crate) fn live(quick: bool) -> anyhow::Result<Map<String, Value>> {
                 .block_on(live_latencies(changes / rounds, interval, false))?
                 .0,
         );
+        minimal.extend(runtime()?.block_on(minimal_path(changes / rounds, interval))?);
     }
     ours.sort();
     after_durable.sort();
     samod.sort();
     floor.sort();
+    minimal.sort();
     eprintln!(
-        "  archipelago p50 {:.3} ms p99 {:.3} ms; samod p50 {:.3} ms p99 {:.3} ms",
+        "  archipelago p50 {:.3} ms p99 {:.3} ms; samod p50 {:.3} ms p99 {:.3} ms; minimal path p50 {:.3} ms",
         percentile(&ours, 0.5),
         percentile(&ours, 0.99),
         percentile(&samod, 0.5),
-        percentile(&samod, 0.99)
+        percentile(&samod, 0.99),
+        percentile(&minimal, 0.5),
     );
     let (p50, p99) = (percentile(&ours, 0.5), percentile(&ours, 0.99));
     let (s50, s99) = (percentile(&samod, 0.5), percentile(&samod, 0.99));
@@ -404,6 +507,12 @@ pub(crate) fn live(quick: bool) -> anyhow::Result<Map<String, Value>> {
         ),
         ("p50_ms_without_storage", json!(percentile(&floor, 0.5))),
         ("p99_ms_without_storage", json!(percentile(&floor, 0.99))),
+        ("minimal_path_p50_ms", json!(percentile(&minimal, 0.5))),
+        ("minimal_path_p99_ms", json!(percentile(&minimal, 0.99))),
+        (
+            "minimal_path_p50_ratio_vs_samod",
+            json!(percentile(&minimal, 0.5) / s50),
+        ),
         ("samod_p50_ms", json!(s50)),
         ("samod_p99_ms", json!(s99)),
         ("p50_ratio_vs_samod", json!(p50 / s50)),

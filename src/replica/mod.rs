@@ -1117,6 +1117,17 @@ impl Replica {
                 .filter(|r| !keyed.contains(&conflicts::index_key(&r.id)))
                 .collect();
         }
+        // Published first: saving a whole document to compact it can take
+        // milliseconds, and the peers need not wait for it.
+        for part in parts {
+            self.publish(Committed {
+                doc: id.clone(),
+                heads: part.heads.unwrap_or_else(|| heads.clone()),
+                changes: Arc::new(part.changes),
+                hashes: part.hashes,
+                origin: part.origin,
+            });
+        }
         let write = if compact {
             Write::Snapshot {
                 doc: id.clone(),
@@ -1136,15 +1147,6 @@ impl Replica {
         };
         let mut writes = vec![write];
         writes.extend(extra);
-        for part in parts {
-            self.publish(Committed {
-                doc: id.clone(),
-                heads: part.heads.unwrap_or_else(|| heads.clone()),
-                changes: Arc::new(part.changes),
-                hashes: part.hashes,
-                origin: part.origin,
-            });
-        }
         if let Err(e) = self.shared.store.commit(writes) {
             tracing::warn!(doc = %id, error = %e, "store write failed; the changes stay in memory until the document's next write");
             loaded.unsaved = true;
