@@ -722,4 +722,16 @@ mod tests {
         assert_eq!(from_start.len(), 5);
         assert!(from_start.iter().zip(&from_durable).all(|(s, d)| s >= d));
     }
+
+    #[test]
+    fn the_minimal_path_delivers_every_change() {
+        let latencies = runtime()
+            .unwrap()
+            .block_on(minimal_path(5, Duration::from_millis(1)))
+            .unwrap();
+        assert_eq!(latencies.len(), 5);
+        assert!(latencies
+            .iter()
+            .all(|l| *l > Duration::ZERO && *l < WAIT_MAX));
+    }
 }
