@@ -12,6 +12,9 @@ use sync_node::config::Config;
 use sync_node::init::{init, InitOptions};
 use sync_node::Node;
 
+mod support;
+use support::get_json;
+
 /// Bound on every wait for something to happen over the network.
 const WAIT: Duration = Duration::from_secs(20);
 /// Bound on the whole test.
@@ -34,14 +37,9 @@ async fn start(dir: &Path, site: &str, ca_dir: Option<&Path>, peer: Option<Strin
 }
 
 async fn get(http: &reqwest::Client, site: &Site, path: &str) -> Value {
-    let response = http
-        .get(format!("{}{path}", site.node.url()))
-        .bearer_auth(site.node.token())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), StatusCode::OK, "{path}");
-    response.json().await.unwrap()
+    let (status, body) = get_json(http, &site.node, path).await;
+    assert_eq!(status, StatusCode::OK, "{path}: {body}");
+    body
 }
 
 async fn put(http: &reqwest::Client, site: &Site, id: &str, value: Value) {

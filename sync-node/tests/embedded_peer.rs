@@ -10,26 +10,18 @@ use archipelago::transport::quic::SyncEndpoint;
 use archipelago::transport::tls::{ca_cert_from_pem, SiteIdentity};
 use archipelago::{Origin, Replica, ReplicaOptions};
 use reqwest::StatusCode;
-use serde_json::{json, Value};
+use serde_json::json;
 use sync_node::config::Config;
 use sync_node::init::{init, InitOptions};
 use sync_node::Node;
+
+mod support;
+use support::get_json;
 
 /// Bound on every wait for something to happen over the network.
 const WAIT: Duration = Duration::from_secs(20);
 /// Bound on the whole test.
 const TEST_TIMEOUT: Duration = Duration::from_secs(90);
-
-async fn get(http: &reqwest::Client, node: &Node, path: &str) -> (StatusCode, Value) {
-    let response = http
-        .get(format!("{}{path}", node.url()))
-        .bearer_auth(node.token())
-        .send()
-        .await
-        .unwrap();
-    let status = response.status();
-    (status, response.json().await.unwrap_or(Value::Null))
-}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn an_embedded_replica_syncs_with_its_sites_node_both_ways() {
@@ -78,7 +70,7 @@ async fn an_embedded_replica_syncs_with_its_sites_node_both_ways() {
         let http = reqwest::Client::new();
         let deadline = tokio::time::Instant::now() + WAIT;
         loop {
-            let (status, body) = get(&http, &node, "/v1/docs/orders%2F1").await;
+            let (status, body) = get_json(&http, &node, "/v1/docs/orders%2F1").await;
             if status == StatusCode::OK {
                 assert_eq!(body["value"], json!({ "qty": 2 }));
                 break;
@@ -117,10 +109,10 @@ async fn an_embedded_replica_syncs_with_its_sites_node_both_ways() {
 
         // The node lists the service as a connected peer, and both hold the
         // same documents at the same heads.
-        let (_, status) = get(&http, &node, "/v1/status").await;
+        let (_, status) = get_json(&http, &node, "/v1/status").await;
         assert_eq!(status["peers"][0]["site"], "svc-east");
         assert_eq!(status["peers"][0]["connected"], true);
-        let (_, digest) = get(&http, &node, "/v1/heads/digest").await;
+        let (_, digest) = get_json(&http, &node, "/v1/heads/digest").await;
         let local = replica.heads_digest("");
         assert_eq!(digest["docs"], local.docs);
         assert_eq!(digest["digest"], local.to_hex());

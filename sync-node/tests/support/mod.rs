@@ -1,4 +1,5 @@
-//! Helpers shared by the tests that run the real `sync-node` binary.
+//! Helpers shared by the tests that run the real `sync-node` binary or
+//! in-process nodes.
 
 #![allow(dead_code)]
 
@@ -74,4 +75,24 @@ pub(crate) fn wait_file(path: &Path) -> String {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// `GET path` on an in-process node with its token: the status and the
+/// JSON answer (`null` when it is not JSON).
+pub(crate) async fn get_json(
+    http: &reqwest::Client,
+    node: &sync_node::Node,
+    path: &str,
+) -> (reqwest::StatusCode, serde_json::Value) {
+    let response = http
+        .get(format!("{}{path}", node.url()))
+        .bearer_auth(node.token())
+        .send()
+        .await
+        .unwrap();
+    let status = response.status();
+    (
+        status,
+        response.json().await.unwrap_or(serde_json::Value::Null),
+    )
 }
