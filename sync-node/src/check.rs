@@ -195,53 +195,41 @@ pub(crate) async fn check(
     clients: &[Client],
     options: &CheckOptions,
 ) -> anyhow::Result<CheckReport> {
-    let sites = try_join_all(clients.iter().map(site_of)).await?;
-    let attempts = options.attempts.max(1);
-    let mut differing: Vec<Difference> = Vec::new();
-    let mut docs = 0;
-    for attempt in 1..=attempts {
+    let mut report = CheckReport {
+        prefix: options.prefix.clone(),
+        sites: try_join_all(clients.iter().map(site_of)).await?,
+        docs: 0,
+        digest: None,
+        attempts: 0,
+        differing: Vec::new(),
+    };
+    for attempt in 1..=options.attempts.max(1) {
         if attempt > 1 {
             tokio::time::sleep(options.wait).await;
         }
+        report.attempts = attempt;
         let digests = try_join_all(clients.iter().map(|c| digest_of(c, &options.prefix))).await?;
         if digests.windows(2).all(|pair| pair[0] == pair[1]) {
-            return Ok(CheckReport {
-                prefix: options.prefix.clone(),
-                sites,
-                docs: digests[0].0,
-                digest: Some(digests[0].1.clone()),
-                attempts: attempt,
-                differing: Vec::new(),
-            });
+            let (docs, digest) = digests.into_iter().next().unwrap_or_default();
+            report.docs = docs;
+            report.digest = Some(digest);
+            report.differing.clear();
+            return Ok(report);
         }
         let nodes = try_join_all(clients.iter().map(|c| heads_of(c, &options.prefix))).await?;
-        docs = nodes
+        report.docs = nodes
             .iter()
             .flat_map(BTreeMap::keys)
             .collect::<BTreeSet<_>>()
             .len();
-        differing = differences(&nodes, &differing);
-        if differing.is_empty() {
+        report.differing = differences(&nodes, &report.differing);
+        if report.differing.is_empty() {
             // The digests were read a moment before the listings, and what
             // was in flight then has arrived.
-            return Ok(CheckReport {
-                prefix: options.prefix.clone(),
-                sites,
-                docs,
-                digest: None,
-                attempts: attempt,
-                differing,
-            });
+            return Ok(report);
         }
     }
-    Ok(CheckReport {
-        prefix: options.prefix.clone(),
-        sites,
-        docs,
-        digest: None,
-        attempts,
-        differing,
-    })
+    Ok(report)
 }
 
 /// The site name a node reports in `/v1/status`.
