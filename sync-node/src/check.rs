@@ -203,6 +203,12 @@ pub(crate) async fn check(
         attempts: 0,
         differing: Vec::new(),
     };
+    let unique: BTreeSet<&String> = report.sites.iter().collect();
+    anyhow::ensure!(
+        unique.len() == report.sites.len(),
+        "two of the configs are the same site ({}); give each node once",
+        report.sites.join(", ")
+    );
     for attempt in 1..=options.attempts.max(1) {
         if attempt > 1 {
             tokio::time::sleep(options.wait).await;

@@ -201,9 +201,16 @@ async fn check_finds_syncing_sites_identical_and_a_lone_site_different() {
         assert!(stdout(&output)
             .starts_with("consistent: 0 documents under \"none/\" identical at 3 sites"));
 
-        // One node is no comparison; an unreachable node is an error.
+        // One node is no comparison, nor is one node twice; an unreachable
+        // node is an error.
         let output = check(&[&high], &[]).await;
         assert_eq!(output.status.code(), Some(2), "{output:?}");
+        let output = check(&[&high, &low, &high], &[]).await;
+        assert_eq!(output.status.code(), Some(1), "{output:?}");
+        assert!(
+            String::from_utf8_lossy(&output.stderr).contains("the same site"),
+            "{output:?}"
+        );
         lone.node.shutdown().await.unwrap();
         let output = check_configs(&[&high.config, &lone.config], &["--attempts", "1"]).await;
         assert_eq!(output.status.code(), Some(1), "{output:?}");
