@@ -63,9 +63,18 @@ enum Command {
 
 #[derive(Debug, Args)]
 struct CheckArgs {
-    /// The config file of a node to compare; give two or more.
-    #[arg(long = "config", value_name = "FILE", required = true)]
+    /// The config file of a node to compare; give two or more nodes in
+    /// all, by config or by `--node`.
+    #[arg(long = "config", value_name = "FILE")]
     configs: Vec<PathBuf>,
+    /// The API address of a node to compare (`http://HOST:PORT`), for
+    /// nodes whose config is elsewhere; each takes the `--token-file`
+    /// given in the same position.
+    #[arg(long = "node", value_name = "URL")]
+    nodes: Vec<String>,
+    /// The API token file of the `--node` in the same position.
+    #[arg(long = "token-file", value_name = "FILE")]
+    token_files: Vec<PathBuf>,
     /// Only documents whose id starts with this (sites replicating
     /// different namespaces should be compared on a prefix they share).
     #[arg(long, default_value = "")]
@@ -336,16 +345,29 @@ fn run_command(command: Command) -> anyhow::Result<()> {
 const CHECK_LINES_MAX: usize = 50;
 
 fn run_check(args: CheckArgs) -> anyhow::Result<()> {
-    if args.configs.len() < 2 {
-        return Err(
-            UsageError("give at least two nodes (--config FILE, repeated)".to_owned()).into(),
-        );
+    if args.nodes.len() != args.token_files.len() {
+        return Err(UsageError(format!(
+            "give one --token-file per --node ({} nodes, {} token files)",
+            args.nodes.len(),
+            args.token_files.len()
+        ))
+        .into());
     }
-    let clients = args
+    if args.configs.len() + args.nodes.len() < 2 {
+        return Err(UsageError(
+            "give at least two nodes (--config FILE, or --node URL with --token-file FILE)"
+                .to_owned(),
+        )
+        .into());
+    }
+    let mut clients = args
         .configs
         .iter()
         .map(|path| Client::from_config(path))
         .collect::<anyhow::Result<Vec<Client>>>()?;
+    for (url, token_file) in args.nodes.iter().zip(&args.token_files) {
+        clients.push(Client::from_url(url, token_file)?);
+    }
     let options = crate::check::CheckOptions {
         prefix: args.prefix,
         attempts: args.attempts,

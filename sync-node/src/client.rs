@@ -15,6 +15,7 @@ use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 use reqwest::Method;
 use serde_json::Value;
 
+use crate::api::ApiToken;
 use crate::config::Config;
 use crate::node::reachable;
 
@@ -66,6 +67,28 @@ impl Client {
         let config = Config::load(config_path)?;
         let addr = node_addr(&config)?;
         let token = config.read_token()?;
+        Client::new(format!("http://{addr}"), token.as_str())
+    }
+
+    /// A client for the node whose API is at `url` (`http://HOST:PORT`),
+    /// with the token kept in `token_file` (the node's `api.token`).
+    pub(crate) fn from_url(url: &str, token_file: &Path) -> anyhow::Result<Client> {
+        let base = url.trim_end_matches('/');
+        let address = base
+            .strip_prefix("http://")
+            .with_context(|| format!("{url} is not an http://HOST:PORT address"))?;
+        anyhow::ensure!(
+            !address.is_empty() && !address.contains('/'),
+            "{url} is not an http://HOST:PORT address"
+        );
+        let text = std::fs::read_to_string(token_file)
+            .with_context(|| format!("cannot read the token file {}", token_file.display()))?;
+        let token = ApiToken::new(text.trim())
+            .with_context(|| format!("{} does not hold a token", token_file.display()))?;
+        Client::new(base.to_owned(), token.as_str())
+    }
+
+    fn new(base: String, token: &str) -> anyhow::Result<Client> {
         let http = reqwest::Client::builder()
             .timeout(REQUEST_TIMEOUT)
             .connect_timeout(CONNECT_TIMEOUT)
@@ -73,8 +96,8 @@ impl Client {
             .context("cannot build the HTTP client")?;
         Ok(Client {
             http,
-            base: format!("http://{addr}"),
-            token: token.as_str().to_owned(),
+            base,
+            token: token.to_owned(),
         })
     }
 
@@ -154,6 +177,27 @@ mod tests {
         assert_eq!(encode("a.b_c~d-e"), "a.b_c~d-e");
         assert_eq!(encode("bad id"), "bad%20id");
         assert_eq!(encode("é"), "%C3%A9");
+    }
+
+    #[test]
+    fn node_urls_must_be_plain_http_addresses() {
+        let dir = tempfile::tempdir().unwrap();
+        let token = dir.path().join("api.token");
+        std::fs::write(&token, "a".repeat(43)).unwrap();
+        for url in ["http://127.0.0.1:7070", "http://node-a:7070/"] {
+            assert!(Client::from_url(url, &token).is_ok(), "{url}");
+        }
+        for url in [
+            "127.0.0.1:7070",
+            "https://node-a:7070",
+            "http://",
+            "http://a:1/v1",
+        ] {
+            assert!(Client::from_url(url, &token).is_err(), "{url}");
+        }
+        let missing = dir.path().join("missing.token");
+        let error = Client::from_url("http://127.0.0.1:7070", &missing).unwrap_err();
+        assert!(format!("{error:#}").contains("cannot read the token file"));
     }
 
     #[test]

@@ -150,6 +150,29 @@ async fn check_finds_syncing_sites_identical_and_a_lone_site_different() {
             "{output:?}"
         );
 
+        // The same by address and token file, as for a node whose config
+        // is on another machine; a node without its token file is a usage
+        // error.
+        let low_url = low.node.url();
+        let low_token = low.config.with_file_name("api.token");
+        let output = check(
+            &[&high],
+            &[
+                "--node",
+                &low_url,
+                "--token-file",
+                low_token.to_str().unwrap(),
+            ],
+        )
+        .await;
+        assert_eq!(output.status.code(), Some(0), "{output:?}");
+        assert!(
+            stdout(&output).starts_with("consistent: 10 documents"),
+            "{output:?}"
+        );
+        let output = check(&[&high], &["--node", &low_url]).await;
+        assert_eq!(output.status.code(), Some(2), "{output:?}");
+
         // A site that syncs with neither: its `orders/0` has other heads and
         // it lacks the rest; exit 3, every difference listed in JSON.
         let output = check(
