@@ -13,6 +13,9 @@ use sync_node::config::Config;
 use sync_node::init::{init, InitOptions};
 use sync_node::Node;
 
+mod support;
+use support::get_json;
+
 /// Bound on every wait for something to happen over the network.
 const WAIT: Duration = Duration::from_secs(20);
 /// Bound on a whole test.
@@ -63,15 +66,7 @@ async fn start_sites(high: &str, low: &str) -> Sites {
 
 impl Sites {
     async fn get(&self, node: &Node, path: &str) -> (StatusCode, Value) {
-        let response = self
-            .http
-            .get(format!("{}{path}", node.url()))
-            .bearer_auth(node.token())
-            .send()
-            .await
-            .unwrap();
-        let status = response.status();
-        (status, response.json().await.unwrap_or(Value::Null))
+        get_json(&self.http, node, path).await
     }
 
     async fn put(&self, node: &Node, id: &str, value: Value) {
