@@ -9,7 +9,7 @@ use archipelago::doc::Op;
 use archipelago::protocol::wire::{self, close_code, Message};
 use archipelago::protocol::{Event, Glob, Lane, Scope, Session, SessionConfig};
 use archipelago::store::Memory;
-use archipelago::{Committed, DocId, Replica, ReplicaOptions, SiteName};
+use archipelago::{Committed, DocId, Origin, Replica, ReplicaOptions, SiteName};
 use serde_json::json;
 use tokio::sync::broadcast;
 
@@ -809,4 +809,55 @@ fn whole_documents_in_bundles_are_written_in_bounded_batches() {
         "{batches:?}"
     );
     assert_eq!(host.replica.doc_ids("inv/").len(), 600);
+}
+
+#[test]
+fn a_change_from_the_peers_earlier_process_goes_back_to_it() {
+    // `west` wrote a change and sent it before its own write was durable,
+    // then was killed: the restarted `west` lacks it. `east` applies it from
+    // the old connection while the new session is already open, so the
+    // commit reaches the new session with `west` as its origin. The new
+    // session did not receive it, so it must not assume `west` holds it.
+    let (east, west) = (replica("east"), replica("west"));
+    set(&east, "orders/1", "qty", json!(1));
+    let mut pair = Pair::everything(east, west);
+    pair.run([Lane::Control, Lane::Live]);
+    pair.assert_converged("orders/1");
+
+    let lost_west = replica("west");
+    let base = pair
+        .a
+        .replica
+        .changes_after(&id("orders/1"), &[])
+        .unwrap()
+        .unwrap();
+    lost_west
+        .apply_changes(&id("orders/1"), &base, Origin::Peer(site("east")))
+        .unwrap();
+    set(&lost_west, "orders/1", "shipped", json!(true));
+    let heads = pair.a.replica.heads(&id("orders/1")).unwrap();
+    let lost = lost_west
+        .changes_after(&id("orders/1"), &heads)
+        .unwrap()
+        .unwrap();
+    assert_eq!(lost.len(), 1);
+    pair.a
+        .replica
+        .apply_changes(&id("orders/1"), &lost, Origin::Peer(site("west")))
+        .unwrap();
+    pair.run([Lane::Live, Lane::Control]);
+    pair.assert_converged("orders/1");
+
+    // A change this session did receive from the peer is not sent back.
+    let sent = pair.kinds.clone();
+    set(&pair.b.replica, "orders/1", "paid", json!(true));
+    pair.run([Lane::Live, Lane::Control]);
+    pair.assert_converged("orders/1");
+    let a_to_b_changes =
+        pair.kinds.get("changes").copied().unwrap_or(0) - sent.get("changes").copied().unwrap_or(0);
+    assert_eq!(
+        a_to_b_changes, 1,
+        "only west's change travels, once: {:?}",
+        pair.kinds
+    );
 }

@@ -250,7 +250,14 @@ pub struct Session {
     // document, learned in this session. Only ever grows: a `Have` from the
     // peer may predate changes we already sent it.
     peer_has: HashMap<DocId, Vec<ChangeHash>>,
+    // Changes this session applied from the peer whose commit has not come
+    // back through `handle_committed` yet.
+    received: HashSet<ChangeHash>,
 }
+
+/// Most hashes `received` holds; past it the set starts over, and at worst
+/// a few changes go back to the peer and are dropped there as duplicates.
+const RECEIVED_MAX: usize = 65_536;
 
 fn to_wire(hashes: &[ChangeHash]) -> Vec<Hash> {
     hashes.iter().map(|h| h.0).collect()
@@ -285,6 +292,7 @@ impl Session {
             catchup_queue: VecDeque::new(),
             catchup_queued: HashSet::new(),
             peer_has: HashMap::new(),
+            received: HashSet::new(),
         };
         session.send(
             Lane::Control,
@@ -517,11 +525,18 @@ impl Session {
 
     /// Offers a locally durable commit (any origin) for live push.
     pub fn handle_committed(&mut self, host: &dyn Host, committed: &Committed) {
+        // Only what this session received is known to be at the peer. A
+        // change the peer sent over an earlier connection may be lost with
+        // it: changes leave a site before its own write of them is durable,
+        // so a peer killed meanwhile restarts without them, and they must
+        // go back to it like any other.
+        let received_here = committed.origin == Origin::Peer(self.config.peer.clone())
+            && self.take_received(&committed.hashes);
         if self.phase == Phase::Closed || !self.config.scope.may_send(&committed.doc) {
             return;
         }
-        if committed.origin == Origin::Peer(self.config.peer.clone()) {
-            // The peer made or relayed these: remember so catch-up skips them.
+        if received_here {
+            // Remember so catch-up skips them.
             self.learn_peer_has(&committed.doc, &committed.hashes);
             return;
         }
@@ -856,6 +871,10 @@ impl Session {
         match applied {
             Ok(applied) => {
                 if !applied.applied.is_empty() {
+                    if self.received.len() + applied.applied.len() > RECEIVED_MAX {
+                        self.received.clear();
+                    }
+                    self.received.extend(applied.applied.iter().copied());
                     self.stats.changes_applied += applied.applied.len() as u64;
                     self.events.push_back(Event::Applied {
                         doc: doc.clone(),
@@ -1009,6 +1028,15 @@ impl Session {
                 batch,
             },
         );
+    }
+
+    /// Whether this session applied all of `hashes` (and forgets them).
+    fn take_received(&mut self, hashes: &[ChangeHash]) -> bool {
+        let mut all = !hashes.is_empty();
+        for hash in hashes {
+            all &= self.received.remove(hash);
+        }
+        all
     }
 
     fn learn_peer_has(&mut self, doc: &DocId, hashes: &[ChangeHash]) {
