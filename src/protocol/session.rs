@@ -247,8 +247,8 @@ pub struct Session {
     catchup_queue: VecDeque<(DocId, Vec<ChangeHash>)>,
     catchup_queued: HashSet<DocId>,
     // Hashes the peer is known to hold (with all their ancestors), per
-    // document, learned in this session. Only ever grows: a `Have` from the
-    // peer may predate changes we already sent it.
+    // document, learned in this session: grows with what we send and
+    // receive, and is replaced by the heads in the peer's own `Have`.
     peer_has: HashMap<DocId, Vec<ChangeHash>>,
     // Changes this session applied from the peer whose commit has not come
     // back through `handle_committed` yet.
@@ -744,8 +744,13 @@ impl Session {
             Err(e) => return self.host_error(e),
         };
         if known.len() == theirs.len() {
-            // We know everything the peer has: send what it lacks.
-            self.learn_peer_has(&doc, &theirs);
+            // We know everything the peer has: send what it lacks. Its own
+            // word replaces what we inferred: it drops changes whose
+            // dependencies it lacks (they can overtake them on the other
+            // lane) and says so with this `Have`, so a change we sent is
+            // not necessarily one it holds. At worst changes still in
+            // flight go again and are dropped there as duplicates.
+            self.peer_has.insert(doc.clone(), theirs.clone());
             if self.config.scope.may_send(&doc) {
                 self.queue_catchup(host, doc, theirs);
             }
