@@ -185,7 +185,7 @@ impl<'de> serde::Deserialize<'de> for SiteName {
 }
 
 /// Number of random bytes in an actor id after the site name.
-const ACTOR_RANDOM_BYTES: usize = 16;
+pub const ACTOR_RANDOM_BYTES: usize = 16;
 
 /// Builds a fresh automerge actor id for a replica of `site`.
 ///
@@ -194,11 +194,17 @@ const ACTOR_RANDOM_BYTES: usize = 16;
 /// of one site never share an actor id (automerge assumes one actor's
 /// sequence numbers never fork).
 pub fn new_actor(site: &SiteName) -> automerge::ActorId {
+    actor_of_site(site, rand::random())
+}
+
+/// The actor id of `site` with the given 16 bytes in place of random ones,
+/// in [`new_actor`]'s layout. For callers that draw those bytes themselves
+/// (the simulation, from its seed); they must never hand out one twice.
+pub fn actor_of_site(site: &SiteName, unique: [u8; ACTOR_RANDOM_BYTES]) -> automerge::ActorId {
     let mut bytes = Vec::with_capacity(site.as_str().len() + 1 + ACTOR_RANDOM_BYTES);
     bytes.extend_from_slice(site.as_str().as_bytes());
     bytes.push(0);
-    let random: [u8; ACTOR_RANDOM_BYTES] = rand::random();
-    bytes.extend_from_slice(&random);
+    bytes.extend_from_slice(&unique);
     automerge::ActorId::from(bytes)
 }
 

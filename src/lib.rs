@@ -60,8 +60,9 @@ pub mod transport;
 pub use error::Error;
 pub use id::{ChangeHash, DocId, InvalidId, SiteName};
 pub use replica::{
-    decode_change, load_document, Applied, Clock, Commit, Committed, DocView, HeadsDigest, Origin,
-    Replica, ReplicaOptions, ReplicaStats, Snapshot, SystemClock,
+    decode_change, load_document, ActorSource, Applied, Clock, Commit, Committed, DocView,
+    HeadsDigest, Origin, RandomActors, Replica, ReplicaOptions, ReplicaStats, Snapshot,
+    SystemClock,
 };
 
 pub use automerge;

@@ -12,9 +12,12 @@
 //! until quiet, and every site must hold the same documents: equal sorted
 //! heads and equal JSON values.
 //!
-//! The same seed always replays the same run.
+//! The same seed always replays the same run, down to the change hashes:
+//! actor ids are drawn from the seed and change times from the simulated
+//! clock ([`SimWorld`]).
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -23,11 +26,68 @@ use tokio::sync::broadcast;
 
 use crate::conflict::{Check, Conflict, ConflictConfig, Filter, Policy, Rule, Status};
 use crate::doc::Op;
-use crate::id::{DocId, SiteName};
+use crate::id::{actor_of_site, DocId, SiteName, ACTOR_RANDOM_BYTES};
 use crate::protocol::session::{Lane, Session, SessionConfig};
-use crate::replica::{Committed, Replica, ReplicaOptions};
+use crate::replica::{ActorSource, Clock, Committed, Replica, ReplicaOptions};
 use crate::store::{Faulty, Memory};
 use crate::ChangeHash;
+
+/// The simulation's clock and actor ids, shared by every replica of a run,
+/// so that a seed decides every byte the replicas write.
+#[derive(Debug)]
+pub struct SimWorld {
+    seed: u64,
+    /// Milliseconds since the Unix epoch, moved only by the simulation.
+    now_ms: AtomicI64,
+    /// Actor ids handed out so far.
+    actors: AtomicU64,
+}
+
+/// Where the simulated clock starts: 2026-01-01T00:00:00Z.
+const SIM_EPOCH_MS: i64 = 1_767_225_600_000;
+
+impl SimWorld {
+    /// A world for `seed`, its clock at [`SIM_EPOCH_MS`].
+    pub fn new(seed: u64) -> Arc<SimWorld> {
+        Arc::new(SimWorld {
+            seed,
+            now_ms: AtomicI64::new(SIM_EPOCH_MS),
+            actors: AtomicU64::new(0),
+        })
+    }
+
+    /// Moves the clock forward.
+    pub fn advance(&self, by: Duration) {
+        let ms = i64::try_from(by.as_millis()).unwrap_or(i64::MAX);
+        self.now_ms.fetch_add(ms, Ordering::Relaxed);
+    }
+
+    /// Replica options for `site` that take time and actor ids from this
+    /// world.
+    pub fn options(self: &Arc<Self>, site: SiteName) -> ReplicaOptions {
+        let mut options = ReplicaOptions::new(site);
+        options.clock = self.clone();
+        options.actors = self.clone();
+        options
+    }
+}
+
+impl Clock for SimWorld {
+    fn now_ms(&self) -> i64 {
+        self.now_ms.load(Ordering::Relaxed)
+    }
+}
+
+impl ActorSource for SimWorld {
+    /// The seed and a counter: unique within a run, the same in its replay.
+    fn new_actor(&self, site: &SiteName) -> automerge::ActorId {
+        let n = self.actors.fetch_add(1, Ordering::Relaxed);
+        let mut unique = [0u8; ACTOR_RANDOM_BYTES];
+        unique[..8].copy_from_slice(&self.seed.to_be_bytes());
+        unique[8..].copy_from_slice(&n.to_be_bytes());
+        actor_of_site(site, unique)
+    }
+}
 
 /// A small, stable pseudo-random generator (SplitMix64): the same seed gives
 /// the same sequence on every platform and every version of this crate's
@@ -150,11 +210,15 @@ pub struct SimReport {
     pub conflicts: usize,
     /// Of those, resolved or dismissed.
     pub conflicts_closed: usize,
+    /// Digest of every document's heads at the end (the same at every
+    /// site): a replay of the seed writes the very same changes.
+    pub heads_digest: String,
 }
 
 /// A simulation run.
 pub struct Sim {
     seed: u64,
+    world: Arc<SimWorld>,
     config: SimConfig,
     rng: SimRng,
     sites: Vec<SimSite>,
@@ -197,6 +261,7 @@ impl Sim {
             .collect();
         let mut sim = Sim {
             seed,
+            world: SimWorld::new(seed),
             rng,
             config,
             sites,
@@ -269,7 +334,11 @@ impl Sim {
                     self.deliver_random(faults);
                 }
             }
-            85..=89 => self.elapsed += Duration::from_millis(1 + self.rng.below(500) as u64),
+            85..=89 => {
+                let by = Duration::from_millis(1 + self.rng.below(500) as u64);
+                self.elapsed += by;
+                self.world.advance(by);
+            }
             90..=92 if faults => {
                 let keys: Vec<(usize, usize)> = self.links.keys().copied().collect();
                 if !keys.is_empty() {
@@ -350,7 +419,7 @@ impl Sim {
     }
 
     fn restart(&mut self, site: usize) {
-        let options = Sim::site_options(&self.sites[site].name);
+        let options = self.site_options(site);
         let state = &mut self.sites[site];
         let replica =
             Replica::open(options, state.store.clone()).expect("memory stores always open");
@@ -364,8 +433,8 @@ impl Sim {
         state.replica = Some(replica);
     }
 
-    fn site_options(name: &SiteName) -> ReplicaOptions {
-        let mut options = ReplicaOptions::new(name.clone());
+    fn site_options(&self, site: usize) -> ReplicaOptions {
+        let mut options = self.world.options(self.sites[site].name.clone());
         // A tiny cache exercises eviction and reloading.
         options.cache_docs_max = 3;
         options.compact_changes_min = 8;
@@ -382,11 +451,8 @@ impl Sim {
                 continue;
             };
             replica.evict_idle();
-            let reopened = Replica::open(
-                Sim::site_options(&self.sites[site].name),
-                self.sites[site].store.clone(),
-            )
-            .map_err(|e| self.failure(format!("site {site} cannot reopen: {e}")))?;
+            let reopened = Replica::open(self.site_options(site), self.sites[site].store.clone())
+                .map_err(|e| self.failure(format!("site {site} cannot reopen: {e}")))?;
             if reopened.index() != replica.index() {
                 return Err(self.failure(format!(
                     "site {site}'s store lacks what it shows: stored {:?}, shown {:?}",
@@ -733,6 +799,7 @@ impl Sim {
             }
         }
         self.report.docs = ids.len();
+        self.report.heads_digest = first.heads_digest("").to_hex();
         self.check_reports(&replicas, &ids)
     }
 
@@ -805,12 +872,12 @@ pub mod fuzz {
 
     use serde_json::json;
 
-    use super::{Sim, SimConfig};
+    use super::{Sim, SimConfig, SimWorld};
     use crate::doc::Op;
     use crate::id::{DocId, SiteName};
     use crate::protocol::session::{Session, SessionConfig};
     use crate::protocol::wire::{self, FrameDecoder, Message};
-    use crate::replica::{Replica, ReplicaOptions};
+    use crate::replica::Replica;
     use crate::store::Memory;
 
     /// Replaces libFuzzer's abort-on-any-panic hook with a silent one: a
@@ -853,9 +920,11 @@ pub mod fuzz {
     /// A replica at `east` holding a few documents, and the encoded changes
     /// of a `west` replica, to mutate into hostile input.
     fn fixture() -> (Replica, Vec<Vec<u8>>) {
-        let east = Replica::open(ReplicaOptions::new(site("east")), Arc::new(Memory::new()))
+        // Fixed actor ids and clock: the same input replays the same run.
+        let world = SimWorld::new(0);
+        let east = Replica::open(world.options(site("east")), Arc::new(Memory::new()))
             .expect("memory store");
-        let west = Replica::open(ReplicaOptions::new(site("west")), Arc::new(Memory::new()))
+        let west = Replica::open(world.options(site("west")), Arc::new(Memory::new()))
             .expect("memory store");
         let ops =
             |v: serde_json::Value| -> Vec<Op> { serde_json::from_value(v).expect("static ops") };

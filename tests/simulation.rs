@@ -90,9 +90,12 @@ fn the_same_seed_replays_the_same_run() {
         .expect("seed 7 converges");
     assert_eq!(a, b);
     assert!(
-        a.edits > 0 && a.deliveries > 0,
+        a.edits > 0 && a.deliveries > 0 && a.docs > 0,
         "the run did something: {a:?}"
     );
+    // Equal digests mean equal change hashes: the replay wrote the very same
+    // changes, actor ids and timestamps included.
+    assert_eq!(a.heads_digest.len(), 64, "{a:?}");
 }
 
 #[test]

@@ -18,7 +18,7 @@ use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use automerge::transaction::{CommitOptions, Transaction};
-use automerge::{Automerge, Change, ChangeHash, PatchLog, ReadDoc};
+use automerge::{ActorId, Automerge, Change, ChangeHash, PatchLog, ReadDoc};
 use sha2::{Digest as _, Sha256};
 use tokio::sync::broadcast;
 
@@ -49,6 +49,22 @@ impl Clock for SystemClock {
     }
 }
 
+/// Source of the actor ids a replica writes with (replaceable in simulation).
+pub trait ActorSource: Send + Sync + 'static {
+    /// An actor id for `site` that no replica has written with before.
+    fn new_actor(&self, site: &SiteName) -> ActorId;
+}
+
+/// Random actor ids ([`new_actor`]): the source every real replica uses.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RandomActors;
+
+impl ActorSource for RandomActors {
+    fn new_actor(&self, site: &SiteName) -> ActorId {
+        new_actor(site)
+    }
+}
+
 /// Settings of a [`Replica`].
 #[derive(Clone)]
 pub struct ReplicaOptions {
@@ -71,6 +87,9 @@ pub struct ReplicaOptions {
     pub subscription_capacity: usize,
     /// Time source for change stamps.
     pub clock: Arc<dyn Clock>,
+    /// Source of the actor id the replica writes with, drawn at open and
+    /// again whenever it must move to a fresh one.
+    pub actors: Arc<dyn ActorSource>,
     /// Conflict detectors, rules and resolvers.
     pub conflicts: Arc<ConflictConfig>,
 }
@@ -86,6 +105,7 @@ impl ReplicaOptions {
             compact_changes_max: 4096,
             subscription_capacity: 4096,
             clock: Arc::new(SystemClock),
+            actors: Arc::new(RandomActors),
             conflicts: Arc::new(ConflictConfig::default()),
         }
     }
@@ -388,7 +408,7 @@ impl Replica {
                 .subscription_capacity
                 .clamp(1, CONFLICT_SUBSCRIPTION_CAPACITY_MAX),
         );
-        let actor = new_actor(&options.site);
+        let actor = options.actors.new_actor(&options.site);
         Ok(Replica {
             shared: Arc::new(Shared {
                 options,
@@ -1215,7 +1235,11 @@ impl Replica {
     /// reloaded document never reuses their sequence numbers.
     fn drop_loaded(&self, id: &DocId, guard: &mut MutexGuard<'_, Option<Loaded>>) {
         if guard.take().is_some_and(|loaded| loaded.unsaved) {
-            let fresh = new_actor(&self.shared.options.site);
+            let fresh = self
+                .shared
+                .options
+                .actors
+                .new_actor(&self.shared.options.site);
             tracing::warn!(doc = %id, actor = %fresh, "dropped a document with unsaved changes; writing with a fresh actor");
             *lock(&self.shared.actor) = fresh;
         }
