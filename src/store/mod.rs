@@ -8,10 +8,12 @@
 //! metadata records (per-peer cursors, conflict reports, ...) that commit in
 //! the same transaction as document writes.
 
+mod backup;
 mod faulty;
 mod memory;
 mod sqlite;
 
+pub use backup::{inspect_backup, restore_backup, BackupInfo, BackupLabel, Restored};
 pub use faulty::Faulty;
 pub use memory::Memory;
 pub use sqlite::{Sqlite, SqliteOptions};

@@ -18,7 +18,7 @@ use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 use super::{decode_heads, encode_heads, DocEntry, Store, StoreError, StoredDoc, Write};
 use crate::id::DocId;
 
-const SCHEMA_VERSION: i64 = 1;
+pub(super) const SCHEMA_VERSION: i64 = 1;
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS docs (
     id TEXT PRIMARY KEY NOT NULL,
@@ -101,7 +101,7 @@ impl Sqlite {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(backend)?;
         }
-        let lock_path = path.with_extension("lock");
+        let lock_path = lock_path(&path);
         let lock = File::options()
             .create(true)
             .truncate(false)
@@ -178,7 +178,7 @@ impl Sqlite {
         }
     }
 
-    fn with_reader<R>(
+    pub(super) fn with_reader<R>(
         &self,
         f: impl FnOnce(&Connection) -> rusqlite::Result<R>,
     ) -> Result<R, StoreError> {
@@ -200,6 +200,11 @@ impl Drop for Sqlite {
     fn drop(&mut self) {
         self.close();
     }
+}
+
+/// The file whose lock marks the store at `path` as open.
+pub(super) fn lock_path(path: &Path) -> PathBuf {
+    path.with_extension("lock")
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

@@ -1,6 +1,7 @@
 //! The `sync-node` command line (clap): `ca init`, `init`, `run`, and client
 //! commands against a running node (`status`, `doc get|put|ops|history|list`,
-//! `conflicts list|show|resolve|dismiss`), and `check` across nodes.
+//! `conflicts list|show|resolve|dismiss`), `check` across nodes, and
+//! `backup` and `restore` of a node's store.
 //!
 //! Exit codes: 0 on success, 1 when the command fails (including an error
 //! answer from the node, whose message goes to stderr), 2 for usage errors
@@ -19,6 +20,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use reqwest::Method;
 use serde_json::{json, Value};
 
+use crate::backup;
 use crate::ca::{init_ca, CA_CERT_FILE_NAME};
 use crate::client::{encode, Client};
 use crate::config::{Config, PeerConfig, SITE_CERT_FILE_NAME, SITE_KEY_FILE_NAME};
@@ -56,9 +58,50 @@ enum Command {
     /// Compare the documents and heads of several running nodes: exit 0
     /// when identical, 3 when some still differ after the retries.
     Check(CheckArgs),
+    /// Save a consistent copy of a running node's store to a file.
+    Backup(BackupArgs),
+    /// Put a backup in place of a stopped node's store; once restarted, the
+    /// node gets back from its peers what it wrote after the backup.
+    Restore(RestoreArgs),
     /// Run three sites on 127.0.0.1 (real QUIC and SQLite), write
     /// concurrently, partition one site, heal, and check they converge.
     Demo(DemoArgs),
+}
+
+#[derive(Debug, Args)]
+struct BackupArgs {
+    /// The config file of the node to back up.
+    #[arg(
+        long,
+        value_name = "FILE",
+        required_unless_present = "node",
+        conflicts_with = "node"
+    )]
+    config: Option<PathBuf>,
+    /// The API address of the node to back up (`http://HOST:PORT`), for a
+    /// node whose config is elsewhere.
+    #[arg(long, value_name = "URL", requires = "token_file")]
+    node: Option<String>,
+    /// The API token file of `--node`.
+    #[arg(long, value_name = "FILE", requires = "node")]
+    token_file: Option<PathBuf>,
+    /// The file to write; it must not exist.
+    #[arg(long, value_name = "FILE")]
+    out: PathBuf,
+}
+
+#[derive(Debug, Args)]
+struct RestoreArgs {
+    /// The config file of the node whose store is replaced; the node must
+    /// be stopped.
+    #[arg(long, value_name = "FILE")]
+    config: PathBuf,
+    /// The backup to restore (written by `sync-node backup`).
+    #[arg(long, value_name = "FILE")]
+    from: PathBuf,
+    /// Restore a backup taken at another site.
+    #[arg(long)]
+    allow_other_site: bool,
 }
 
 #[derive(Debug, Args)]
@@ -337,8 +380,45 @@ fn run_command(command: Command) -> anyhow::Result<()> {
         Command::Doc(doc) => doc_command(doc),
         Command::Conflicts(conflicts) => conflicts_command(conflicts),
         Command::Check(args) => run_check(args),
+        Command::Backup(args) => run_backup(args),
+        Command::Restore(args) => run_restore(args),
         Command::Demo(args) => run_demo(args),
     }
+}
+
+fn run_backup(args: BackupArgs) -> anyhow::Result<()> {
+    let source = match (args.config, args.node, args.token_file) {
+        (Some(config), _, _) => backup::Source::Config(config),
+        (None, Some(url), Some(token_file)) => backup::Source::Node { url, token_file },
+        _ => {
+            return Err(UsageError("give --config, or --node with --token-file".to_owned()).into())
+        }
+    };
+    let info = backup::backup(&source, &args.out)?;
+    let site = info.label.map(|l| l.site).unwrap_or_default();
+    println!(
+        "saved a backup of site {site} to {}: {} documents, {} bytes",
+        args.out.display(),
+        info.docs,
+        info.bytes
+    );
+    Ok(())
+}
+
+fn run_restore(args: RestoreArgs) -> anyhow::Result<()> {
+    let restored = backup::restore(&args.config, &args.from, args.allow_other_site)?;
+    println!(
+        "restored {} ({} documents); at its next start the node catches up from its peers",
+        args.from.display(),
+        restored.backup.docs
+    );
+    if let Some(replaced) = restored.replaced {
+        println!(
+            "the replaced store is kept at {} (delete it once the node has caught up)",
+            replaced.display()
+        );
+    }
+    Ok(())
 }
 
 /// Most differing documents `check` lists as text.

@@ -29,6 +29,8 @@ const NOT_UNRESERVED: &AsciiSet = &NON_ALPHANUMERIC
 
 /// How long a CLI request may take in all.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long a download ([`Client::download`]) may take in all.
+const DOWNLOAD_TIMEOUT: Duration = Duration::from_secs(6 * 3600);
 /// How long connecting may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -130,20 +132,61 @@ impl Client {
         if status.is_success() {
             return value.with_context(|| format!("the answer to {method} {url} is not JSON"));
         }
-        let error = value.as_ref().and_then(|v| v.get("error"));
-        let text = |key: &str| {
-            error
-                .and_then(|e| e.get(key))
-                .and_then(Value::as_str)
-                .map(str::to_owned)
-        };
-        Err(HttpError {
-            status,
-            code: text("code").unwrap_or_else(|| "unknown".to_owned()),
-            message: text("message")
-                .unwrap_or_else(|| String::from_utf8_lossy(&bytes).trim().to_owned()),
+        Err(http_error(status, value.as_ref(), &bytes).into())
+    }
+
+    /// Sends a `GET` and writes the answer's body to `out` as it arrives,
+    /// for answers too large to hold (a backup): it may take up to
+    /// [`DOWNLOAD_TIMEOUT`]. Returns the answer's headers and the bytes
+    /// written; an error answer becomes an [`HttpError`].
+    pub(crate) async fn download(
+        &self,
+        path_and_query: &str,
+        out: &mut impl std::io::Write,
+    ) -> anyhow::Result<(reqwest::header::HeaderMap, u64)> {
+        let url = format!("{}{path_and_query}", self.base);
+        let mut response = self
+            .http
+            .get(&url)
+            .bearer_auth(&self.token)
+            .timeout(DOWNLOAD_TIMEOUT)
+            .send()
+            .await
+            .with_context(|| format!("cannot reach the node at {}", self.base))?;
+        let status = response.status();
+        if !status.is_success() {
+            let bytes = response.bytes().await.unwrap_or_default();
+            let value: Option<Value> = serde_json::from_slice(&bytes).ok();
+            return Err(http_error(status, value.as_ref(), &bytes).into());
         }
-        .into())
+        let headers = response.headers().clone();
+        let mut written = 0u64;
+        while let Some(chunk) = response
+            .chunk()
+            .await
+            .with_context(|| format!("reading the answer to GET {url}"))?
+        {
+            out.write_all(&chunk).context("cannot write what arrived")?;
+            written += chunk.len() as u64;
+        }
+        Ok((headers, written))
+    }
+}
+
+/// The [`HttpError`] for an error answer: its JSON `error`, or its text.
+fn http_error(status: reqwest::StatusCode, value: Option<&Value>, bytes: &[u8]) -> HttpError {
+    let error = value.and_then(|v| v.get("error"));
+    let text = |key: &str| {
+        error
+            .and_then(|e| e.get(key))
+            .and_then(Value::as_str)
+            .map(str::to_owned)
+    };
+    HttpError {
+        status,
+        code: text("code").unwrap_or_else(|| "unknown".to_owned()),
+        message: text("message")
+            .unwrap_or_else(|| String::from_utf8_lossy(bytes).trim().to_owned()),
     }
 }
 

@@ -13,6 +13,8 @@
 //!   view of peers and replication lag (`/v1/status`), and the task feeding
 //!   both and the peer metrics.
 //! - [`api`]: the HTTP API (axum router), usable on its own.
+//! - [`backup`]: saving a running node's store to a file and restoring it
+//!   in place of a stopped node's store.
 //! - [`cli`]: the command line, including the client commands.
 //!
 //! Starting a node in-process on a free loopback port and calling it:
@@ -44,6 +46,7 @@
 //! ```
 
 pub mod api;
+pub mod backup;
 pub mod ca;
 mod check;
 pub mod cli;

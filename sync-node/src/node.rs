@@ -63,7 +63,7 @@ use archipelago::{Replica, ReplicaOptions, SiteName};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
-use crate::api::{self, ApiState, ApiToken};
+use crate::api::{self, ApiState, ApiToken, Backups};
 use crate::config::{Config, ConfigError, PeerAddr, SyncConfig};
 use crate::events::{spawn_feed, EventLog, PeerView, SyncPeers};
 use crate::init::write_atomically;
@@ -315,7 +315,10 @@ impl Node {
         }
 
         let events = Arc::new(EventLog::default());
-        let mut state = ApiState::new(replica.clone(), token.clone()).with_events(events.clone());
+        let backups = Backups::new(store.clone(), config.file.site.clone(), config.data_dir());
+        let mut state = ApiState::new(replica.clone(), token.clone())
+            .with_events(events.clone())
+            .with_backups(Arc::new(backups));
         if let Some(sync) = &sync {
             state = state.with_sync(sync.clone());
         }

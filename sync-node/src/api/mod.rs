@@ -8,9 +8,11 @@
 //! [`router`] builds the whole API over a [`Replica`], so a service can
 //! mount it without the rest of the daemon; peers in `/v1/status` and the
 //! `/v1/events` stream need the sync endpoint and the event log a node adds
-//! with [`ApiState::with_sync`] and [`ApiState::with_events`].
+//! with [`ApiState::with_sync`] and [`ApiState::with_events`], and
+//! `/v1/backup` the SQLite store it adds with [`ApiState::with_backups`].
 
 mod auth;
+pub mod backup;
 mod conflicts;
 mod docs;
 mod error;
@@ -32,6 +34,7 @@ use archipelago::Replica;
 use crate::events::{EventLog, SyncPeers};
 
 pub use auth::{ApiToken, InvalidToken, TOKEN_BYTES_MAX};
+pub use backup::Backups;
 
 use error::ApiError;
 
@@ -45,6 +48,7 @@ pub struct ApiState {
     token: ApiToken,
     sync: Option<Arc<SyncPeers>>,
     events: Option<Arc<EventLog>>,
+    backups: Option<Arc<Backups>>,
 }
 
 impl ApiState {
@@ -56,12 +60,19 @@ impl ApiState {
             token,
             sync: None,
             events: None,
+            backups: None,
         }
     }
 
     /// Reports the peers of `sync` in `/v1/status`.
     pub fn with_sync(mut self, sync: Arc<SyncPeers>) -> ApiState {
         self.sync = Some(sync);
+        self
+    }
+
+    /// Serves backups of the node's store on `/v1/backup`.
+    pub fn with_backups(mut self, backups: Arc<Backups>) -> ApiState {
+        self.backups = Some(backups);
         self
     }
 
@@ -92,6 +103,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/conflicts/{id}/resolve", post(conflicts::resolve))
         .route("/v1/conflicts/{id}/dismiss", post(conflicts::dismiss))
         .route("/v1/events", get(events::stream))
+        .route("/v1/backup", get(backup::download))
         .route("/metrics", get(telemetry::render))
         .method_not_allowed_fallback(method_not_allowed)
         .fallback(route_not_found)

@@ -1,0 +1,235 @@
+//! `GET /v1/backup`: a consistent copy of the node's store, streamed as one
+//! SQLite file ([`Sqlite::backup_to`]); `sync-node backup` saves it and
+//! `sync-node restore` puts it back.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::Response;
+use futures_util::stream;
+use tokio::io::AsyncReadExt as _;
+
+use archipelago::store::{BackupInfo, BackupLabel, Sqlite};
+use archipelago::SiteName;
+
+use super::error::ApiError;
+use super::ApiState;
+
+/// Bytes read from the copy per chunk of the answer.
+const CHUNK_BYTES: usize = 64 << 10;
+
+/// The answer's header naming the site the backup was taken from.
+pub const SITE_HEADER: &str = "x-archipelago-site";
+/// The answer's header with the number of documents in the backup.
+pub const DOCS_HEADER: &str = "x-archipelago-docs";
+/// The answer's header with when the backup was taken (ms since the epoch).
+pub const TAKEN_AT_HEADER: &str = "x-archipelago-taken-at-ms";
+
+/// Takes backups of a node's store, one at a time.
+#[derive(Debug)]
+pub struct Backups {
+    store: Arc<Sqlite>,
+    site: SiteName,
+    /// Where copies are written before they are streamed (the data
+    /// directory: the same file system as the store, which has room for
+    /// it).
+    dir: PathBuf,
+    running: Arc<tokio::sync::Mutex<()>>,
+}
+
+impl Backups {
+    /// Backups of `store`, the store of `site`, staged in `dir`.
+    pub fn new(store: Arc<Sqlite>, site: SiteName, dir: PathBuf) -> Backups {
+        Backups {
+            store,
+            site,
+            dir,
+            running: Arc::new(tokio::sync::Mutex::new(())),
+        }
+    }
+
+    /// Writes a copy into the staging directory and opens it; the file is
+    /// unlinked at once, so it vanishes when the answer is done, however it
+    /// ends.
+    fn take(&self) -> Result<(std::fs::File, BackupInfo), archipelago::Error> {
+        let taken_at_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+        let label = BackupLabel {
+            site: self.site.to_string(),
+            taken_at_ms,
+        };
+        let path = self.dir.join(format!(
+            ".backup-{}.db",
+            hex::encode(rand::random::<[u8; 8]>())
+        ));
+        let info = self.store.backup_to(&path, &label)?;
+        let file = std::fs::File::open(&path);
+        let _ = std::fs::remove_file(&path);
+        let file = file.map_err(|e| {
+            archipelago::store::StoreError::Backend(format!(
+                "cannot open the copy {}: {e}",
+                path.display()
+            ))
+        })?;
+        Ok((file, info))
+    }
+}
+
+/// `GET /v1/backup`: the node's store as an SQLite file
+/// (`application/vnd.sqlite3`), with its site, document count and time in
+/// the `x-archipelago-*` headers. 409 `backup_running` while another backup
+/// is being sent; 404 `backup_off` where the API has no store to copy.
+pub(crate) async fn download(State(state): State<ApiState>) -> Result<Response, ApiError> {
+    let Some(backups) = state.backups.clone() else {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "backup_off",
+            "this API serves no backups",
+        ));
+    };
+    let running = backups.running.clone().try_lock_owned().map_err(|_| {
+        ApiError::new(
+            StatusCode::CONFLICT,
+            "backup_running",
+            "a backup is being taken; try again when it is done",
+        )
+    })?;
+    let started = std::time::Instant::now();
+    let (file, info) = tokio::task::spawn_blocking(move || backups.take())
+        .await
+        .map_err(|e| ApiError::internal(format!("the backup task failed: {e}")))??;
+    tracing::info!(
+        docs = info.docs,
+        bytes = info.bytes,
+        seconds = started.elapsed().as_secs_f64(),
+        "took a backup"
+    );
+    let label = info.label.clone().unwrap_or_else(|| BackupLabel {
+        site: String::new(),
+        taken_at_ms: 0,
+    });
+    let file = tokio::fs::File::from_std(file);
+    // The lock is held until the last chunk is sent (or the client leaves).
+    let chunks = stream::unfold(
+        (file, running, info.bytes),
+        |(mut file, running, left)| async move {
+            if left == 0 {
+                return None;
+            }
+            let mut chunk =
+                vec![0u8; CHUNK_BYTES.min(usize::try_from(left).unwrap_or(CHUNK_BYTES))];
+            match file.read_exact(&mut chunk).await {
+                Ok(_) => {
+                    let left = left - chunk.len() as u64;
+                    Some((Ok(chunk), (file, running, left)))
+                }
+                Err(e) => Some((Err(e), (file, running, 0))),
+            }
+        },
+    );
+    let header = |value: String| {
+        HeaderValue::from_str(&value).map_err(|e| ApiError::internal(e.to_string()))
+    };
+    let mut response = Response::new(Body::from_stream(chunks));
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/vnd.sqlite3"),
+    );
+    headers.insert(header::CONTENT_LENGTH, header(info.bytes.to_string())?);
+    headers.insert(
+        header::CONTENT_DISPOSITION,
+        header(format!(
+            "attachment; filename=\"{}-{}.db\"",
+            label.site, label.taken_at_ms
+        ))?,
+    );
+    headers.insert(SITE_HEADER, header(label.site)?);
+    headers.insert(DOCS_HEADER, header(info.docs.to_string())?);
+    headers.insert(TAKEN_AT_HEADER, header(label.taken_at_ms.to_string())?);
+    Ok(response)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::ApiToken;
+    use archipelago::store::{inspect_backup, Memory, Store};
+    use archipelago::{Replica, ReplicaOptions};
+    use axum::response::IntoResponse as _;
+
+    fn state(backups: Option<Arc<Backups>>) -> ApiState {
+        let site: SiteName = "us-east".parse().unwrap();
+        let replica = Replica::open(ReplicaOptions::new(site), Arc::new(Memory::new())).unwrap();
+        let state = ApiState::new(replica, ApiToken::generate());
+        match backups {
+            Some(backups) => state.with_backups(backups),
+            None => state,
+        }
+    }
+
+    async fn answer(state: ApiState) -> Response {
+        match download(State(state)).await {
+            Ok(response) => response,
+            Err(error) => error.into_response(),
+        }
+    }
+
+    #[tokio::test]
+    async fn one_backup_at_a_time_and_none_without_a_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Sqlite::open(dir.path().join("store.db")).unwrap());
+        let site: SiteName = "us-east".parse().unwrap();
+        let replica = Replica::open(
+            ReplicaOptions::new(site.clone()),
+            store.clone() as Arc<dyn Store>,
+        )
+        .unwrap();
+        let ops: Vec<archipelago::doc::Op> =
+            serde_json::from_value(serde_json::json!([{"op": "set", "path": "/x", "value": 1}]))
+                .unwrap();
+        replica
+            .apply_ops(&"a".parse().unwrap(), &ops, None)
+            .unwrap();
+        let backups = Arc::new(Backups::new(store, site, dir.path().to_path_buf()));
+
+        let response = answer(state(None)).await;
+        assert_eq!(response.status(), StatusCode::NOT_FOUND);
+
+        let held = backups.running.clone().try_lock_owned().unwrap();
+        let response = answer(state(Some(backups.clone()))).await;
+        assert_eq!(response.status(), StatusCode::CONFLICT);
+        drop(held);
+
+        let response = answer(state(Some(backups.clone()))).await;
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(response.headers()[DOCS_HEADER], "1");
+        assert_eq!(response.headers()[SITE_HEADER], "us-east");
+        // While the answer is being sent, another backup waits its turn.
+        assert_eq!(
+            answer(state(Some(backups.clone()))).await.status(),
+            StatusCode::CONFLICT
+        );
+        let bytes = axum::body::to_bytes(response.into_body(), usize::MAX)
+            .await
+            .unwrap();
+        // The staged copy is gone; what was sent is a whole store.
+        let staged: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .filter(|name| name.starts_with(".backup-"))
+            .collect();
+        assert!(staged.is_empty(), "{staged:?}");
+        let copy = dir.path().join("copy.db");
+        std::fs::write(&copy, &bytes).unwrap();
+        let info = inspect_backup(&copy).unwrap();
+        assert_eq!((info.docs, info.bytes), (1, bytes.len() as u64));
+        // Once it is sent, the next one may start.
+        let response = answer(state(Some(backups))).await;
+        assert_eq!(response.status(), StatusCode::OK);
+    }
+}
