@@ -98,10 +98,19 @@ async fn two_sites_converge_and_push_live_commits() {
                 .map(|v| v.value),
         );
 
-        let status = west.peer_status();
-        assert_eq!(status.len(), 1);
-        assert!(status[0].connected && status[0].last_seen.is_some());
         // west sent 20 documents and a live change, and received b's writes.
+        // Its counters are published after each send, so they may trail
+        // what B has already applied by a moment.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let status = loop {
+            let status = west.peer_status();
+            assert_eq!(status.len(), 1);
+            if status[0].traffic.batches_out >= 21 || Instant::now() > deadline {
+                break status;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
+        assert!(status[0].connected && status[0].last_seen.is_some());
         let traffic = status[0].traffic;
         assert!(
             traffic.batches_out >= 21 && traffic.bytes_out > 0,
