@@ -1,6 +1,7 @@
 //! The conflict-report layer through the library: each detector, identical
-//! reports at every site, automatic and manual resolution exactly once,
-//! reserved keys, and the durable index.
+//! reports at every site, automatic and manual resolution exactly once
+//! (also after the resolver is restored from a backup), reserved keys, and
+//! the durable index.
 
 use std::sync::Arc;
 
@@ -8,8 +9,8 @@ use archipelago::conflict::{
     Check, Conflict, ConflictConfig, Filter, Kind, Policy, Resolution, Rule, Status,
 };
 use archipelago::doc::Op;
-use archipelago::store::{Memory, Sqlite, Store};
-use archipelago::{DocId, Error, Origin, Replica, ReplicaOptions};
+use archipelago::store::{restore_backup, BackupLabel, Memory, Sqlite, Store};
+use archipelago::{decode_change, ChangeHash, DocId, Error, Origin, Replica, ReplicaOptions};
 use serde_json::json;
 
 fn ops(value: serde_json::Value) -> Vec<Op> {
@@ -299,6 +300,137 @@ fn an_oversell_is_one_report_compensated_once_by_the_resolver() {
     assert_eq!(b.resolve_pending().unwrap(), 0);
     sync(&[&a, &b], &doc);
     assert_eq!(b.read_json(&doc, None).unwrap().unwrap().value["stock"], 0);
+}
+
+/// The resolver compensated an oversell and sent it, then lost its store
+/// and was restored from a backup taken before. Catching up, it sees the
+/// oversell again before its own compensation comes back: were automatic
+/// resolutions not held after a restore, it would compensate twice.
+#[test]
+fn a_resolver_restored_from_a_backup_does_not_compensate_twice() {
+    let config = ConflictConfig::default()
+        .with_rule(
+            stock_rule()
+                .resolver("us-east".parse().unwrap())
+                .policy(Policy::Clamp),
+        )
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("store.db");
+    let backup = dir.path().join("backup.db");
+    let doc = id("inventory/sku-1");
+    let a = replica("ap-south", &config);
+    let store = Arc::new(Sqlite::open(&path).unwrap());
+    let b = replica_with("us-east", &config, store.clone());
+    a.apply_ops(
+        &doc,
+        &ops(json!([{"op": "set", "path": "/stock", "value": 1, "as": "counter"}])),
+        Some("base"),
+    )
+    .unwrap();
+    sync(&[&a, &b], &doc);
+    let label = BackupLabel {
+        site: "us-east".to_owned(),
+        taken_at_ms: 0,
+    };
+    store.backup_to(&backup, &label).unwrap();
+
+    let sell = ops(json!([{"op": "inc", "path": "/stock", "by": -1}]));
+    a.apply_ops(&doc, &sell, Some("sell")).unwrap();
+    b.apply_ops(&doc, &sell, Some("sell")).unwrap();
+    let (a_sale, b_sale) = (a.heads(&doc).unwrap()[0], b.heads(&doc).unwrap()[0]);
+    sync(&[&a, &b], &doc);
+    let report = all(&a).pop().unwrap();
+    assert_eq!(report.status, Status::Resolved);
+    let compensation = report.resolved_change.unwrap();
+    assert_eq!(a.read_json(&doc, None).unwrap().unwrap().value["stock"], 0);
+    assert!(!b.resolutions_held());
+
+    drop(b);
+    drop(store);
+    restore_backup(&backup, &path, 1).unwrap();
+    let b = replica_with("us-east", &config, Arc::new(Sqlite::open(&path).unwrap()));
+    assert!(b.resolutions_held());
+    assert_eq!(b.read_json(&doc, None).unwrap().unwrap().value["stock"], 1);
+
+    // Catching up, it gets the other sale, then its own sale (the merge
+    // that breaks the rule, detected again), and only then its own
+    // compensation.
+    let changes = a.changes_after(&doc, &[]).unwrap().unwrap();
+    let with = |hash: ChangeHash| -> Vec<Vec<u8>> {
+        changes
+            .iter()
+            .filter(|c| decode_change(c).unwrap().hash() == hash)
+            .cloned()
+            .collect()
+    };
+    let from_a = Origin::Peer(a.site().clone());
+    b.apply_changes(&doc, &with(a_sale), from_a.clone())
+        .unwrap();
+    assert!(all(&b).is_empty());
+    b.apply_changes(&doc, &with(b_sale), from_a.clone())
+        .unwrap();
+    let seen = all(&b);
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].id, report.id, "the same conflict, detected again");
+    assert_eq!(seen[0].status, Status::Open, "held, not resolved again");
+    assert_eq!(b.resolve_pending().unwrap(), 0);
+    assert_eq!(b.read_json(&doc, None).unwrap().unwrap().value["stock"], -1);
+    b.apply_changes(&doc, &with(compensation), from_a).unwrap();
+    assert_eq!(all(&b)[0].status, Status::Resolved);
+    assert_eq!(b.release_resolutions().unwrap(), 0);
+    assert!(!b.resolutions_held());
+    sync(&[&a, &b], &doc);
+    for r in [&a, &b] {
+        assert_eq!(r.read_json(&doc, None).unwrap().unwrap().value["stock"], 0);
+        assert_eq!(all(r)[0].resolved_change, Some(compensation));
+    }
+    // The release is durable.
+    drop(b);
+    let b = replica_with("us-east", &config, Arc::new(Sqlite::open(&path).unwrap()));
+    assert!(!b.resolutions_held());
+}
+
+/// While held, reports this site resolves wait; the release resolves them.
+#[test]
+fn held_resolutions_run_when_released() {
+    let config = ConflictConfig::default()
+        .with_rule(
+            stock_rule()
+                .resolver("us-east".parse().unwrap())
+                .policy(Policy::Clamp),
+        )
+        .unwrap();
+    let store: Arc<dyn Store> = Arc::new(Memory::new());
+    store
+        .commit(vec![archipelago::store::Write::PutMeta {
+            key: archipelago::store::RESOLUTIONS_HELD_KEY.to_owned(),
+            value: vec![1],
+        }])
+        .unwrap();
+    let doc = id("inventory/sku-1");
+    let a = replica("ap-south", &config);
+    let b = replica_with("us-east", &config, store);
+    assert!(b.resolutions_held());
+    a.apply_ops(
+        &doc,
+        &ops(json!([{"op": "set", "path": "/stock", "value": 1, "as": "counter"}])),
+        None,
+    )
+    .unwrap();
+    sync(&[&a, &b], &doc);
+    let sell = ops(json!([{"op": "inc", "path": "/stock", "by": -1}]));
+    a.apply_ops(&doc, &sell, None).unwrap();
+    b.apply_ops(&doc, &sell, None).unwrap();
+    sync(&[&a, &b], &doc);
+    assert_eq!(all(&b)[0].status, Status::Open);
+    assert_eq!(b.read_json(&doc, None).unwrap().unwrap().value["stock"], -1);
+    assert_eq!(b.release_resolutions().unwrap(), 1);
+    sync(&[&a, &b], &doc);
+    for r in [&a, &b] {
+        assert_eq!(all(r)[0].status, Status::Resolved);
+        assert_eq!(r.read_json(&doc, None).unwrap().unwrap().value["stock"], 0);
+    }
 }
 
 #[test]

@@ -3,6 +3,7 @@
 //! resolve and dismiss calls.
 
 use std::panic::AssertUnwindSafe;
+use std::sync::atomic::Ordering;
 use std::sync::MutexGuard;
 
 use automerge::transaction::{CommitOptions, Transactable};
@@ -16,7 +17,7 @@ use crate::conflict::{
 use crate::doc::{self, Op};
 use crate::error::Error;
 use crate::id::DocId;
-use crate::store::{StoredDoc, Write};
+use crate::store::{StoredDoc, Write, RESOLUTIONS_HELD_KEY};
 
 const INDEX_PREFIX: &str = "conflict/";
 
@@ -97,9 +98,36 @@ impl Replica {
         })
     }
 
+    /// Whether automatic resolutions are held: the store was restored from
+    /// a backup ([`crate::store::restore_backup`]) and may lack resolutions
+    /// this site already made and sent to peers. Until
+    /// [`Replica::release_resolutions`], reports this site resolves stay
+    /// open (people may still resolve and dismiss them).
+    pub fn resolutions_held(&self) -> bool {
+        self.shared.resolutions_held.load(Ordering::SeqCst)
+    }
+
+    /// Ends the hold on automatic resolutions, durably, and runs those that
+    /// waited ([`Replica::resolve_pending`]). Call it once the site has
+    /// caught up with its peers, so that the resolutions it made before the
+    /// backup was restored are back and are not made twice. Returns how
+    /// many reports were closed; without a hold, it only resolves pending
+    /// reports.
+    pub fn release_resolutions(&self) -> Result<usize, Error> {
+        if self.resolutions_held() {
+            self.shared.store.commit(vec![Write::DeleteMeta {
+                key: RESOLUTIONS_HELD_KEY.to_owned(),
+            }])?;
+            self.shared.resolutions_held.store(false, Ordering::SeqCst);
+            tracing::info!("automatic conflict resolutions released");
+        }
+        self.resolve_pending()
+    }
+
     /// Runs the automatic resolution of every open report this site is the
     /// resolver of (after a restart, reports that arrived before a crash may
-    /// be waiting). Returns how many were closed.
+    /// be waiting). Returns how many were closed; none while resolutions
+    /// are held.
     pub fn resolve_pending(&self) -> Result<usize, Error> {
         let mine: Vec<Conflict> = self
             .conflicts(&Filter {
@@ -118,8 +146,9 @@ impl Replica {
                 Ok(self.auto_resolution(&current, doc))
             });
             match result {
-                Ok(_) => closed += 1,
-                Err(Error::ConflictClosed { .. }) => {}
+                Ok(report) if report.status != Status::Open => closed += 1,
+                // Its policy leaves it to people, or resolutions are held.
+                Ok(_) | Err(Error::ConflictClosed { .. }) => {}
                 Err(e) => {
                     tracing::warn!(conflict = %report.id, error = %e, "automatic resolution failed")
                 }
@@ -203,7 +232,10 @@ impl Replica {
     /// What this site's policy does with an open report, if it is the
     /// report's resolver.
     fn auto_resolution(&self, conflict: &Conflict, doc: &Automerge) -> Option<Closing> {
-        if conflict.status != Status::Open || conflict.resolver.as_ref() != Some(self.site()) {
+        if conflict.status != Status::Open
+            || conflict.resolver.as_ref() != Some(self.site())
+            || self.resolutions_held()
+        {
             return None;
         }
         let config = &self.shared.options.conflicts;

@@ -299,6 +299,9 @@ struct Shared {
     state: Mutex<State>,
     events: broadcast::Sender<Committed>,
     conflict_events: broadcast::Sender<Conflict>,
+    /// Automatic resolutions wait (the store was restored from a backup;
+    /// see [`Replica::release_resolutions`]).
+    resolutions_held: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Default)]
@@ -409,6 +412,12 @@ impl Replica {
                 .clamp(1, CONFLICT_SUBSCRIPTION_CAPACITY_MAX),
         );
         let actor = options.actors.new_actor(&options.site);
+        let held = store.meta(crate::store::RESOLUTIONS_HELD_KEY)?.is_some();
+        if held {
+            tracing::warn!(
+                "the store was restored from a backup: automatic conflict resolutions are held until released"
+            );
+        }
         Ok(Replica {
             shared: Arc::new(Shared {
                 options,
@@ -420,6 +429,7 @@ impl Replica {
                 }),
                 events,
                 conflict_events,
+                resolutions_held: std::sync::atomic::AtomicBool::new(held),
             }),
         })
     }

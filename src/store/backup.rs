@@ -13,6 +13,9 @@
 //! what its site wrote after the backup. The replica that opens it writes
 //! with a fresh actor id, as every replica does, so sequence numbers never
 //! fork, and reconciliation with peers brings back everything they hold.
+//! It may also lack conflict resolutions it made and sent: a restored store
+//! holds automatic resolutions ([`RESOLUTIONS_HELD_KEY`]) until they are
+//! released, so a compensation is not run a second time.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -26,6 +29,10 @@ use super::StoreError;
 const SITE_KEY: &str = "backup/site";
 /// The `meta` key of when a backup was taken (ms since the Unix epoch).
 const TAKEN_AT_KEY: &str = "backup/taken_at_ms";
+/// The `meta` key whose presence holds a replica's automatic conflict
+/// resolutions (`Replica::resolutions_held`): [`restore_backup`] sets it to
+/// the time of the restore.
+pub const RESOLUTIONS_HELD_KEY: &str = "resolutions/held";
 
 /// Where a backup came from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -137,6 +144,18 @@ fn label_copy(path: &Path, label: &BackupLabel) -> Result<(), StoreError> {
     conn.close().map_err(|(_, e)| backend(e))
 }
 
+/// Marks a restored copy so its replica holds automatic resolutions.
+fn hold_resolutions(path: &Path, now_ms: i64) -> Result<(), StoreError> {
+    let conn = Connection::open(path).map_err(backend)?;
+    conn.execute(
+        "INSERT INTO meta (key, value) VALUES (?1, ?2)
+         ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+        params![RESOLUTIONS_HELD_KEY, now_ms.to_be_bytes().as_slice()],
+    )
+    .map_err(backend)?;
+    conn.close().map_err(|(_, e)| backend(e))
+}
+
 /// Opens the store file at `path` read-only and checks that it is one this
 /// build can open, whole (SQLite's `quick_check`): its schema version, its
 /// tables, its label if it is a backup, and how many documents it holds.
@@ -212,12 +231,17 @@ pub fn restore_backup(backup: &Path, store: &Path, now_ms: i64) -> Result<Restor
 
     let partial = with_suffix(store, ".partial");
     let copied = std::fs::copy(backup, &partial)
-        .and_then(|_| File::open(&partial)?.sync_all())
         .map_err(|e| {
             backend(format!(
                 "cannot copy the backup to {}: {e}",
                 partial.display()
             ))
+        })
+        .and_then(|_| hold_resolutions(&partial, now_ms))
+        .and_then(|()| {
+            File::open(&partial)
+                .and_then(|f| f.sync_all())
+                .map_err(|e| backend(format!("cannot sync {}: {e}", partial.display())))
         });
     if let Err(e) = copied {
         let _ = std::fs::remove_file(&partial);
@@ -315,6 +339,10 @@ mod tests {
                 .unwrap()
                 .changes,
             [vec![2]]
+        );
+        assert_eq!(
+            store.meta(RESOLUTIONS_HELD_KEY).unwrap(),
+            Some(7i64.to_be_bytes().to_vec())
         );
         drop(store);
         // The replaced store, moved with its WAL, still holds "c".

@@ -13,7 +13,9 @@ mod faulty;
 mod memory;
 mod sqlite;
 
-pub use backup::{inspect_backup, restore_backup, BackupInfo, BackupLabel, Restored};
+pub use backup::{
+    inspect_backup, restore_backup, BackupInfo, BackupLabel, Restored, RESOLUTIONS_HELD_KEY,
+};
 pub use faulty::Faulty;
 pub use memory::Memory;
 pub use sqlite::{Sqlite, SqliteOptions};

@@ -318,6 +318,12 @@ enum ConflictsCommand {
         #[arg(long, value_name = "TEXT")]
         note: Option<String>,
     },
+    /// End the hold on automatic resolutions that a restore sets, once the
+    /// node has caught up with its peers, and run those that waited.
+    Release {
+        #[command(flatten)]
+        client: ClientArgs,
+    },
 }
 
 /// An argument that parsed but cannot be used: exit code 2.
@@ -418,6 +424,11 @@ fn run_restore(args: RestoreArgs) -> anyhow::Result<()> {
             replaced.display()
         );
     }
+    println!(
+        "automatic conflict resolutions are held, so none is made twice: once `sync-node check` \
+         shows this site agrees with its peers, run `sync-node conflicts release --config {}`",
+        args.config.display()
+    );
     Ok(())
 }
 
@@ -693,6 +704,9 @@ fn conflicts_command(command: ConflictsCommand) -> anyhow::Result<()> {
                 body["note"] = Value::String(note);
             }
             client_request(&client, Method::POST, &path, Some(&body))
+        }
+        ConflictsCommand::Release { client } => {
+            client_request(&client, Method::POST, "/v1/resolutions/release", None)
         }
     }
 }

@@ -289,6 +289,32 @@ async fn a_restored_site_gets_back_what_it_wrote_after_the_backup() {
         let doc = get(&http, &north, "/v1/docs/orders%2F1").await;
         assert_eq!(doc["value"]["n"], 11);
 
+        // Automatic conflict resolutions wait until the operator releases
+        // them, once the site has caught up.
+        let status = get(&http, &north, "/v1/status").await;
+        assert_eq!(status["resolutions_held"], true, "{status}");
+        assert!(
+            text(&output).contains("sync-node conflicts release"),
+            "{}",
+            text(&output)
+        );
+        let release = args(&[
+            "conflicts",
+            "release",
+            "--config",
+            north_config.to_str().unwrap(),
+        ]);
+        let released = run(release.clone()).await;
+        assert!(released.status.success(), "{}", text(&released));
+        let answer: Value = serde_json::from_slice(&released.stdout).unwrap();
+        assert_eq!(answer, json!({ "released": true, "resolved": 0 }));
+        let status = get(&http, &north, "/v1/status").await;
+        assert_eq!(status["resolutions_held"], false, "{status}");
+        let again: Value = serde_json::from_slice(&run(release).await.stdout).unwrap();
+        assert_eq!(again["released"], false);
+        let status = get(&http, &south, "/v1/status").await;
+        assert_eq!(status["resolutions_held"], false, "{status}");
+
         // It writes with a new actor, and its writes reach the peer.
         put(
             &http,

@@ -161,6 +161,22 @@ pub(crate) async fn dismiss(
     Ok(Json(report))
 }
 
+/// `POST /v1/resolutions/release`: ends the hold on automatic resolutions
+/// that a restore from a backup sets ([`Replica::release_resolutions`]),
+/// and runs those that waited. Answers `{"released", "resolved"}`:
+/// whether there was a hold, and how many reports were closed.
+///
+/// [`Replica::release_resolutions`]: archipelago::Replica::release_resolutions
+pub(crate) async fn release(State(state): State<ApiState>) -> Result<Json<Value>, ApiError> {
+    let replica = state.replica.clone();
+    let (released, resolved) = blocking(move || {
+        let held = replica.resolutions_held();
+        Ok((held, replica.release_resolutions()?))
+    })
+    .await?;
+    Ok(Json(json!({ "released": released, "resolved": resolved })))
+}
+
 /// Closing a report is a local commit: counted like document writes.
 fn closed(started: Instant) {
     metrics::counter!(COMMITS).increment(1);

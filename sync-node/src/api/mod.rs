@@ -102,6 +102,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/conflicts/{id}", get(conflicts::read))
         .route("/v1/conflicts/{id}/resolve", post(conflicts::resolve))
         .route("/v1/conflicts/{id}/dismiss", post(conflicts::dismiss))
+        .route("/v1/resolutions/release", post(conflicts::release))
         .route("/v1/events", get(events::stream))
         .route("/v1/backup", get(backup::download))
         .route("/metrics", get(telemetry::render))
@@ -122,7 +123,8 @@ async fn health() -> Json<Value> {
 }
 
 /// `GET /v1/status`: the site, its document count, its open conflict
-/// reports (`conflicts_open`) and its peers, each as `{"site", "addr",
+/// reports (`conflicts_open`), whether automatic resolutions are held
+/// after a restore (`resolutions_held`) and its peers, each as `{"site", "addr",
 /// "connected", "last_seen", "pending_out", "pending_in", "lag_ms"}` (see
 /// [`crate::events::PeerView`] for what `lag_ms` means).
 async fn status(State(state): State<ApiState>) -> Result<Json<Value>, ApiError> {
@@ -138,6 +140,7 @@ async fn status(State(state): State<ApiState>) -> Result<Json<Value>, ApiError> 
         "sync_addr": state.sync.as_ref().map(|sync| sync.local_addr().to_string()),
         "peers": peers,
         "conflicts_open": conflicts_open,
+        "resolutions_held": state.replica.resolutions_held(),
         "loaded_docs": stats.loaded_docs,
         "version": env!("CARGO_PKG_VERSION"),
     })))
