@@ -7,10 +7,14 @@
 //! many ways (often the same fields at several sites), deliver, duplicate
 //! and reorder frames, reset connections, partition and heal sites, and
 //! crash and restart them (losing everything in memory; commits were durable
-//! when acknowledged), and make their stores fail for a while (writes are
-//! pipelined, so a change whose write failed may already be at peers). After the final heal the network runs fault-free
-//! until quiet, and every site must hold the same documents: equal sorted
-//! heads and equal JSON values.
+//! when acknowledged), make their stores fail for a while (writes are
+//! pipelined, so a change whose write failed may already be at peers), and
+//! back up a site's store and restore it at a later restart (the site
+//! loses what it wrote since, and holds automatic resolutions as a restore
+//! does). After the final heal the network runs fault-free until quiet,
+//! held resolutions are released, and every site must hold the same
+//! documents (equal sorted heads and equal JSON values) and the same
+//! conflict reports, none of them resolved automatically twice.
 //!
 //! The same seed always replays the same run, down to the change hashes:
 //! actor ids are drawn from the seed and change times from the simulated
@@ -29,7 +33,7 @@ use crate::doc::Op;
 use crate::id::{actor_of_site, DocId, SiteName, ACTOR_RANDOM_BYTES};
 use crate::protocol::session::{Lane, Session, SessionConfig};
 use crate::replica::{ActorSource, Clock, Committed, Replica, ReplicaOptions};
-use crate::store::{Faulty, Memory};
+use crate::store::{Faulty, Memory, Store as _, Write, RESOLUTIONS_HELD_KEY};
 use crate::ChangeHash;
 
 /// The simulation's clock and actor ids, shared by every replica of a run,
@@ -177,6 +181,8 @@ struct SimSite {
     store_failing_until: Option<usize>,
     replica: Option<Replica>,
     events: Option<broadcast::Receiver<Committed>>,
+    /// A copy of its store taken at this step, to restore on a restart.
+    backup: Option<(usize, Memory)>,
 }
 
 /// A connection between sites `low` and `high` (`low < high`).
@@ -201,6 +207,8 @@ pub struct SimReport {
     pub crashes: usize,
     /// Spells of a site's store refusing writes.
     pub store_faults: usize,
+    /// Sites restored from an earlier copy of their store.
+    pub restores: usize,
     /// Edits whose store write failed (published, so maybe replicated,
     /// but not acknowledged).
     pub failed_writes: usize,
@@ -256,6 +264,7 @@ impl Sim {
                     store_failing_until: None,
                     replica: None,
                     events: None,
+                    backup: None,
                 }
             })
             .collect();
@@ -287,6 +296,9 @@ impl Sim {
         }
         self.heal_all();
         self.settle()?;
+        if self.release_resolutions()? {
+            self.settle()?;
+        }
         self.check_converged()?;
         self.check_stored()?;
         Ok(self.report)
@@ -364,9 +376,18 @@ impl Sim {
                     self.note(format!("crash site {site}"));
                     self.crash(site);
                 } else {
+                    if self.sites[site].backup.is_some() && self.rng.chance(30) {
+                        self.restore_backup(site);
+                    }
                     self.note(format!("restart site {site}"));
                     self.restart(site);
                 }
+            }
+            99 if faults => {
+                let site = self.rng.below(self.sites.len());
+                self.note(format!("back up site {site}"));
+                let copy = self.sites[site].store.inner().snapshot();
+                self.sites[site].backup = Some((self.steps, copy));
             }
             98 if faults => {
                 let site = self.rng.below(self.sites.len());
@@ -395,6 +416,47 @@ impl Sim {
             }
         }
         self.pump();
+    }
+
+    /// Puts a stopped site's backup in place of its store, holding its
+    /// automatic resolutions as a restore does, and keeps the backup for
+    /// another time.
+    fn restore_backup(&mut self, site: usize) {
+        let Some((step, backup)) = &self.sites[site].backup else {
+            return;
+        };
+        let step = *step;
+        let store = self.sites[site].store.inner();
+        store.restore_from(backup);
+        store
+            .commit(vec![Write::PutMeta {
+                key: RESOLUTIONS_HELD_KEY.to_owned(),
+                value: vec![1],
+            }])
+            .expect("memory stores always commit");
+        self.report.restores += 1;
+        self.note(format!(
+            "restore site {site} from its backup of step {step}"
+        ));
+    }
+
+    /// Once every site caught up: ends the hold on automatic resolutions
+    /// where a restore set it, as the operator does after `sync-node
+    /// check`.
+    fn release_resolutions(&mut self) -> Result<bool, String> {
+        let mut resolved = 0;
+        for site in 0..self.sites.len() {
+            let Some(replica) = self.sites[site].replica.clone() else {
+                continue;
+            };
+            if replica.resolutions_held() {
+                self.note(format!("release resolutions at site {site}"));
+                resolved += replica.release_resolutions().map_err(|e| {
+                    self.failure(format!("site {site} cannot release its resolutions: {e}"))
+                })?;
+            }
+        }
+        Ok(resolved > 0)
     }
 
     fn crash(&mut self, site: usize) {
@@ -839,6 +901,25 @@ impl Sim {
             }
         }
         let reports = reference.unwrap_or_default();
+        // A compensation runs once: no report closed automatically twice
+        // (a restored resolver must not resolve again what it already had).
+        for report in &reports {
+            let automatic = replicas[0]
+                .with_doc(&report.doc, |doc| {
+                    crate::conflict::report::closings(doc, &report.id)
+                        .into_iter()
+                        .filter(|c| c.how == "clamp")
+                        .count()
+                })
+                .map_err(|e| self.failure(format!("site 0 cannot read {}: {e}", report.doc)))?
+                .unwrap_or(0);
+            if automatic > 1 {
+                return Err(self.failure(format!(
+                    "report {} in {} was resolved automatically {automatic} times",
+                    report.id, report.doc
+                )));
+            }
+        }
         self.report.conflicts = reports.len();
         self.report.conflicts_closed = reports.iter().filter(|c| c.status != Status::Open).count();
         Ok(())

@@ -36,6 +36,7 @@ fn run(seeds: Range<u64>, config: &SimConfig) {
     let mut conflicts = 0;
     let mut closed = 0;
     let mut failed_writes = 0;
+    let mut restores = 0;
     let count = seeds.end.saturating_sub(seeds.start);
     for seed in seeds {
         match Sim::new(seed, config.clone()).run() {
@@ -45,6 +46,7 @@ fn run(seeds: Range<u64>, config: &SimConfig) {
                 conflicts += report.conflicts;
                 closed += report.conflicts_closed;
                 failed_writes += report.failed_writes;
+                restores += report.restores;
             }
             Err(failure) => panic!("{failure}"),
         }
@@ -52,7 +54,7 @@ fn run(seeds: Range<u64>, config: &SimConfig) {
     eprintln!(
         "{count} seeds converged ({edits} edits, {resets} connection resets, \
          {conflicts} conflict reports identical at every site, {closed} of them closed, \
-         {failed_writes} edits whose store write failed)"
+         {failed_writes} edits whose store write failed, {restores} sites restored from a backup)"
     );
     assert!(
         count < 8 || !config.faults || failed_writes > 0,

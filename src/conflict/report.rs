@@ -254,6 +254,22 @@ fn str_at(doc: &impl ReadDoc, key: &str) -> Option<(String, ObjId)> {
     }
 }
 
+/// Every closing written for report `id`: more than one when sites closed
+/// it concurrently (the report shows the one automerge picked).
+pub(crate) fn closings(doc: &automerge::Automerge, id: &ConflictId) -> Vec<Closing> {
+    doc.get_all(ROOT, status_key(id))
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|(value, _)| match value {
+            Value::Scalar(s) => match s.as_ref() {
+                ScalarValue::Str(text) => serde_json::from_str(text).ok(),
+                _ => None,
+            },
+            _ => None,
+        })
+        .collect()
+}
+
 /// The report `id` as stored in `doc`, if present.
 pub(crate) fn read_report(doc: &automerge::Automerge, id: &ConflictId) -> Option<Conflict> {
     let (body, _) = str_at(doc, &body_key(id))?;

@@ -29,6 +29,11 @@ impl<S: Store> Faulty<S> {
         self.fail_commits.store(fail, Ordering::SeqCst);
     }
 
+    /// The wrapped store.
+    pub fn inner(&self) -> &S {
+        &self.inner
+    }
+
     /// Number of commits that reached the inner store.
     pub fn commits(&self) -> u64 {
         self.commits.load(Ordering::SeqCst)

@@ -27,6 +27,19 @@ impl Memory {
         Memory::default()
     }
 
+    /// A copy of everything stored now (a backup, for the simulation).
+    pub fn snapshot(&self) -> Memory {
+        Memory {
+            state: Mutex::new(self.state().clone()),
+        }
+    }
+
+    /// Replaces everything stored by what `backup` holds (a restore).
+    pub fn restore_from(&self, backup: &Memory) {
+        let copy = backup.state().clone();
+        *self.state() = copy;
+    }
+
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
         // A panic while holding the lock cannot leave State half-written:
         // commits are applied to a copy first.
