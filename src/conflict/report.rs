@@ -256,6 +256,7 @@ fn str_at(doc: &impl ReadDoc, key: &str) -> Option<(String, ObjId)> {
 
 /// Every closing written for report `id`: more than one when sites closed
 /// it concurrently (the report shows the one automerge picked).
+#[cfg(feature = "sim")]
 pub(crate) fn closings(doc: &automerge::Automerge, id: &ConflictId) -> Vec<Closing> {
     doc.get_all(ROOT, status_key(id))
         .unwrap_or_default()

@@ -330,6 +330,26 @@ async fn a_restored_site_gets_back_what_it_wrote_after_the_backup() {
         assert_eq!(after.len(), 2, "{after:?}");
         assert!(after.contains(&before[0]));
 
+        // Backups and the hold are in the metrics.
+        let metrics = http
+            .get(format!("{}/metrics", north.url()))
+            .bearer_auth(north.token())
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        assert!(
+            metrics.contains("archipelago_backups_total{result=\"ok\"}"),
+            "{metrics}"
+        );
+        assert!(metrics.contains("archipelago_backup_bytes "), "{metrics}");
+        assert!(
+            metrics.contains("archipelago_resolutions_held 0"),
+            "{metrics}"
+        );
+
         north.shutdown().await.unwrap();
         south.shutdown().await.unwrap();
     })

@@ -16,7 +16,7 @@ use archipelago::store::{BackupInfo, BackupLabel, Sqlite};
 use archipelago::SiteName;
 
 use super::error::ApiError;
-use super::ApiState;
+use super::{telemetry, ApiState};
 
 /// Bytes read from the copy per chunk of the answer.
 const CHUNK_BYTES: usize = 64 << 10;
@@ -99,9 +99,12 @@ pub(crate) async fn download(State(state): State<ApiState>) -> Result<Response, 
         )
     })?;
     let started = std::time::Instant::now();
-    let (file, info) = tokio::task::spawn_blocking(move || backups.take())
+    let taken = tokio::task::spawn_blocking(move || backups.take())
         .await
-        .map_err(|e| ApiError::internal(format!("the backup task failed: {e}")))??;
+        .map_err(|e| ApiError::internal(format!("the backup task failed: {e}")))?;
+    let written = taken.as_ref().ok().map(|(_, info)| info.bytes);
+    telemetry::record_backup(written, started.elapsed());
+    let (file, info) = taken?;
     tracing::info!(
         docs = info.docs,
         bytes = info.bytes,

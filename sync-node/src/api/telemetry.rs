@@ -61,6 +61,15 @@ pub(crate) const CONFLICTS_CLOSED: &str = "archipelago_conflicts_closed_total";
 /// site sees it close.
 pub(crate) const CONFLICT_RESOLVE_SECONDS: &str = "archipelago_conflict_resolve_seconds";
 
+/// 1 while automatic conflict resolutions are held after a restore.
+pub(crate) const RESOLUTIONS_HELD: &str = "archipelago_resolutions_held";
+/// Backups taken through `/v1/backup`, by result (`ok`, `failed`).
+pub(crate) const BACKUPS: &str = "archipelago_backups_total";
+/// Time to write a backup's copy (before it is sent).
+pub(crate) const BACKUP_SECONDS: &str = "archipelago_backup_seconds";
+/// Size of the latest backup, in bytes.
+pub(crate) const BACKUP_BYTES: &str = "archipelago_backup_bytes";
+
 /// Histogram buckets for latencies, in seconds.
 const LATENCY_BUCKETS_SECONDS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
@@ -137,10 +146,28 @@ pub(crate) async fn observe(request: Request, next: Next) -> Response {
     response
 }
 
-/// Records the document count.
+/// Records the document count and whether resolutions are held.
 pub(crate) fn record_docs(state: &ApiState) {
     // A gauge holds f64; document counts stay far below 2^53.
     metrics::gauge!(DOCS).set(state.replica.stats().docs as f64);
+    let held = if state.replica.resolutions_held() {
+        1.0
+    } else {
+        0.0
+    };
+    metrics::gauge!(RESOLUTIONS_HELD).set(held);
+}
+
+/// Records a backup's copy: whether it was written, how long it took and,
+/// when written, its size.
+pub(crate) fn record_backup(written: Option<u64>, elapsed: Duration) {
+    let result = if written.is_some() { "ok" } else { "failed" };
+    metrics::counter!(BACKUPS, "result" => result).increment(1);
+    metrics::histogram!(BACKUP_SECONDS).record(elapsed.as_secs_f64());
+    if let Some(bytes) = written {
+        // Exact in an f64 up to 8 PiB.
+        metrics::gauge!(BACKUP_BYTES).set(bytes as f64);
+    }
 }
 
 /// Records the state of one peer.
