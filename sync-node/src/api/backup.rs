@@ -18,6 +18,9 @@ use archipelago::SiteName;
 use super::error::ApiError;
 use super::{telemetry, ApiState};
 
+/// File name prefix of copies staged in the data directory.
+const STAGED_PREFIX: &str = ".backup-";
+
 /// Bytes read from the copy per chunk of the answer.
 const CHUNK_BYTES: usize = 64 << 10;
 
@@ -41,8 +44,29 @@ pub struct Backups {
 }
 
 impl Backups {
-    /// Backups of `store`, the store of `site`, staged in `dir`.
+    /// Backups of `store`, the store of `site`, staged in `dir`. Copies a
+    /// killed process left staged there are removed.
     pub fn new(store: Arc<Sqlite>, site: SiteName, dir: PathBuf) -> Backups {
+        let stale: Vec<PathBuf> = std::fs::read_dir(&dir)
+            .into_iter()
+            .flatten()
+            .filter_map(Result::ok)
+            .filter(|entry| {
+                entry
+                    .file_name()
+                    .to_string_lossy()
+                    .starts_with(STAGED_PREFIX)
+            })
+            .map(|entry| entry.path())
+            .collect();
+        for path in stale {
+            match std::fs::remove_file(&path) {
+                Ok(()) => tracing::info!(file = %path.display(), "removed a stale backup copy"),
+                Err(error) => {
+                    tracing::warn!(file = %path.display(), %error, "cannot remove a stale backup copy")
+                }
+            }
+        }
         Backups {
             store,
             site,
@@ -63,7 +87,7 @@ impl Backups {
             taken_at_ms,
         };
         let path = self.dir.join(format!(
-            ".backup-{}.db",
+            "{STAGED_PREFIX}{}.db",
             hex::encode(rand::random::<[u8; 8]>())
         ));
         let info = self.store.backup_to(&path, &label)?;
@@ -198,7 +222,10 @@ mod tests {
         replica
             .apply_ops(&"a".parse().unwrap(), &ops, None)
             .unwrap();
+        let stale = dir.path().join(".backup-0011223344556677.db.partial");
+        std::fs::write(&stale, b"left by a killed process").unwrap();
         let backups = Arc::new(Backups::new(store, site, dir.path().to_path_buf()));
+        assert!(!stale.exists());
 
         let response = answer(state(None)).await;
         assert_eq!(response.status(), StatusCode::NOT_FOUND);
