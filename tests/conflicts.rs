@@ -68,6 +68,17 @@ fn stock_rule() -> Rule {
     .unwrap()
 }
 
+/// The stock rule, clamped by its resolver `us-east`.
+fn clamped_at_us_east() -> ConflictConfig {
+    ConflictConfig::default()
+        .with_rule(
+            stock_rule()
+                .resolver("us-east".parse().unwrap())
+                .policy(Policy::Clamp),
+        )
+        .unwrap()
+}
+
 /// Two sites holding the same document, written by `base` at the first.
 fn shared_base(
     config: &ConflictConfig,
@@ -249,13 +260,7 @@ fn a_delete_against_an_edit_reports_the_lost_write() {
 
 #[test]
 fn an_oversell_is_one_report_compensated_once_by_the_resolver() {
-    let config = ConflictConfig::default()
-        .with_rule(
-            stock_rule()
-                .resolver("us-east".parse().unwrap())
-                .policy(Policy::Clamp),
-        )
-        .unwrap();
+    let config = clamped_at_us_east();
     let doc = id("inventory/sku-1");
     let (a, b) = shared_base(
         &config,
@@ -308,13 +313,7 @@ fn an_oversell_is_one_report_compensated_once_by_the_resolver() {
 /// resolutions not held after a restore, it would compensate twice.
 #[test]
 fn a_resolver_restored_from_a_backup_does_not_compensate_twice() {
-    let config = ConflictConfig::default()
-        .with_rule(
-            stock_rule()
-                .resolver("us-east".parse().unwrap())
-                .policy(Policy::Clamp),
-        )
-        .unwrap();
+    let config = clamped_at_us_east();
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("store.db");
     let backup = dir.path().join("backup.db");
@@ -394,13 +393,7 @@ fn a_resolver_restored_from_a_backup_does_not_compensate_twice() {
 /// While held, reports this site resolves wait; the release resolves them.
 #[test]
 fn held_resolutions_run_when_released() {
-    let config = ConflictConfig::default()
-        .with_rule(
-            stock_rule()
-                .resolver("us-east".parse().unwrap())
-                .policy(Policy::Clamp),
-        )
-        .unwrap();
+    let config = clamped_at_us_east();
     let store: Arc<dyn Store> = Arc::new(Memory::new());
     store
         .commit(vec![archipelago::store::Write::PutMeta {

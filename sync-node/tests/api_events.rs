@@ -14,7 +14,7 @@ use sync_node::init::{init, InitOptions};
 use sync_node::Node;
 
 mod support;
-use support::get_json;
+use support::{get_json, put_json};
 
 /// Bound on every wait for something to happen over the network.
 const WAIT: Duration = Duration::from_secs(20);
@@ -70,15 +70,7 @@ impl Sites {
     }
 
     async fn put(&self, node: &Node, id: &str, value: Value) {
-        let response = self
-            .http
-            .put(format!("{}/v1/docs/{id}", node.url()))
-            .bearer_auth(node.token())
-            .json(&json!({ "value": value }))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(response.status(), StatusCode::OK);
+        put_json(&self.http, node, id, value).await;
     }
 
     /// Waits until `node`'s status shows its one peer connected, and

@@ -16,7 +16,7 @@ use sync_node::init::{init, InitOptions};
 use sync_node::Node;
 
 mod support;
-use support::{get_json, BIN};
+use support::{get_json, put_json as put, BIN};
 
 /// Bound on every wait for something to happen over the network.
 const WAIT: Duration = Duration::from_secs(30);
@@ -59,17 +59,6 @@ fn text(output: &Output) -> String {
         String::from_utf8_lossy(&output.stdout),
         String::from_utf8_lossy(&output.stderr)
     )
-}
-
-async fn put(http: &reqwest::Client, node: &Node, id: &str, value: Value) {
-    let response = http
-        .put(format!("{}/v1/docs/{id}", node.url()))
-        .bearer_auth(node.token())
-        .json(&json!({ "value": value }))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), StatusCode::OK);
 }
 
 async fn get(http: &reqwest::Client, node: &Node, path: &str) -> Value {

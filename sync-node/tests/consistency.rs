@@ -13,7 +13,7 @@ use sync_node::init::{init, InitOptions};
 use sync_node::Node;
 
 mod support;
-use support::get_json;
+use support::{get_json, put_json};
 
 /// Bound on every wait for something to happen over the network.
 const WAIT: Duration = Duration::from_secs(20);
@@ -43,14 +43,7 @@ async fn get(http: &reqwest::Client, site: &Site, path: &str) -> Value {
 }
 
 async fn put(http: &reqwest::Client, site: &Site, id: &str, value: Value) {
-    let response = http
-        .put(format!("{}/v1/docs/{id}", site.node.url()))
-        .bearer_auth(site.node.token())
-        .json(&json!({ "value": value }))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), StatusCode::OK);
+    put_json(http, &site.node, id, value).await;
 }
 
 /// Runs `sync-node check` over the given sites' configs, off the async

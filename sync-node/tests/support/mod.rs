@@ -96,3 +96,21 @@ pub(crate) async fn get_json(
         response.json().await.unwrap_or(serde_json::Value::Null),
     )
 }
+
+/// `PUT /v1/docs/{id}` (`id` percent-encoded) with `{"value": value}` on
+/// an in-process node with its token, which must accept it.
+pub(crate) async fn put_json(
+    http: &reqwest::Client,
+    node: &sync_node::Node,
+    id: &str,
+    value: serde_json::Value,
+) {
+    let response = http
+        .put(format!("{}/v1/docs/{id}", node.url()))
+        .bearer_auth(node.token())
+        .json(&serde_json::json!({ "value": value }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), reqwest::StatusCode::OK);
+}
