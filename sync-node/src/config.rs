@@ -63,6 +63,9 @@ pub struct ConfigFile {
     /// Storage tuning.
     #[serde(default)]
     pub store: StoreConfig,
+    /// Backups the node takes by itself (`[backup]`); none without it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backup: Option<BackupConfig>,
     /// The built-in conflict detectors (`[conflicts.concurrent_write]`,
     /// `[conflicts.delete_update]`).
     #[serde(default, skip_serializing_if = "ConflictsConfig::is_default")]
@@ -460,6 +463,32 @@ impl Default for StoreConfig {
     }
 }
 
+/// The `[backup]` table: backups the node takes every `interval_secs`
+/// into `dir`, keeping the newest `keep`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackupConfig {
+    /// Where backups go (relative to the config file's directory); best on
+    /// another disk than the data directory.
+    pub dir: PathBuf,
+    /// Seconds between two backups (1 to a year); the first is taken one
+    /// interval after the start.
+    pub interval_secs: u64,
+    /// How many of this site's backups in `dir` to keep (1 to 10,000); the
+    /// oldest beyond that are deleted after each new one.
+    #[serde(default = "default_backup_keep")]
+    pub keep: usize,
+}
+
+fn default_backup_keep() -> usize {
+    7
+}
+
+/// Longest interval between scheduled backups, in seconds (a year).
+pub const BACKUP_INTERVAL_SECS_MAX: u64 = 365 * 24 * 3600;
+/// Most scheduled backups a config may keep.
+pub const BACKUP_KEEP_MAX: usize = 10_000;
+
 /// A configuration file that could not be used.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -576,6 +605,11 @@ impl Config {
     /// The SQLite database file.
     pub fn store_path(&self) -> PathBuf {
         self.data_dir().join(STORE_FILE_NAME)
+    }
+
+    /// The directory of scheduled backups, resolved, if `[backup]` is set.
+    pub fn backup_dir(&self) -> Option<PathBuf> {
+        self.file.backup.as_ref().map(|b| self.dir.join(&b.dir))
     }
 
     /// The API token file, resolved.
@@ -725,6 +759,20 @@ pub(crate) fn validate(file: &ConfigFile) -> Result<(), String> {
         return Err(format!(
             "store.cache_docs_max must be from 1 to {CACHE_DOCS_MAX_LIMIT}, not {cache}"
         ));
+    }
+    if let Some(backup) = &file.backup {
+        if !(1..=BACKUP_INTERVAL_SECS_MAX).contains(&backup.interval_secs) {
+            return Err(format!(
+                "backup.interval_secs must be from 1 to {BACKUP_INTERVAL_SECS_MAX}, not {}",
+                backup.interval_secs
+            ));
+        }
+        if !(1..=BACKUP_KEEP_MAX).contains(&backup.keep) {
+            return Err(format!(
+                "backup.keep must be from 1 to {BACKUP_KEEP_MAX}, not {}",
+                backup.keep
+            ));
+        }
     }
     conflict_config(file)?;
     Ok(())
@@ -889,6 +937,22 @@ resolver = "us-east"
             Err(error @ ConfigError::Invalid { .. }) => error.to_string(),
             other => panic!("expected an invalid config, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn scheduled_backups_are_bounded() {
+        let with_backup = |table: &str| with_rules(&format!("\n[backup]\n{table}\n"));
+        let config = parse(&with_backup("dir = \"../backups\"\ninterval_secs = 3600")).unwrap();
+        let backup = config.file.backup.clone().unwrap();
+        assert_eq!((backup.interval_secs, backup.keep), (3600, 7));
+        assert_eq!(config.backup_dir(), Some(config.dir().join("../backups")));
+        assert!(invalid(&with_backup("dir = \"b\"\ninterval_secs = 0"))
+            .contains("backup.interval_secs must be from 1"));
+        assert!(
+            invalid(&with_backup("dir = \"b\"\ninterval_secs = 60\nkeep = 0"))
+                .contains("backup.keep must be from 1")
+        );
+        assert!(parse(&with_rules("")).unwrap().backup_dir().is_none());
     }
 
     #[test]

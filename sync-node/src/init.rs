@@ -126,6 +126,7 @@ pub fn init(options: &InitOptions) -> Result<PathBuf, InitError> {
         }),
         peers: options.peers.clone(),
         store: StoreConfig::default(),
+        backup: None,
         conflicts: Default::default(),
         rules: Vec::new(),
     };

@@ -257,6 +257,7 @@ pub struct Node {
     events: Arc<EventLog>,
     feed: Option<JoinHandle<()>>,
     evictor: Option<JoinHandle<()>>,
+    scheduled: Option<JoinHandle<()>>,
     stop: Option<oneshot::Sender<()>>,
     server: Option<JoinHandle<std::io::Result<()>>>,
 }
@@ -315,10 +316,23 @@ impl Node {
         }
 
         let events = Arc::new(EventLog::default());
-        let backups = Backups::new(store.clone(), config.file.site.clone(), config.data_dir());
+        let backups = Arc::new(Backups::new(
+            store.clone(),
+            config.file.site.clone(),
+            config.data_dir(),
+        ));
+        let scheduled = match (&config.file.backup, config.backup_dir()) {
+            (Some(backup), Some(dir)) => Some(spawn_backups(
+                backups.clone(),
+                dir,
+                std::time::Duration::from_secs(backup.interval_secs),
+                backup.keep,
+            )),
+            _ => None,
+        };
         let mut state = ApiState::new(replica.clone(), token.clone())
             .with_events(events.clone())
-            .with_backups(Arc::new(backups));
+            .with_backups(backups);
         if let Some(sync) = &sync {
             state = state.with_sync(sync.clone());
         }
@@ -353,6 +367,7 @@ impl Node {
             events,
             feed: Some(feed),
             evictor: Some(evictor),
+            scheduled,
             stop: Some(stop),
             server: Some(server),
         })
@@ -440,7 +455,7 @@ impl Node {
                 ),
             }
         }
-        for task in [self.feed.take(), self.evictor.take()]
+        for task in [self.feed.take(), self.evictor.take(), self.scheduled.take()]
             .into_iter()
             .flatten()
         {
@@ -482,6 +497,26 @@ fn spawn_evictor(replica: &Replica) -> JoinHandle<()> {
     })
 }
 
+/// Every `interval` (the first one interval after the start), a backup
+/// into `dir`, keeping the newest `keep`.
+fn spawn_backups(
+    backups: Arc<Backups>,
+    dir: PathBuf,
+    interval: std::time::Duration,
+    keep: usize,
+) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            if let Err(error) = backups.save_scheduled(dir.clone(), keep).await {
+                tracing::error!(%error, dir = %dir.display(), "scheduled backup failed");
+            }
+        }
+    })
+}
+
 /// How often idle documents are dropped from the cache.
 const EVICT_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
 
@@ -490,7 +525,7 @@ impl Drop for Node {
         // Without `shutdown`: end the event streams and the feed, and drop
         // the sync endpoint, which stops its tasks without waiting.
         self.events.close();
-        for task in [self.feed.take(), self.evictor.take()]
+        for task in [self.feed.take(), self.evictor.take(), self.scheduled.take()]
             .into_iter()
             .flatten()
         {

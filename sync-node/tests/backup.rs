@@ -345,3 +345,63 @@ async fn a_restored_site_gets_back_what_it_wrote_after_the_backup() {
     .await
     .expect("the test finished in time");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn scheduled_backups_keep_the_newest() {
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let temp = tempfile::tempdir().unwrap();
+        let config = init(&InitOptions::new(
+            "eu-west".parse().unwrap(),
+            temp.path().join("eu-west"),
+        ))
+        .unwrap();
+        let mut text = std::fs::read_to_string(&config).unwrap();
+        text.push_str("\n[backup]\ndir = \"backups\"\ninterval_secs = 1\nkeep = 2\n");
+        std::fs::write(&config, text).unwrap();
+        let dir = config.parent().unwrap().join("backups");
+        // A copy a killed process left half-written goes with the pruning.
+        std::fs::create_dir_all(&dir).unwrap();
+        let stale = dir.join("eu-west-0000000000001.db.partial");
+        std::fs::write(&stale, "half").unwrap();
+        let node = start(&config).await;
+        let http = reqwest::Client::new();
+        put(&http, &node, "orders%2F1", json!({ "n": 1 })).await;
+
+        let names = || -> Vec<String> {
+            let mut names: Vec<String> = std::fs::read_dir(&dir)
+                .unwrap()
+                .map(|e| e.unwrap().file_name().into_string().unwrap())
+                .collect();
+            names.sort();
+            names
+        };
+        let deadline = tokio::time::Instant::now() + WAIT;
+        let mut seen = std::collections::BTreeSet::new();
+        while seen.iter().filter(|n: &&String| n.ends_with(".db")).count() < 4 {
+            seen.extend(names());
+            assert!(tokio::time::Instant::now() < deadline, "{seen:?}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        node.shutdown().await.unwrap();
+
+        let left = names();
+        assert_eq!(left.len(), 2, "keep = 2: {left:?} (seen {seen:?})");
+        assert!(!stale.exists());
+        // The newest are kept, and each is a whole backup of this site.
+        let newest: Vec<&String> = seen.iter().rev().take(2).collect();
+        assert_eq!(left.iter().rev().collect::<Vec<_>>(), newest);
+        for name in &left {
+            assert!(
+                name.starts_with("eu-west-") && name.ends_with(".db"),
+                "{name}"
+            );
+            let info = archipelago::store::inspect_backup(&dir.join(name)).unwrap();
+            assert_eq!(info.label.unwrap().site, "eu-west");
+            assert!(info.docs <= 1);
+        }
+        let last = archipelago::store::inspect_backup(&dir.join(&left[1])).unwrap();
+        assert_eq!(last.docs, 1);
+    })
+    .await
+    .expect("the test finished in time");
+}

@@ -1,8 +1,9 @@
 //! `GET /v1/backup`: a consistent copy of the node's store, streamed as one
 //! SQLite file ([`Sqlite::backup_to`]); `sync-node backup` saves it and
-//! `sync-node restore` puts it back.
+//! `sync-node restore` puts it back. The node's scheduled backups
+//! (`[backup]`) go through the same [`Backups`], one at a time.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use axum::body::Body;
@@ -75,17 +76,81 @@ impl Backups {
         }
     }
 
+    /// Writes a backup into `dir` as `SITE-MS.db` (`MS` the time, in ms
+    /// since the epoch, 13 digits), after any backup being sent, then
+    /// deletes this site's oldest backups there beyond `keep`. For the
+    /// node's schedule (`[backup]`).
+    pub async fn save_scheduled(
+        self: &Arc<Self>,
+        dir: PathBuf,
+        keep: usize,
+    ) -> Result<(PathBuf, BackupInfo), archipelago::Error> {
+        let _running = self.running.clone().lock_owned().await;
+        let backups = self.clone();
+        let started = std::time::Instant::now();
+        let saved = tokio::task::spawn_blocking(move || backups.save_into(&dir, keep))
+            .await
+            .map_err(|e| {
+                archipelago::store::StoreError::Backend(format!("the backup task failed: {e}"))
+            })?;
+        let written = saved.as_ref().ok().map(|(_, info)| info.bytes);
+        telemetry::record_backup(written, started.elapsed());
+        saved
+    }
+
+    fn save_into(
+        &self,
+        dir: &Path,
+        keep: usize,
+    ) -> Result<(PathBuf, BackupInfo), archipelago::Error> {
+        let io = |what: String, e: std::io::Error| {
+            archipelago::store::StoreError::Backend(format!("{what}: {e}"))
+        };
+        std::fs::create_dir_all(dir)
+            .map_err(|e| io(format!("cannot create {}", dir.display()), e))?;
+        let label = self.label();
+        let path = dir.join(format!("{}-{:013}.db", label.site, label.taken_at_ms));
+        let info = self.store.backup_to(&path, &label)?;
+        // Names sort by time; a copy a killed process left half-written
+        // ends in `.partial` and goes too.
+        let prefix = format!("{}-", label.site);
+        let mut ours: Vec<(String, PathBuf)> = std::fs::read_dir(dir)
+            .map_err(|e| io(format!("cannot list {}", dir.display()), e))?
+            .filter_map(Result::ok)
+            .filter_map(|entry| {
+                let name = entry.file_name().into_string().ok()?;
+                name.starts_with(&prefix).then(|| (name, entry.path()))
+            })
+            .collect();
+        ours.sort();
+        let (partial, whole): (Vec<_>, Vec<_>) = ours
+            .into_iter()
+            .partition(|(name, _)| name.ends_with(".partial"));
+        let excess = whole.len().saturating_sub(keep);
+        for (_, old) in partial.iter().chain(&whole[..excess]) {
+            if let Err(error) = std::fs::remove_file(old) {
+                tracing::warn!(file = %old.display(), %error, "cannot delete an old backup");
+            }
+        }
+        tracing::info!(file = %path.display(), docs = info.docs, bytes = info.bytes, "took a scheduled backup");
+        Ok((path, info))
+    }
+
+    fn label(&self) -> BackupLabel {
+        let taken_at_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+        BackupLabel {
+            site: self.site.to_string(),
+            taken_at_ms,
+        }
+    }
+
     /// Writes a copy into the staging directory and opens it; the file is
     /// unlinked at once, so it vanishes when the answer is done, however it
     /// ends.
     fn take(&self) -> Result<(std::fs::File, BackupInfo), archipelago::Error> {
-        let taken_at_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
-        let label = BackupLabel {
-            site: self.site.to_string(),
-            taken_at_ms,
-        };
+        let label = self.label();
         let path = self.dir.join(format!(
             "{STAGED_PREFIX}{}.db",
             hex::encode(rand::random::<[u8; 8]>())
