@@ -363,6 +363,9 @@ async fn scheduled_backups_keep_the_newest() {
         std::fs::create_dir_all(&dir).unwrap();
         let stale = dir.join("eu-west-0000000000001.db.partial");
         std::fs::write(&stale, "half").unwrap();
+        // Anything else there is left alone.
+        let other = dir.join("eu-west-notes.txt");
+        std::fs::write(&other, "mine").unwrap();
         let node = start(&config).await;
         let http = reqwest::Client::new();
         put(&http, &node, "orders%2F1", json!({ "n": 1 })).await;
@@ -377,18 +380,30 @@ async fn scheduled_backups_keep_the_newest() {
         };
         let deadline = tokio::time::Instant::now() + WAIT;
         let mut seen = std::collections::BTreeSet::new();
-        while seen.iter().filter(|n: &&String| n.ends_with(".db")).count() < 4 {
+        while seen
+            .iter()
+            .filter(|n: &&String| n.starts_with("eu-west-1") && n.ends_with(".db"))
+            .count()
+            < 4
+        {
             seen.extend(names());
             assert!(tokio::time::Instant::now() < deadline, "{seen:?}");
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         node.shutdown().await.unwrap();
 
+        assert!(!stale.exists());
+        assert_eq!(std::fs::read_to_string(&other).unwrap(), "mine");
+        std::fs::remove_file(&other).unwrap();
         let left = names();
         assert_eq!(left.len(), 2, "keep = 2: {left:?} (seen {seen:?})");
-        assert!(!stale.exists());
         // The newest are kept, and each is a whole backup of this site.
-        let newest: Vec<&String> = seen.iter().rev().take(2).collect();
+        let newest: Vec<&String> = seen
+            .iter()
+            .filter(|n| n.starts_with("eu-west-1") && n.ends_with(".db"))
+            .rev()
+            .take(2)
+            .collect();
         assert_eq!(left.iter().rev().collect::<Vec<_>>(), newest);
         for name in &left {
             assert!(

@@ -19,6 +19,19 @@ use archipelago::SiteName;
 use super::error::ApiError;
 use super::{telemetry, ApiState};
 
+/// Whether `name` is one of the names [`Backups::save_scheduled`] writes
+/// (`SITE-` then 13 digits then `.db`, or that plus `.partial`), so pruning
+/// never touches anything else in the directory.
+fn is_scheduled_name(name: &str, prefix: &str) -> bool {
+    let Some(rest) = name.strip_prefix(prefix) else {
+        return false;
+    };
+    let stem = rest
+        .strip_suffix(".db.partial")
+        .or_else(|| rest.strip_suffix(".db"));
+    stem.is_some_and(|digits| digits.len() == 13 && digits.bytes().all(|b| b.is_ascii_digit()))
+}
+
 /// File name prefix of copies staged in the data directory.
 const STAGED_PREFIX: &str = ".backup-";
 
@@ -119,7 +132,7 @@ impl Backups {
             .filter_map(Result::ok)
             .filter_map(|entry| {
                 let name = entry.file_name().into_string().ok()?;
-                name.starts_with(&prefix).then(|| (name, entry.path()))
+                is_scheduled_name(&name, &prefix).then(|| (name, entry.path()))
             })
             .collect();
         ours.sort();
@@ -268,6 +281,26 @@ mod tests {
         match download(State(state)).await {
             Ok(response) => response,
             Err(error) => error.into_response(),
+        }
+    }
+
+    #[test]
+    fn pruning_only_considers_scheduled_names() {
+        let prefix = "eu-west-";
+        for name in [
+            "eu-west-1767225600000.db",
+            "eu-west-1767225600000.db.partial",
+        ] {
+            assert!(is_scheduled_name(name, prefix), "{name}");
+        }
+        for name in [
+            "eu-west-notes.db",
+            "eu-west-176722560000.db",
+            "eu-west-1767225600000.sqlite",
+            "eu-west-2-1767225600000.db",
+            "us-east-1767225600000.db",
+        ] {
+            assert!(!is_scheduled_name(name, prefix), "{name}");
         }
     }
 
