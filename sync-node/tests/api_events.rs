@@ -14,7 +14,7 @@ use sync_node::init::{init, InitOptions};
 use sync_node::Node;
 
 mod support;
-use support::{get_json, put_json};
+use support::{get_json, metrics_text, put_json};
 
 /// Bound on every wait for something to happen over the network.
 const WAIT: Duration = Duration::from_secs(20);
@@ -281,16 +281,7 @@ async fn a_document_written_at_one_site_appears_at_the_other_and_both_report_the
             format!("archipelago_changes_applied_total{{origin=\"{HIGH}\"}}"),
         ];
         eventually("the peer metrics are recorded", || async {
-            let metrics = sites
-                .http
-                .get(format!("{}/metrics", sites.low.url()))
-                .bearer_auth(sites.low.token())
-                .send()
-                .await
-                .unwrap()
-                .text()
-                .await
-                .unwrap();
+            let metrics = metrics_text(&sites.http, &sites.low).await;
             metric_lines
                 .iter()
                 .all(|line| metrics.contains(line.as_str()))

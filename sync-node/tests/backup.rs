@@ -16,7 +16,7 @@ use sync_node::init::{init, InitOptions};
 use sync_node::Node;
 
 mod support;
-use support::{get_json, put_json as put, BIN};
+use support::{get_json, metrics_text, put_json as put, BIN};
 
 /// Bound on every wait for something to happen over the network.
 const WAIT: Duration = Duration::from_secs(30);
@@ -320,15 +320,7 @@ async fn a_restored_site_gets_back_what_it_wrote_after_the_backup() {
         assert!(after.contains(&before[0]));
 
         // Backups and the hold are in the metrics.
-        let metrics = http
-            .get(format!("{}/metrics", north.url()))
-            .bearer_auth(north.token())
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let metrics = metrics_text(&http, &north).await;
         assert!(
             metrics.contains("archipelago_backups_total{result=\"ok\"}"),
             "{metrics}"

@@ -114,3 +114,15 @@ pub(crate) async fn put_json(
         .unwrap();
     assert_eq!(response.status(), reqwest::StatusCode::OK);
 }
+
+/// `GET /metrics` on an in-process node with its token: the Prometheus text.
+pub(crate) async fn metrics_text(http: &reqwest::Client, node: &sync_node::Node) -> String {
+    http.get(format!("{}/metrics", node.url()))
+        .bearer_auth(node.token())
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
