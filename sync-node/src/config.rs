@@ -471,8 +471,9 @@ pub struct BackupConfig {
     /// Where backups go (relative to the config file's directory); best on
     /// another disk than the data directory.
     pub dir: PathBuf,
-    /// Seconds between two backups (1 to a year); the first is taken one
-    /// interval after the start.
+    /// Seconds between two backups (1 to a year), counted from the newest
+    /// backup already in `dir` (a minute after the start when there is
+    /// none).
     pub interval_secs: u64,
     /// How many of this site's backups in `dir` to keep (1 to 10,000); the
     /// oldest beyond that are deleted after each new one.

@@ -497,8 +497,9 @@ fn spawn_evictor(replica: &Replica) -> JoinHandle<()> {
     })
 }
 
-/// Every `interval` (the first one interval after the start), a backup
-/// into `dir`, keeping the newest `keep`.
+/// Every `interval`, a backup into `dir`, keeping the newest `keep`; the
+/// first when the newest there is one interval old (see
+/// [`Backups::first_scheduled_in`]).
 fn spawn_backups(
     backups: Arc<Backups>,
     dir: PathBuf,
@@ -506,7 +507,9 @@ fn spawn_backups(
     keep: usize,
 ) -> JoinHandle<()> {
     tokio::spawn(async move {
-        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
+        let first = backups.first_scheduled_in(&dir, interval);
+        tracing::info!(dir = %dir.display(), first_in_secs = first.as_secs(), "scheduled backups");
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + first, interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;

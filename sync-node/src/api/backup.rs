@@ -5,6 +5,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::State;
@@ -31,6 +32,10 @@ fn is_scheduled_name(name: &str, prefix: &str) -> bool {
         .or_else(|| rest.strip_suffix(".db"));
     stem.is_some_and(|digits| digits.len() == 13 && digits.bytes().all(|b| b.is_ascii_digit()))
 }
+
+/// Longest wait for a node's first scheduled backup when its backup
+/// directory holds none yet.
+pub const FIRST_BACKUP_DELAY_MAX: Duration = Duration::from_secs(60);
 
 /// File name prefix of copies staged in the data directory.
 const STAGED_PREFIX: &str = ".backup-";
@@ -109,6 +114,32 @@ impl Backups {
         let written = saved.as_ref().ok().map(|(_, info)| info.bytes);
         telemetry::record_backup(written, started.elapsed());
         saved
+    }
+
+    /// How long until the first scheduled backup into `dir`: one
+    /// `interval` after the newest of this site's backups there (at once
+    /// when that is past), so restarts do not put backups off; without
+    /// any, [`FIRST_BACKUP_DELAY_MAX`] at most.
+    pub fn first_scheduled_in(&self, dir: &Path, interval: Duration) -> Duration {
+        let prefix = format!("{}-", self.site);
+        let newest_ms = std::fs::read_dir(dir)
+            .into_iter()
+            .flatten()
+            .filter_map(Result::ok)
+            .filter_map(|entry| {
+                let name = entry.file_name().into_string().ok()?;
+                if !is_scheduled_name(&name, &prefix) || name.ends_with(".partial") {
+                    return None;
+                }
+                name[prefix.len()..prefix.len() + 13].parse::<i64>().ok()
+            })
+            .max();
+        let Some(newest_ms) = newest_ms else {
+            return interval.min(FIRST_BACKUP_DELAY_MAX);
+        };
+        let age_ms = self.label().taken_at_ms.saturating_sub(newest_ms).max(0);
+        let age = Duration::from_millis(u64::try_from(age_ms).unwrap_or(0));
+        interval.saturating_sub(age)
     }
 
     fn save_into(
@@ -302,6 +333,46 @@ mod tests {
         ] {
             assert!(!is_scheduled_name(name, prefix), "{name}");
         }
+    }
+
+    #[test]
+    fn the_first_scheduled_backup_follows_the_newest_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Sqlite::open(dir.path().join("store.db")).unwrap());
+        let backups = Backups::new(store, "eu-west".parse().unwrap(), dir.path().to_path_buf());
+        let out = dir.path().join("backups");
+        let hour = Duration::from_secs(3600);
+        // None yet: soon.
+        assert_eq!(
+            backups.first_scheduled_in(&out, hour),
+            FIRST_BACKUP_DELAY_MAX
+        );
+        assert_eq!(
+            backups.first_scheduled_in(&out, Duration::from_secs(5)),
+            Duration::from_secs(5)
+        );
+        std::fs::create_dir_all(&out).unwrap();
+        let now_ms = backups.label().taken_at_ms;
+        let touch = |ms: i64| std::fs::write(out.join(format!("eu-west-{ms:013}.db")), "").unwrap();
+        // Two hours old: at once.
+        touch(now_ms - 7_200_000);
+        assert_eq!(backups.first_scheduled_in(&out, hour), Duration::ZERO);
+        // Ten minutes old: fifty minutes from now, give or take the test's
+        // own time.
+        touch(now_ms - 600_000);
+        let wait = backups.first_scheduled_in(&out, hour);
+        assert!(
+            wait <= Duration::from_secs(3000) && wait > Duration::from_secs(2990),
+            "{wait:?}"
+        );
+        // Other sites' backups and half-written copies do not count.
+        std::fs::write(out.join(format!("us-east-{now_ms:013}.db")), "").unwrap();
+        std::fs::write(out.join(format!("eu-west-{now_ms:013}.db.partial")), "").unwrap();
+        let again = backups.first_scheduled_in(&out, hour);
+        assert!(
+            again <= wait && again > Duration::from_secs(2990),
+            "{again:?}"
+        );
     }
 
     #[tokio::test]
