@@ -239,6 +239,15 @@ async fn a_restored_site_gets_back_what_it_wrote_after_the_backup() {
             "{}",
             text(&output)
         );
+        // Told to take it anyway, it gets past that check to the next one:
+        // that site's node is running.
+        let output = restore(&south_config, &["--allow-other-site"]).await;
+        assert_eq!(output.status.code(), Some(1), "{}", text(&output));
+        assert!(
+            text(&output).contains("stop the node first"),
+            "{}",
+            text(&output)
+        );
         // A file that is not a store: refused.
         let bogus = temp.path().join("bogus.db");
         std::fs::write(&bogus, "not a store").unwrap();
