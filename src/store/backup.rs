@@ -122,7 +122,9 @@ impl Sqlite {
             return Err(e);
         }
         sync_parent(dest)?;
-        inspect_backup(dest)
+        // Whoever receives the copy checks it whole (`sync-node backup`
+        // does); here only its label and count are read back.
+        inspect(dest, false)
     }
 }
 
@@ -131,35 +133,38 @@ fn label_copy(path: &Path, label: &BackupLabel) -> Result<(), StoreError> {
     let conn = Connection::open(path).map_err(backend)?;
     conn.execute_batch("PRAGMA journal_mode = DELETE; PRAGMA synchronous = FULL;")
         .map_err(backend)?;
-    let upsert = "INSERT INTO meta (key, value) VALUES (?1, ?2)
-                  ON CONFLICT (key) DO UPDATE SET value = excluded.value";
-    conn.execute(upsert, params![SITE_KEY, label.site.as_bytes()])
-        .and_then(|_| {
-            conn.execute(
-                upsert,
-                params![TAKEN_AT_KEY, label.taken_at_ms.to_be_bytes().as_slice()],
-            )
-        })
-        .map_err(backend)?;
+    put_meta(&conn, SITE_KEY, label.site.as_bytes())?;
+    put_meta(&conn, TAKEN_AT_KEY, &label.taken_at_ms.to_be_bytes())?;
     conn.close().map_err(|(_, e)| backend(e))
 }
 
 /// Marks a restored copy so its replica holds automatic resolutions.
 fn hold_resolutions(path: &Path, now_ms: i64) -> Result<(), StoreError> {
     let conn = Connection::open(path).map_err(backend)?;
+    put_meta(&conn, RESOLUTIONS_HELD_KEY, &now_ms.to_be_bytes())?;
+    conn.close().map_err(|(_, e)| backend(e))
+}
+
+fn put_meta(conn: &Connection, key: &str, value: &[u8]) -> Result<(), StoreError> {
     conn.execute(
         "INSERT INTO meta (key, value) VALUES (?1, ?2)
          ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-        params![RESOLUTIONS_HELD_KEY, now_ms.to_be_bytes().as_slice()],
+        params![key, value],
     )
-    .map_err(backend)?;
-    conn.close().map_err(|(_, e)| backend(e))
+    .map(|_| ())
+    .map_err(backend)
 }
 
 /// Opens the store file at `path` read-only and checks that it is one this
 /// build can open, whole (SQLite's `quick_check`): its schema version, its
 /// tables, its label if it is a backup, and how many documents it holds.
 pub fn inspect_backup(path: &Path) -> Result<BackupInfo, StoreError> {
+    inspect(path, true)
+}
+
+/// [`inspect_backup`], with SQLite's `quick_check` (a read of the whole
+/// file) only when `check`: a copy this process just wrote needs none.
+fn inspect(path: &Path, check: bool) -> Result<BackupInfo, StoreError> {
     let corrupt = |reason: String| StoreError::Corrupt {
         what: path.display().to_string(),
         reason,
@@ -180,11 +185,13 @@ pub fn inspect_backup(path: &Path) -> Result<BackupInfo, StoreError> {
             "schema version {version}, this build knows {SCHEMA_VERSION}"
         )));
     }
-    let check: String = conn
-        .query_row("PRAGMA quick_check", [], |r| r.get(0))
-        .map_err(|e| corrupt(format!("cannot check: {e}")))?;
-    if check != "ok" {
-        return Err(corrupt(format!("damaged: {check}")));
+    if check {
+        let result: String = conn
+            .query_row("PRAGMA quick_check", [], |r| r.get(0))
+            .map_err(|e| corrupt(format!("cannot check: {e}")))?;
+        if result != "ok" {
+            return Err(corrupt(format!("damaged: {result}")));
+        }
     }
     let docs: i64 = conn
         .query_row("SELECT count(*) FROM docs", [], |r| r.get(0))

@@ -244,10 +244,10 @@ pub(crate) async fn download(State(state): State<ApiState>) -> Result<Response, 
         seconds = started.elapsed().as_secs_f64(),
         "took a backup"
     );
-    let label = info.label.clone().unwrap_or_else(|| BackupLabel {
-        site: String::new(),
-        taken_at_ms: 0,
-    });
+    let label = info
+        .label
+        .clone()
+        .ok_or_else(|| ApiError::internal("the backup's copy has no label"))?;
     let file = tokio::fs::File::from_std(file);
     // The lock is held until the last chunk is sent (or the client leaves).
     let chunks = stream::unfold(
