@@ -300,6 +300,10 @@ pub struct ApiConfig {
     pub listen: SocketAddr,
     /// File holding the bearer token (relative to the config's directory).
     pub token_file: PathBuf,
+    /// Origins (`http://localhost:5173`) whose web pages may call the API
+    /// from a browser; none by default. See [`crate::api::cors`].
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cors_origins: Vec<String>,
 }
 
 /// The `[sync]` table.
@@ -309,8 +313,10 @@ pub struct SyncConfig {
     /// Address the QUIC endpoint binds; port 0 picks a free port, which the
     /// node then writes to [`SYNC_ADDR_FILE_NAME`].
     pub listen: SocketAddr,
-    /// Directory of the cluster CA the identity was issued from; recorded
-    /// for the operator, the node itself reads only the files below.
+    /// Informational only, and no longer written by `sync-node init`: the
+    /// directory of the cluster CA the identity was issued from. The node
+    /// never reads it (it reads only the files below); configs written by
+    /// earlier versions carry it, so it is still accepted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ca_dir: Option<PathBuf>,
     /// The site's certificate (PEM, relative to the config's directory).
@@ -689,6 +695,16 @@ impl Config {
         })
     }
 
+    /// The origins whose web pages may call the API (`[api] cors_origins`).
+    pub fn cors_origins(&self) -> Result<crate::api::CorsOrigins, ConfigError> {
+        crate::api::CorsOrigins::new(&self.file.api.cors_origins).map_err(|message| {
+            ConfigError::Invalid {
+                path: self.path.clone(),
+                message,
+            }
+        })
+    }
+
     /// Reads the API token from the token file.
     pub fn read_token(&self) -> Result<ApiToken, ConfigError> {
         let token_path = self.token_path();
@@ -755,6 +771,7 @@ pub(crate) fn validate(file: &ConfigFile) -> Result<(), String> {
             ));
         }
     }
+    crate::api::CorsOrigins::new(&file.api.cors_origins)?;
     let cache = file.store.cache_docs_max;
     if cache == 0 || cache > CACHE_DOCS_MAX_LIMIT {
         return Err(format!(

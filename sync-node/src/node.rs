@@ -283,11 +283,14 @@ impl Node {
             // Reports this site resolves automatically may have arrived just
             // before a crash, with their resolution not yet written.
             let resolved = replica.resolve_pending().map_err(Box::new)?;
-            tracing::info!(
-                resolved,
-                rules,
-                "resolved the conflicts left pending at the last stop"
-            );
+            if resolved > 0 {
+                tracing::info!(
+                    resolved,
+                    "resolved the conflicts left pending at the last stop"
+                );
+            } else {
+                tracing::debug!("no conflicts were left pending at the last stop");
+            }
             Ok::<_, Box<archipelago::Error>>((store, replica))
         })
         .await?
@@ -332,7 +335,8 @@ impl Node {
         };
         let mut state = ApiState::new(replica.clone(), token.clone())
             .with_events(events.clone())
-            .with_backups(backups);
+            .with_backups(backups)
+            .with_cors(config.cors_origins()?);
         if let Some(sync) = &sync {
             state = state.with_sync(sync.clone());
         }
@@ -349,10 +353,15 @@ impl Node {
                 })
                 .await
         });
+        let sync_addr = sync
+            .as_ref()
+            .map_or_else(|| "off".to_owned(), |sync| sync.local_addr().to_string());
         tracing::info!(
             site = %config.file.site,
-            %addr,
-            sync = ?sync.as_ref().map(|sync| sync.local_addr()),
+            api = %addr,
+            sync = %sync_addr,
+            peers = config.file.peers.len(),
+            rules,
             store = %store.path().display(),
             "node started"
         );

@@ -10,10 +10,13 @@
 //! `/v1/events` stream need the sync endpoint and the event log a node adds
 //! with [`ApiState::with_sync`] and [`ApiState::with_events`], and
 //! `/v1/backup` the SQLite store it adds with [`ApiState::with_backups`].
+//! Web pages from other origins may call it once listed with
+//! [`ApiState::with_cors`].
 
 mod auth;
 pub mod backup;
 mod conflicts;
+pub mod cors;
 mod docs;
 mod error;
 mod events;
@@ -35,6 +38,7 @@ use crate::events::{EventLog, SyncPeers};
 
 pub use auth::{ApiToken, InvalidToken, TOKEN_BYTES_MAX};
 pub use backup::Backups;
+pub use cors::CorsOrigins;
 
 use error::ApiError;
 
@@ -49,6 +53,7 @@ pub struct ApiState {
     sync: Option<Arc<SyncPeers>>,
     events: Option<Arc<EventLog>>,
     backups: Option<Arc<Backups>>,
+    cors: CorsOrigins,
 }
 
 impl ApiState {
@@ -61,6 +66,7 @@ impl ApiState {
             sync: None,
             events: None,
             backups: None,
+            cors: CorsOrigins::default(),
         }
     }
 
@@ -73,6 +79,12 @@ impl ApiState {
     /// Serves backups of the node's store on `/v1/backup`.
     pub fn with_backups(mut self, backups: Arc<Backups>) -> ApiState {
         self.backups = Some(backups);
+        self
+    }
+
+    /// Lets web pages from `origins` call the API (see [`cors`]).
+    pub fn with_cors(mut self, origins: CorsOrigins) -> ApiState {
+        self.cors = origins;
         self
     }
 
@@ -112,6 +124,11 @@ pub fn router(state: ApiState) -> Router {
         .layer(middleware::from_fn_with_state(
             state.clone(),
             auth::require_token,
+        ))
+        // Outside the token check: a preflight carries no token.
+        .layer(middleware::from_fn_with_state(
+            state.cors.clone(),
+            cors::handle,
         ))
         .layer(middleware::from_fn(telemetry::observe))
         .with_state(state)
