@@ -600,19 +600,31 @@ async fn dial_loop(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut delay = RECONNECT_DELAY_INITIAL;
+    // A peer that is down fails every attempt: the first failure of a run
+    // is logged, the retries only at debug level.
+    let mut failed = false;
     loop {
         if *shutdown.borrow() {
             return;
         }
-        match dial_once(&shared, &endpoint, &peer, addr, &client, shutdown.clone()).await {
+        let outcome = dial_once(&shared, &endpoint, &peer, addr, &client, shutdown.clone()).await;
+        match &outcome {
+            Ok(true) if *shutdown.borrow() => return,
             Ok(true) => {
                 tracing::info!(%peer, "session ended, reconnecting");
                 delay = RECONNECT_DELAY_INITIAL;
             }
-            Ok(false) => tracing::info!(%peer, "session ended before the handshake"),
+            Ok(false) if failed => tracing::debug!(%peer, "session ended before the handshake"),
+            Ok(false) => tracing::info!(%peer, "session ended before the handshake; retrying"),
             Err(TransportError::Shutdown) => return,
-            Err(e) => tracing::info!(%peer, error = %e, "connection failed"),
+            Err(e) if failed => tracing::debug!(%peer, error = %e, "connection failed"),
+            Err(e) => tracing::info!(
+                %peer,
+                error = %e,
+                "connection failed; retrying (further failures are logged at debug level)"
+            ),
         }
+        failed = !matches!(outcome, Ok(true));
         let jittered = delay.mul_f64(rand::rng().random_range(0.8..1.2));
         tokio::select! {
             () = tokio::time::sleep(jittered) => {}

@@ -21,10 +21,10 @@ use reqwest::Method;
 use serde_json::{json, Value};
 
 use crate::backup;
-use crate::ca::{init_ca, CA_CERT_FILE_NAME};
+use crate::ca::init_ca;
 use crate::client::{encode, Client};
-use crate::config::{Config, PeerConfig, SITE_CERT_FILE_NAME, SITE_KEY_FILE_NAME};
-use crate::init::{init, InitError, InitOptions};
+use crate::config::{Config, PeerConfig, SITE_KEY_FILE_NAME, TOKEN_FILE_NAME};
+use crate::init::{init, written_files, InitError, InitOptions};
 use crate::node::Node;
 
 /// The archipelago daemon: one per site; stores documents and serves the
@@ -47,7 +47,7 @@ enum Command {
     /// Run a node.
     Run(RunArgs),
     /// Show a running node's status.
-    Status(ClientArgs),
+    Status(StatusArgs),
     /// Read and write documents of a running node.
     #[command(subcommand)]
     Doc(DocCommand),
@@ -211,6 +211,17 @@ struct ClientArgs {
     config: PathBuf,
 }
 
+#[derive(Debug, Args)]
+struct StatusArgs {
+    #[command(flatten)]
+    client: ClientArgs,
+    /// Wait up to this many seconds for the node to answer (it may be
+    /// starting), instead of failing at once (at most 600).
+    #[arg(long, value_name = "SECS", default_value_t = 0,
+          value_parser = clap::value_parser!(u64).range(0..=600))]
+    wait: u64,
+}
+
 #[derive(Debug, Subcommand)]
 enum DocCommand {
     /// Print a document and its heads.
@@ -266,7 +277,8 @@ enum DocCommand {
 
 #[derive(Debug, Subcommand)]
 enum ConflictsCommand {
-    /// List reports as a table (oldest first), or as JSON with `--json`.
+    /// List reports as a table (oldest first), as JSON with `--json`, or
+    /// their ids with `--ids`.
     List {
         #[command(flatten)]
         client: ClientArgs,
@@ -283,8 +295,11 @@ enum ConflictsCommand {
         #[arg(long, value_name = "NAME")]
         rule: Option<String>,
         /// Print the node's JSON answer instead of a table.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "ids")]
         json: bool,
+        /// Print only the ids, one a line (for scripts).
+        #[arg(long)]
+        ids: bool,
     },
     /// Print one report as JSON.
     Show {
@@ -382,7 +397,7 @@ fn run_command(command: Command) -> anyhow::Result<()> {
         }
         Command::Init(args) => init_node(args),
         Command::Run(args) => run_node(&args),
-        Command::Status(client) => client_request(&client, Method::GET, "/v1/status", None),
+        Command::Status(args) => status(&args),
         Command::Doc(doc) => doc_command(doc),
         Command::Conflicts(conflicts) => conflicts_command(conflicts),
         Command::Check(args) => run_check(args),
@@ -496,7 +511,6 @@ fn run_demo(args: DemoArgs) -> anyhow::Result<()> {
 }
 
 fn init_node(args: InitArgs) -> anyhow::Result<()> {
-    let identity = args.ca_dir.is_some();
     let options = InitOptions {
         site: args.site,
         dir: args.dir,
@@ -507,13 +521,15 @@ fn init_node(args: InitArgs) -> anyhow::Result<()> {
         force: args.force,
     };
     match init(&options) {
-        Ok(path) => {
-            if identity {
-                for name in [SITE_KEY_FILE_NAME, SITE_CERT_FILE_NAME, CA_CERT_FILE_NAME] {
-                    println!("wrote {}", options.dir.join(name).display());
-                }
+        Ok(_) => {
+            for file in written_files(&options) {
+                let what = match file.file_name().and_then(|name| name.to_str()) {
+                    Some(TOKEN_FILE_NAME) => " (private: the API's bearer token)",
+                    Some(SITE_KEY_FILE_NAME) => " (private: the site's key)",
+                    _ => "",
+                };
+                println!("wrote {}{what}", file.display());
             }
-            println!("wrote {}", path.display());
             Ok(())
         }
         Err(InitError::Invalid(message)) => Err(UsageError(message).into()),
@@ -527,7 +543,7 @@ fn run_node(args: &RunArgs) -> anyhow::Result<()> {
     // Nothing uses the identity until the QUIC transport exists, but a
     // missing or wrong certificate is reported now, at startup.
     if let Some(sync) = config.load_sync_identity()? {
-        tracing::info!(site = %sync.identity.site(), "site identity loaded");
+        tracing::debug!(site = %sync.identity.site(), "site identity loaded");
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -542,16 +558,28 @@ fn run_node(args: &RunArgs) -> anyhow::Result<()> {
 }
 
 fn init_logging(format: LogFormat) {
+    use std::io::IsTerminal as _;
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let colour = log_colour(
+        std::io::stderr().is_terminal(),
+        std::env::var_os("NO_COLOR").as_deref(),
+    );
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(colour)
         .with_writer(std::io::stderr);
     // Only fails when a subscriber is already set, which then stays.
     let _ = match format {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().try_init(),
     };
+}
+
+/// Whether log lines carry colour codes: only for a terminal, and not when
+/// `NO_COLOR` is set to anything but the empty string (no-color.org).
+fn log_colour(terminal: bool, no_color: Option<&std::ffi::OsStr>) -> bool {
+    terminal && no_color.is_none_or(|value| value.is_empty())
 }
 
 /// Completes on SIGTERM or SIGINT.
@@ -648,6 +676,7 @@ fn conflicts_command(command: ConflictsCommand) -> anyhow::Result<()> {
             kind,
             rule,
             json,
+            ids,
         } => {
             let query: Vec<String> = [
                 ("status", status),
@@ -666,6 +695,15 @@ fn conflicts_command(command: ConflictsCommand) -> anyhow::Result<()> {
             let answer = client_call(&client, Method::GET, &path, None)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&answer)?);
+            } else if ids {
+                let reports = answer["conflicts"]
+                    .as_array()
+                    .map_or(&[][..], Vec::as_slice);
+                for report in reports {
+                    if let Some(id) = report["id"].as_str() {
+                        println!("{id}");
+                    }
+                }
             } else {
                 print!("{}", conflicts_table(&answer));
             }
@@ -786,6 +824,27 @@ fn read_json_argument(name: &str, argument: &str) -> anyhow::Result<Value> {
         .map_err(|e| UsageError(format!("{name} is not valid JSON: {e}")).into())
 }
 
+/// `sync-node status`: asks until the node answers or `--wait` runs out.
+/// An error answer ends it at once: the node is up.
+fn status(args: &StatusArgs) -> anyhow::Result<()> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(args.wait);
+    loop {
+        match client_call(&args.client, Method::GET, "/v1/status", None) {
+            Ok(answer) => {
+                println!("{}", serde_json::to_string_pretty(&answer)?);
+                return Ok(());
+            }
+            Err(error)
+                if error.downcast_ref::<crate::client::HttpError>().is_none()
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+            Err(error) => return Err(error),
+        }
+    }
+}
+
 /// Sends one request and prints the answer, pretty-printed.
 fn client_request(
     args: &ClientArgs,
@@ -857,6 +916,15 @@ mod tests {
         assert!(lines[2].ends_with("stock-non-negative  -1"), "{table}");
         assert_eq!(lines[1].find("/color"), lines[2].find("/stock"), "{table}");
         assert_eq!(lines[0].find("DOC"), lines[1].find("colors"), "{table}");
+    }
+
+    #[test]
+    fn logs_are_coloured_only_on_a_terminal_without_no_color() {
+        use std::ffi::OsStr;
+        assert!(log_colour(true, None));
+        assert!(log_colour(true, Some(OsStr::new(""))));
+        assert!(!log_colour(true, Some(OsStr::new("1"))));
+        assert!(!log_colour(false, None));
     }
 
     #[test]

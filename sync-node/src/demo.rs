@@ -66,6 +66,12 @@ resolver = "us-east"
 policy = "clamp"
 "#;
 
+/// Desk lamps us-east receives before the partition.
+const STOCK: i64 = 5;
+/// What each side of the partition sells of them.
+const AP_SOUTH_SELLS: i64 = 3;
+const US_EAST_SELLS: i64 = 4;
+
 /// The running demo cluster.
 struct Cluster {
     nodes: Vec<Node>,
@@ -284,7 +290,7 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<()> {
 
     // Phase 1: every site writes at once.
     let writes = Instant::now();
-    commit(&replicas[2], "inventory/sku-1", ops(json!([{"op": "set", "path": "/stock", "value": 5, "as": "counter"}, {"op": "set", "path": "/name", "value": "desk lamp"}]))?, "receive stock").await?;
+    commit(&replicas[2], "inventory/sku-1", ops(json!([{"op": "set", "path": "/stock", "value": STOCK, "as": "counter"}, {"op": "set", "path": "/name", "value": "desk lamp"}]))?, "receive stock").await?;
     let mut tasks = Vec::new();
     for (n, replica) in replicas.iter().enumerate() {
         let replica = replica.clone();
@@ -308,15 +314,25 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<()> {
         (writes.elapsed() - converged).as_millis(),
         converged.as_millis()
     );
+    println!(
+        "  us-east received {STOCK} desk lamps (inventory/sku-1); every site sees {}",
+        stock(&replicas[0])?
+    );
 
-    // Phase 2: ap-south is cut off; both sides sell the last 5 units.
+    // Phase 2: ap-south is cut off; both sides sell the last units.
     cluster.set_partitioned(true);
     println!(
         "  partition: ap-south cut off for {} ms",
         options.partition.as_millis()
     );
-    commit(&replicas[0], "inventory/sku-1", ops(json!([{"op": "inc", "path": "/stock", "by": -3}, {"op": "set", "path": "/last_sale", "value": "ap-south"}]))?, "sell 3").await?;
-    commit(&replicas[2], "inventory/sku-1", ops(json!([{"op": "inc", "path": "/stock", "by": -4}, {"op": "set", "path": "/last_sale", "value": "us-east"}]))?, "sell 4").await?;
+    for (n, sold) in [(0, AP_SOUTH_SELLS), (2, US_EAST_SELLS)] {
+        let before = stock(&replicas[n])?["stock"].clone();
+        commit(&replicas[n], "inventory/sku-1", ops(json!([{"op": "inc", "path": "/stock", "by": -sold}, {"op": "set", "path": "/last_sale", "value": SITES[n]}]))?, &format!("sell {sold}")).await?;
+        println!(
+            "    {:<8} sells {sold} of the {before} it sees in stock",
+            SITES[n]
+        );
+    }
     commit(
         &replicas[1],
         "orders/eu-west-during-partition",
@@ -345,7 +361,8 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<()> {
         .find(|c| c.kind == Kind::Invariant)
         .context("the oversell raised no report")?;
     println!(
-        "  oversold: each side alone kept stock >= 0, the merge made it {}",
+        "  oversold: each side alone kept stock >= 0, the merge made it \
+         {STOCK} - {AP_SOUTH_SELLS} - {US_EAST_SELLS} = {}",
         oversell.provisional
     );
     for report in &reports {
@@ -363,6 +380,14 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<()> {
             }
         );
     }
+    if let Some(open) = reports.iter().find(|c| c.status == Status::Open) {
+        println!(
+            "    the {} report stays open: both sides set it and no rule decides \
+             between them, so it waits for a person (`sync-node conflicts resolve`); \
+             until then every site shows {}, the value automerge kept",
+            open.path, open.provisional
+        );
+    }
     for (n, replica) in replicas.iter().enumerate() {
         println!("    {:<8} sees {}", SITES[n], stock(replica)?);
         anyhow::ensure!(
@@ -371,7 +396,11 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<()> {
             SITES[n]
         );
     }
-    println!("  compensated once: -2 + 2 = 0 at every site, and the report is resolved everywhere");
+    let oversold = -(STOCK - AP_SOUTH_SELLS - US_EAST_SELLS);
+    println!(
+        "  compensated once by us-east (the rule's resolver): -{oversold} + {oversold} = 0 at every \
+         site, and the report is resolved everywhere"
+    );
     let docs = replicas[0].stats().docs;
     cluster.stop().await?;
     println!(

@@ -83,22 +83,15 @@ pub enum InitError {
     },
 }
 
-/// Writes `DIR/sync-node.toml` and `DIR/api.token` (mode 0600) and, with a
-/// CA directory, `DIR/site.key` (mode 0600), `DIR/site.crt` and
-/// `DIR/ca.crt`; returns the path of the configuration file.
+/// Writes `DIR/api.token` (mode 0600), with a CA directory `DIR/site.key`
+/// (mode 0600), `DIR/site.crt` and `DIR/ca.crt`, and last
+/// `DIR/sync-node.toml`; returns the path of the configuration file.
+/// [`written_files`] names them all.
 pub fn init(options: &InitOptions) -> Result<PathBuf, InitError> {
-    let ca_dir = match &options.ca_dir {
-        // Paths in the config are relative to the config's directory, so a
-        // relative path given on the command line is made absolute first.
-        Some(dir) => Some(std::path::absolute(dir).map_err(|source| InitError::Io {
-            path: dir.clone(),
-            source,
-        })?),
-        None => None,
-    };
     // Issue the identity before writing anything, so a bad CA leaves no
-    // half-made node directory behind.
-    let identity = match &ca_dir {
+    // half-made node directory behind. The CA's directory is not recorded in
+    // the config: it holds the CA's key, which stays off the sites.
+    let identity = match &options.ca_dir {
         Some(dir) => {
             let ca = load_ca(dir)?;
             let identity = ca.issue_site(&options.site).map_err(|error| match error {
@@ -116,10 +109,11 @@ pub fn init(options: &InitOptions) -> Result<PathBuf, InitError> {
         api: ApiConfig {
             listen: options.api_listen,
             token_file: PathBuf::from(TOKEN_FILE_NAME),
+            cors_origins: Vec::new(),
         },
         sync: Some(SyncConfig {
             listen: options.sync_listen,
-            ca_dir,
+            ca_dir: None,
             cert: named(SITE_CERT_FILE_NAME),
             key: named(SITE_KEY_FILE_NAME),
             ca_cert: named(CA_CERT_FILE_NAME),
@@ -156,6 +150,19 @@ pub fn init(options: &InitOptions) -> Result<PathBuf, InitError> {
     }
     write_atomically(&config_path, text.as_bytes(), false).map_err(io(&config_path))?;
     Ok(config_path)
+}
+
+/// The files [`init`] writes for `options`, in the order it writes them.
+pub fn written_files(options: &InitOptions) -> Vec<PathBuf> {
+    let mut names = vec![TOKEN_FILE_NAME];
+    if options.ca_dir.is_some() {
+        names.extend([SITE_KEY_FILE_NAME, SITE_CERT_FILE_NAME, CA_CERT_FILE_NAME]);
+    }
+    names.push(CONFIG_FILE_NAME);
+    names
+        .into_iter()
+        .map(|name| options.dir.join(name))
+        .collect()
 }
 
 /// Writes the site's key, certificate and the CA certificate into `dir`.
@@ -235,8 +242,10 @@ mod tests {
         let config = Config::load(&path).unwrap();
         assert_eq!(config.file.site.as_str(), "us-east");
         assert_eq!(config.file.peers, options.peers);
-        let ca = config.file.sync.as_ref().unwrap().ca_dir.as_ref().unwrap();
-        assert!(ca.is_absolute());
+        // The CA's directory (with its key) is not named in a site's config.
+        assert_eq!(config.file.sync.as_ref().unwrap().ca_dir, None);
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(!text.contains("ca_dir"), "{text}");
         let sync = config.load_sync_identity().unwrap().unwrap();
         assert_eq!(sync.identity.site().as_str(), "us-east");
         assert_eq!(mode(&options.dir.join(SITE_KEY_FILE_NAME)), 0o600);
@@ -250,6 +259,18 @@ mod tests {
                 .permissions();
             assert_eq!(mode.mode() & 0o777, 0o600);
         }
+
+        for file in written_files(&options) {
+            assert!(file.is_file(), "{}", file.display());
+        }
+        let mut in_dir: Vec<_> = std::fs::read_dir(&options.dir)
+            .unwrap()
+            .map(|entry| options.dir.join(entry.unwrap().file_name()))
+            .collect();
+        in_dir.sort();
+        let mut named = written_files(&options);
+        named.sort();
+        assert_eq!(in_dir, named, "init wrote a file it does not name");
 
         assert!(matches!(init(&options), Err(InitError::Exists(_))));
         options.force = true;
