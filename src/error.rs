@@ -79,6 +79,36 @@ pub enum Error {
     /// The Rust value could not be written.
     #[error("reconcile: {0}")]
     Reconcile(Box<autosurgeon::ReconcileError>),
+    /// A transaction is malformed (too many documents, one twice, ...).
+    #[error(transparent)]
+    Txn(#[from] crate::txn::TxnError),
+    /// A precondition of a write does not hold; nothing was changed.
+    #[error("precondition failed for {doc}: {reason}")]
+    PreconditionFailed {
+        /// The document whose precondition failed.
+        doc: DocId,
+        /// What differs.
+        reason: String,
+    },
+    /// An op of a transaction does not fit its document; nothing was
+    /// changed.
+    #[error("{doc}: {source}")]
+    TxnOp {
+        /// The document the op is for.
+        doc: DocId,
+        /// Why it does not fit.
+        source: Box<OpError>,
+    },
+    /// More items were given than a call takes.
+    #[error("at most {max} {what}, not {given}")]
+    TooMany {
+        /// What was counted.
+        what: &'static str,
+        /// The limit.
+        max: usize,
+        /// How many were given.
+        given: usize,
+    },
     /// automerge refused an operation.
     #[error("automerge: {0}")]
     Automerge(Box<automerge::AutomergeError>),

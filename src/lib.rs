@@ -56,13 +56,14 @@ mod replica;
 pub mod sim;
 pub mod store;
 pub mod transport;
+pub mod txn;
 
 pub use error::Error;
 pub use id::{ChangeHash, DocId, InvalidId, SiteName};
 pub use replica::{
     decode_change, load_document, ActorSource, Applied, Clock, Commit, Committed, DocView,
-    HeadsDigest, Origin, RandomActors, Replica, ReplicaOptions, ReplicaStats, Snapshot,
-    SystemClock,
+    HeadsDigest, HoldLimits, Origin, RandomActors, Replica, ReplicaOptions, ReplicaStats, Snapshot,
+    SystemClock, TxnStats, READ_DOCS_MAX,
 };
 
 pub use automerge;

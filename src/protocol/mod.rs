@@ -65,6 +65,10 @@ impl Host for Replica {
         Replica::changed_since_synced(self, peer)
     }
 
+    fn peer_synced(&self, peer: &SiteName) {
+        Replica::peer_synced(self, peer)
+    }
+
     fn apply_snapshots(
         &self,
         docs: &[(DocId, &[u8])],

@@ -82,6 +82,11 @@ pub trait Host {
     fn changed_since_synced(&self, _peer: &SiteName) -> Option<Vec<DocId>> {
         None
     }
+
+    /// `peer` has sent everything it holds (asked for after changes from
+    /// it were held back for their transaction): members still missing
+    /// will not come from it.
+    fn peer_synced(&self, _peer: &SiteName) {}
 }
 
 /// Which stream a frame belongs on: live changes must never wait behind a
@@ -226,6 +231,12 @@ pub struct Session {
     ack_at_back: Option<u64>,
     /// The peer accepts bundles of compressed frames.
     peer_bundles: bool,
+    /// The peer understands `WhenSynced` and `Synced`.
+    peer_txn_synced: bool,
+    /// This side asked the peer for `Synced` and has not heard it yet.
+    asked_synced: bool,
+    /// The peer asked for `Synced`: send it once nothing is in flight.
+    synced_wanted: bool,
     events: VecDeque<Event>,
     stats: SessionStats,
     // Reconciliation.
@@ -278,6 +289,9 @@ impl Session {
             transmits: VecDeque::new(),
             ack_at_back: None,
             peer_bundles: false,
+            peer_txn_synced: false,
+            asked_synced: false,
+            synced_wanted: false,
             events: VecDeque::new(),
             stats: SessionStats::default(),
             items: None,
@@ -300,9 +314,9 @@ impl Session {
                 version: PROTOCOL_VERSION,
                 site: session.config.local.clone(),
                 capabilities: if session.config.bundles {
-                    capabilities::RANGE_RECONCILE | capabilities::BUNDLES
+                    capabilities::RANGE_RECONCILE | capabilities::BUNDLES | capabilities::TXN_SYNCED
                 } else {
-                    capabilities::RANGE_RECONCILE
+                    capabilities::RANGE_RECONCILE | capabilities::TXN_SYNCED
                 },
             },
         );
@@ -588,6 +602,7 @@ impl Session {
                     return self.close(close_code::VERSION, "peer lacks range reconciliation");
                 }
                 self.peer_bundles = self.config.bundles && caps & capabilities::BUNDLES != 0;
+                self.peer_txn_synced = caps & capabilities::TXN_SYNCED != 0;
                 self.phase = Phase::Open;
                 self.deadline = None;
                 self.events.push_back(Event::Connected { peer: site });
@@ -628,6 +643,14 @@ impl Session {
                 self.on_changes(host, doc, Payload::Snapshot(&bytes), batch)
             }
             (Phase::Open, Message::Ack { batch }) => self.on_ack(host, batch),
+            (Phase::Open, Message::WhenSynced) => {
+                self.synced_wanted = true;
+                self.maybe_synced(host);
+            }
+            (Phase::Open, Message::Synced) => {
+                self.asked_synced = false;
+                host.peer_synced(&self.config.peer);
+            }
             (Phase::Open, Message::Close { code, reason }) => self.finish(code, reason, true),
             (Phase::Closed, _) => {}
         }
@@ -875,6 +898,18 @@ impl Session {
         self.stats.batches_received += 1;
         match applied {
             Ok(applied) => {
+                if !applied.held.is_empty() {
+                    // They are published when their transaction is whole;
+                    // that commit then comes back here as received.
+                    if self.received.len() + applied.held.len() > RECEIVED_MAX {
+                        self.received.clear();
+                    }
+                    self.received.extend(applied.held.iter().copied());
+                    if self.peer_txn_synced && !self.asked_synced {
+                        self.asked_synced = true;
+                        self.send(Lane::Control, &Message::WhenSynced);
+                    }
+                }
                 if !applied.applied.is_empty() {
                     if self.received.len() + applied.applied.len() > RECEIVED_MAX {
                         self.received.clear();
@@ -917,13 +952,17 @@ impl Session {
     /// Tells the host when reconciliation is over and nothing sent is
     /// waiting for an ack or queued: the peer then holds what this side
     /// had (as far as it can tell; the mark only steers hints).
-    fn maybe_synced(&self, host: &dyn Host) {
+    fn maybe_synced(&mut self, host: &dyn Host) {
         if self.is_reconciled()
             && self.unacked.is_empty()
             && self.live_queue.is_empty()
             && self.catchup_queue.is_empty()
         {
             host.mark_synced(&self.config.peer);
+            if self.synced_wanted {
+                self.synced_wanted = false;
+                self.send(Lane::Control, &Message::Synced);
+            }
         }
     }
 

@@ -54,6 +54,9 @@ pub mod capabilities {
     pub const RANGE_RECONCILE: u64 = 1;
     /// The sender accepts bundles of compressed frames ([`super::WIRE_BUNDLE`]).
     pub const BUNDLES: u64 = 1 << 1;
+    /// The sender understands [`super::Message::WhenSynced`] and
+    /// [`super::Message::Synced`] (changes held for their transaction).
+    pub const TXN_SYNCED: u64 = 1 << 2;
 }
 
 /// One protocol message.
@@ -133,6 +136,14 @@ pub enum Message {
         /// Why.
         reason: String,
     },
+    /// The sender holds back changes it received on this session for their
+    /// transaction: it asks to hear [`Message::Synced`] once the receiver
+    /// has sent everything it holds.
+    WhenSynced,
+    /// Everything the sender holds (for the receiver's scope) has been
+    /// sent and acknowledged since the last [`Message::WhenSynced`]:
+    /// members of a transaction still missing do not come from it.
+    Synced,
 }
 
 /// Codes of [`Message::Close`].
@@ -202,7 +213,9 @@ impl Message {
             Message::Hello { .. }
             | Message::Reconcile(_)
             | Message::ReconcileDone
-            | Message::Ack { .. } => {}
+            | Message::Ack { .. }
+            | Message::WhenSynced
+            | Message::Synced => {}
         }
         Ok(())
     }
@@ -220,6 +233,8 @@ impl Message {
             Message::Snapshot { .. } => "snapshot",
             Message::Ack { .. } => "ack",
             Message::Close { .. } => "close",
+            Message::WhenSynced => "when_synced",
+            Message::Synced => "synced",
         }
     }
 }

@@ -7,9 +7,9 @@ use std::sync::atomic::Ordering;
 use std::sync::MutexGuard;
 
 use automerge::transaction::{CommitOptions, Transactable};
-use automerge::{Automerge, ChangeHash, Patch, ReadDoc, ROOT};
+use automerge::{Automerge, Patch, ReadDoc, ROOT};
 
-use super::{lock, Loaded, Merge, Part, Replica};
+use super::{lock, Loaded, Merge, Part, Replica, Settled};
 use crate::conflict::{
     self, body_key, read_report, report_ids_in_patches, reports_in, status_key, Conflict,
     ConflictId, DetectInput, Filter, Kind, Policy, Resolution, Status,
@@ -268,10 +268,10 @@ impl Replica {
     }
 
     /// After changes from a peer were applied to the loaded document:
-    /// detects conflicts, writes new reports and this site's automatic
-    /// resolutions as one local change, and persists everything (the
-    /// received changes, that change and the report index) in one durable
-    /// write. Returns the heads.
+    /// detects conflicts and writes new reports and this site's automatic
+    /// resolutions as one local change. Returns what the caller persists
+    /// in one durable write (the received changes, that change, and the
+    /// report index) and the reports to announce once it is durable.
     pub(super) fn settle(
         &self,
         id: &DocId,
@@ -279,7 +279,7 @@ impl Replica {
         merge: &Merge<'_>,
         patches: Option<&[Patch]>,
         mut received: Part,
-    ) -> Result<Vec<ChangeHash>, Error> {
+    ) -> Result<Settled, Error> {
         let (before, incoming, written) = (merge.before, merge.incoming, merge.written);
         let options = &self.shared.options;
         let now = options.clock.now_ms();
@@ -392,10 +392,12 @@ impl Replica {
         }
 
         let doc = &guard.as_ref().expect("loaded").doc;
-        let (extra, events) = self.index_reports(doc, Some(&touched));
-        let heads = self.persist(id, guard, parts, extra)?;
-        self.announce(events);
-        Ok(heads)
+        let (extra, reports) = self.index_reports(doc, Some(&touched));
+        Ok(Settled {
+            parts,
+            extra,
+            reports,
+        })
     }
 
     /// Index writes for the reports `ids` of `doc` (all of its reports when

@@ -23,6 +23,11 @@ use sha2::{Digest as _, Sha256};
 use tokio::sync::broadcast;
 
 mod conflicts;
+mod holdback;
+mod txn;
+
+pub use holdback::HoldLimits;
+pub use txn::{TxnStats, READ_DOCS_MAX};
 
 use crate::conflict::{Conflict, ConflictConfig};
 use crate::doc::{self, ChangeInfo, Op};
@@ -30,6 +35,9 @@ use crate::error::Error;
 use crate::id::{new_actor, DocId, SiteName};
 use crate::protocol::reconcile::{item_hash, short_hash, ShortHash};
 use crate::store::{Store, StoreError, StoredDoc, Write};
+use crate::txn::TxnId;
+use holdback::Holdback;
+use txn::{is_txn_member, loaded_heads, txns_of};
 
 /// Source of wall-clock time for change stamps (replaceable in simulation).
 pub trait Clock: Send + Sync + 'static {
@@ -92,6 +100,13 @@ pub struct ReplicaOptions {
     pub actors: Arc<dyn ActorSource>,
     /// Conflict detectors, rules and resolvers.
     pub conflicts: Arc<ConflictConfig>,
+    /// Whether this site replicates a document: a received member of a
+    /// transaction waits only for the other members this says yes to
+    /// (everything by default; a node answers from its peers' `receive`
+    /// scopes).
+    pub replicates: Arc<dyn Fn(&DocId) -> bool + Send + Sync>,
+    /// Bounds on the changes held back for their transaction.
+    pub txn_hold: HoldLimits,
 }
 
 impl ReplicaOptions {
@@ -107,6 +122,8 @@ impl ReplicaOptions {
             clock: Arc::new(SystemClock),
             actors: Arc::new(RandomActors),
             conflicts: Arc::new(ConflictConfig::default()),
+            replicates: Arc::new(|_| true),
+            txn_hold: HoldLimits::default(),
         }
     }
 }
@@ -158,6 +175,9 @@ pub struct Committed {
     pub hashes: Vec<ChangeHash>,
     /// Who made them.
     pub origin: Origin,
+    /// The transactions these changes belong to (usually none, or one);
+    /// the changes of one transaction are published consecutively.
+    pub txns: Vec<TxnId>,
 }
 
 /// The outcome of a local commit.
@@ -190,6 +210,10 @@ pub struct Applied {
     pub duplicates: usize,
     /// Changes left out because changes they depend on are unknown here.
     pub missing_deps: Vec<ChangeHash>,
+    /// Changes kept back, not applied yet: they belong to a transaction
+    /// whose other members have not all arrived (or depend on such a
+    /// change). They are applied with the rest of the transaction.
+    pub held: Vec<ChangeHash>,
     /// The document's heads afterwards.
     pub heads: Vec<ChangeHash>,
 }
@@ -302,6 +326,14 @@ struct Shared {
     /// Automatic resolutions wait (the store was restored from a backup;
     /// see [`Replica::release_resolutions`]).
     resolutions_held: std::sync::atomic::AtomicBool,
+    /// Received changes waiting for the rest of their transaction.
+    holdback: Mutex<Holdback>,
+    /// Numbers the transactions this replica commits (with its actor).
+    txn_counter: std::sync::atomic::AtomicU64,
+    /// Transactions committed here.
+    txn_committed: std::sync::atomic::AtomicU64,
+    /// How long applied transactions waited for members, in seconds.
+    hold_times: Mutex<VecDeque<f64>>,
 }
 
 #[derive(Default)]
@@ -381,6 +413,8 @@ struct Part {
     origin: Origin,
     /// Heads right after this part, when later parts follow.
     heads: Option<Vec<ChangeHash>>,
+    /// The transactions the changes belong to.
+    txns: Vec<TxnId>,
 }
 
 impl Part {
@@ -390,8 +424,26 @@ impl Part {
             hashes: vec![hash],
             origin: Origin::Local,
             heads: None,
+            txns: Vec::new(),
         }
     }
+}
+
+/// What a merge leaves to persist: the received changes and any local
+/// change of reports and resolutions, the report index writes, and the
+/// reports to announce once durable.
+struct Settled {
+    parts: Vec<Part>,
+    extra: Vec<Write>,
+    reports: Vec<Conflict>,
+}
+
+/// One document's share of a durable write ([`Replica::persist_many`]).
+struct Persist<'a, 'g> {
+    id: &'a DocId,
+    guard: &'a mut MutexGuard<'g, Option<Loaded>>,
+    parts: Vec<Part>,
+    extra: Vec<Write>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -412,6 +464,7 @@ impl Replica {
                 .clamp(1, CONFLICT_SUBSCRIPTION_CAPACITY_MAX),
         );
         let actor = options.actors.new_actor(&options.site);
+        let hold_limits = options.txn_hold;
         let held = store.meta(crate::store::RESOLUTIONS_HELD_KEY)?.is_some();
         if held {
             tracing::warn!(
@@ -430,6 +483,10 @@ impl Replica {
                 events,
                 conflict_events,
                 resolutions_held: std::sync::atomic::AtomicBool::new(held),
+                holdback: Mutex::new(Holdback::new(hold_limits)),
+                txn_counter: std::sync::atomic::AtomicU64::new(0),
+                txn_committed: std::sync::atomic::AtomicU64::new(0),
+                hold_times: Mutex::new(VecDeque::new()),
             }),
         })
     }
@@ -745,9 +802,30 @@ impl Replica {
         message: Option<&str>,
         f: impl FnOnce(&mut Transaction<'_>) -> Result<R, Error>,
     ) -> Result<(Commit, R), Error> {
+        self.transact_checked(id, message, None, f)
+    }
+
+    /// [`Replica::transact`], first checking `precondition` (when given)
+    /// under the document's lock.
+    fn transact_checked<R>(
+        &self,
+        id: &DocId,
+        message: Option<&str>,
+        precondition: Option<&crate::txn::Precondition>,
+        f: impl FnOnce(&mut Transaction<'_>) -> Result<R, Error>,
+    ) -> Result<(Commit, R), Error> {
+        crate::txn::check_message(message)?;
         let slot = self.slot(id);
         let mut guard = lock(&slot.loaded);
+        let exists = precondition.is_some() && lock(&self.shared.state).index.contains_key(id);
         let loaded = self.ensure_loaded_or_new(id, &mut guard)?;
+        if let Some(reason) = precondition.and_then(|p| p.failure(exists, &loaded.doc.get_heads()))
+        {
+            return Err(Error::PreconditionFailed {
+                doc: id.clone(),
+                reason,
+            });
+        }
         let mut tx = loaded.doc.transaction();
         let result = match f(&mut tx) {
             Ok(result) => result,
@@ -801,7 +879,9 @@ impl Replica {
     /// Applies encoded changes received from a peer, in one batch, and
     /// returns once the new ones are durable. Malformed bytes are refused
     /// with [`Error::BadChange`] and change nothing; changes whose
-    /// dependencies are unknown here are left out and listed.
+    /// dependencies are unknown here are left out and listed. Changes of a
+    /// transaction whose other members have not all arrived are held back
+    /// ([`Applied::held`]) and applied with them, in one durable write.
     pub fn apply_changes(
         &self,
         id: &DocId,
@@ -823,43 +903,99 @@ impl Replica {
                 Ok(change)
             })
             .collect::<Result<Vec<Change>, Error>>()?;
+        self.apply_decoded(id, decoded, Some(objects), from)
+    }
+
+    /// [`Replica::apply_changes`] for changes already decoded and checked;
+    /// `objects` lists what each writes into, when known.
+    fn apply_decoded(
+        &self,
+        id: &DocId,
+        decoded: Vec<Change>,
+        mut objects: Option<HashMap<ChangeHash, Vec<String>>>,
+        from: Origin,
+    ) -> Result<Applied, Error> {
         let slot = self.slot(id);
         let mut guard = lock(&slot.loaded);
         let loaded = self.ensure_loaded_or_new(id, &mut guard)?;
-        let (ready, duplicates, missing_deps) = order_new_changes(&loaded.doc, decoded);
-        if ready.is_empty() {
-            // A peer sending again what a failed write left unsaved retries it.
-            self.save_unsaved(id, &mut guard)?;
-            let loaded = guard.as_ref().expect("loaded above");
-            return Ok(Applied {
-                applied: Vec::new(),
-                duplicates,
-                missing_deps,
-                heads: loaded.doc.get_heads(),
-            });
-        }
-        let hashes: Vec<ChangeHash> = ready.iter().map(Change::hash).collect();
-        let bytes: Vec<Vec<u8>> = ready.iter().map(|c| c.raw_bytes().to_vec()).collect();
-        let before = loaded.doc.get_heads();
-        let mut written: Vec<String> = ready
-            .iter()
-            .filter_map(|c| objects.remove(&c.hash()))
-            .flatten()
-            .collect();
-        written.sort_unstable();
-        written.dedup();
-        let merge = Merge {
-            before: &before,
-            incoming: &ready,
-            written: Some(&written),
+        // Only changes from peers wait for their transaction: a local one
+        // is applied with the rest of its transaction by construction.
+        let peer = match &from {
+            Origin::Peer(site) => Some(site.clone()),
+            Origin::Local => None,
         };
-        let heads = self.merge_and_settle(id, &mut guard, &merge, bytes, from)?;
-        Ok(Applied {
-            applied: hashes,
+        let mut holdback = lock(&self.shared.holdback);
+        let holding = peer.is_some() && (!holdback.is_empty() || decoded.iter().any(is_txn_member));
+        let mut batch = decoded;
+        if holding {
+            // What waits for this document takes part in the ordering, so
+            // changes that depend on it are recognised as waiting too.
+            batch.extend(holdback.held_for(id));
+        }
+        let (ready, duplicates, missing_deps) = order_new_changes(&loaded.doc, batch);
+        let mut now_ready = Vec::with_capacity(ready.len());
+        let mut held = Vec::new();
+        let mut groups = Vec::new();
+        match &peer {
+            Some(site) if holding => {
+                let now = self.shared.options.clock.now_ms();
+                let replicates = &self.shared.options.replicates;
+                for change in ready {
+                    match holdback.offer(id, &change, site, now, &|doc| replicates(doc)) {
+                        holdback::Decision::Apply => now_ready.push(change),
+                        holdback::Decision::Held => held.push(change.hash()),
+                    }
+                }
+                groups = holdback.take_complete();
+                self.drop_groups(holdback.enforce_limits(now));
+            }
+            _ => now_ready = ready,
+        }
+        drop(holdback);
+        let mut applied = Applied {
+            applied: Vec::new(),
             duplicates,
             missing_deps,
-            heads,
-        })
+            held,
+            heads: Vec::new(),
+        };
+        if now_ready.is_empty() {
+            // A peer sending again what a failed write left unsaved retries it.
+            self.save_unsaved(id, &mut guard)?;
+            applied.heads = guard.as_ref().expect("loaded above").doc.get_heads();
+        } else {
+            applied.applied = now_ready.iter().map(Change::hash).collect();
+            let bytes: Vec<Vec<u8>> = now_ready.iter().map(|c| c.raw_bytes().to_vec()).collect();
+            let before = loaded_heads(&guard);
+            let written = objects.as_mut().map(|objects| {
+                let mut written: Vec<String> = now_ready
+                    .iter()
+                    .filter_map(|c| objects.remove(&c.hash()))
+                    .flatten()
+                    .collect();
+                written.sort_unstable();
+                written.dedup();
+                written
+            });
+            let merge = Merge {
+                before: &before,
+                incoming: &now_ready,
+                written: written.as_deref(),
+            };
+            let txns = txns_of(&now_ready);
+            self.note_applied(&txns);
+            applied.heads = self.merge_and_settle(id, &mut guard, &merge, bytes, from, txns)?;
+        }
+        drop(guard);
+        for group in groups {
+            let written = self.apply_group(group)?;
+            if let Some((heads, done)) = written.get(id) {
+                applied.heads.clone_from(heads);
+                applied.held.retain(|h| !done.contains(h));
+                applied.applied.extend(done.iter().copied());
+            }
+        }
+        Ok(applied)
     }
 
     /// Applies `ready` (new here, in causal order) to the loaded document
@@ -871,7 +1007,28 @@ impl Replica {
         merge: &Merge<'_>,
         bytes: Vec<Vec<u8>>,
         from: Origin,
+        txns: Vec<TxnId>,
     ) -> Result<Vec<ChangeHash>, Error> {
+        let settled = self.merge_parts(id, guard, merge, bytes, from, txns)?;
+        let heads = self.persist(id, guard, settled.parts, settled.extra)?;
+        self.announce(settled.reports);
+        Ok(heads)
+    }
+
+    /// Applies `ready` (new here, in causal order) to the loaded document
+    /// with its patches logged and runs the conflict layer: returns what to
+    /// persist (the received changes and any local change of reports and
+    /// resolutions, with the report index) and the reports to announce
+    /// once durable. On failure the loaded document is dropped.
+    fn merge_parts(
+        &self,
+        id: &DocId,
+        guard: &mut MutexGuard<'_, Option<Loaded>>,
+        merge: &Merge<'_>,
+        bytes: Vec<Vec<u8>>,
+        from: Origin,
+        txns: Vec<TxnId>,
+    ) -> Result<Settled, Error> {
         let (before, ready) = (merge.before, merge.incoming);
         // A document new here has nothing to conflict with, and one no
         // detector or rule covers needs no patches: its reports (arriving
@@ -897,6 +1054,7 @@ impl Replica {
             hashes: ready.iter().map(Change::hash).collect(),
             origin: from,
             heads: None,
+            txns,
         };
         self.settle(id, guard, merge, patches.as_deref(), received)
     }
@@ -962,32 +1120,24 @@ impl Replica {
             index: 0,
             reason,
         })?;
-        let slot = self.slot(id);
-        let mut guard = lock(&slot.loaded);
-        let loaded = self.ensure_loaded_or_new(id, &mut guard)?;
-        let before = loaded.doc.get_heads();
-        let new = loaded.doc.get_changes_added(&incoming);
-        if new.is_empty() {
-            self.save_unsaved(id, &mut guard)?;
-            return Ok(Applied {
-                duplicates: 1,
-                heads: before,
-                ..Applied::default()
-            });
-        }
-        let hashes: Vec<ChangeHash> = new.iter().map(Change::hash).collect();
-        let bytes: Vec<Vec<u8>> = new.iter().map(|c| c.raw_bytes().to_vec()).collect();
-        let merge = Merge {
-            before: &before,
-            incoming: &new,
-            written: None,
+        let new = {
+            let slot = self.slot(id);
+            let mut guard = lock(&slot.loaded);
+            let loaded = self.ensure_loaded_or_new(id, &mut guard)?;
+            let new = loaded.doc.get_changes_added(&incoming);
+            if new.is_empty() {
+                let before = loaded.doc.get_heads();
+                self.save_unsaved(id, &mut guard)?;
+                return Ok(Applied {
+                    duplicates: 1,
+                    heads: before,
+                    ..Applied::default()
+                });
+            }
+            new
         };
-        let heads = self.merge_and_settle(id, &mut guard, &merge, bytes, from)?;
-        Ok(Applied {
-            applied: hashes,
-            heads,
-            ..Applied::default()
-        })
+        // Like changes: members of a transaction may have to wait.
+        self.apply_decoded(id, new, None, from)
     }
 
     /// [`Replica::apply_snapshot`] for many documents at once: those new
@@ -1026,6 +1176,16 @@ impl Replica {
             }
         }
         fresh.sort_by(|a, b| docs[a.0].0.cmp(&docs[b.0].0));
+        // A document holding a member of a transaction whose other members
+        // are not stored with it here goes the way of changes, where the
+        // member can wait for the rest.
+        let alone = self.txns_not_whole(
+            &fresh
+                .iter()
+                .map(|(i, doc)| (&docs[*i].0, doc))
+                .collect::<Vec<_>>(),
+        );
+        fresh.retain(|(i, _)| !alone.contains(&docs[*i].0));
         let slots: Vec<Arc<Slot>> = fresh.iter().map(|(i, _)| self.slot(&docs[*i].0)).collect();
         let mut guards: Vec<MutexGuard<'_, Option<Loaded>>> =
             slots.iter().map(|slot| lock(&slot.loaded)).collect();
@@ -1061,21 +1221,23 @@ impl Replica {
                 stored.clear();
             }
         }
+        let mut published = Vec::with_capacity(stored.len());
         for (i, heads) in stored {
-            self.publish(Committed {
+            published.push(Committed {
                 doc: docs[i].0.clone(),
                 heads: heads.clone(),
                 changes: Arc::new(Vec::new()),
                 hashes: heads.clone(),
                 origin: from.clone(),
+                txns: Vec::new(),
             });
             results[i] = Some(Ok(Applied {
                 applied: heads.clone(),
-                duplicates: 0,
-                missing_deps: Vec::new(),
                 heads,
+                ..Applied::default()
             }));
         }
+        self.publish_all(published);
         drop(guards);
         self.announce(events);
         // Everything else: one at a time.
@@ -1106,99 +1268,139 @@ impl Replica {
         id: &DocId,
         guard: &mut MutexGuard<'_, Option<Loaded>>,
         parts: Vec<Part>,
-        mut extra: Vec<Write>,
+        extra: Vec<Write>,
     ) -> Result<Vec<ChangeHash>, Error> {
+        let mut heads = self.persist_many(vec![Persist {
+            id,
+            guard,
+            parts,
+            extra,
+        }])?;
+        Ok(heads.pop().expect("one document in, one out"))
+    }
+
+    /// [`Replica::persist`] for several documents, each locked by the
+    /// caller, in one durable store write: their changes are published
+    /// together (consecutively, so no subscriber sees another change among
+    /// them) and become durable together, or the write fails for all.
+    /// Returns each document's heads, in order.
+    fn persist_many(&self, mut items: Vec<Persist<'_, '_>>) -> Result<Vec<Vec<ChangeHash>>, Error> {
         let options = &self.shared.options;
-        let loaded = guard
-            .as_mut()
-            .expect("persist is called with a loaded document");
-        let heads = loaded.doc.get_heads();
-        let changes: Vec<Vec<u8>> = parts
-            .iter()
-            .flat_map(|p| p.changes.iter().cloned())
-            .collect();
-        let new_bytes: usize = changes.iter().map(Vec::len).sum();
-        let appended_changes = loaded.appended_changes + changes.len();
-        let appended_bytes = loaded.appended_bytes + new_bytes;
-        let compact = loaded.unsaved
-            || appended_changes >= options.compact_changes_max
-            || (appended_changes >= options.compact_changes_min
-                && appended_bytes * 4 >= loaded.snapshot_bytes);
-        // After a failed write the report index may lag the reports in the
-        // document: rewrite what differs.
+        let mut events = Vec::new();
+        let mut plans = Vec::with_capacity(items.len());
         let mut reports = Vec::new();
-        if loaded.unsaved {
-            let (index, announced) = self.index_reports(&loaded.doc, None);
-            // The caller's own index writes (and announcements) stand.
-            let keyed: HashSet<String> = extra
+        for item in &mut items {
+            let loaded = item
+                .guard
+                .as_mut()
+                .expect("persist is called with a loaded document");
+            let heads = loaded.doc.get_heads();
+            let changes: Vec<Vec<u8>> = item
+                .parts
                 .iter()
-                .filter_map(|w| match w {
-                    Write::PutMeta { key, .. } => Some(key.clone()),
-                    _ => None,
-                })
+                .flat_map(|p| p.changes.iter().cloned())
                 .collect();
-            extra.extend(
-                index
-                    .into_iter()
-                    .filter(|w| !matches!(w, Write::PutMeta { key, .. } if keyed.contains(key))),
-            );
-            reports = announced
-                .into_iter()
-                .filter(|r| !keyed.contains(&conflicts::index_key(&r.id)))
-                .collect();
+            let new_bytes: usize = changes.iter().map(Vec::len).sum();
+            let appended_changes = loaded.appended_changes + changes.len();
+            let appended_bytes = loaded.appended_bytes + new_bytes;
+            let compact = loaded.unsaved
+                || appended_changes >= options.compact_changes_max
+                || (appended_changes >= options.compact_changes_min
+                    && appended_bytes * 4 >= loaded.snapshot_bytes);
+            // After a failed write the report index may lag the reports in
+            // the document: rewrite what differs.
+            if loaded.unsaved {
+                let (index, announced) = self.index_reports(&loaded.doc, None);
+                // The caller's own index writes (and announcements) stand.
+                let keyed: HashSet<String> = item
+                    .extra
+                    .iter()
+                    .filter_map(|w| match w {
+                        Write::PutMeta { key, .. } => Some(key.clone()),
+                        _ => None,
+                    })
+                    .collect();
+                item.extra.extend(
+                    index.into_iter().filter(
+                        |w| !matches!(w, Write::PutMeta { key, .. } if keyed.contains(key)),
+                    ),
+                );
+                reports.extend(
+                    announced
+                        .into_iter()
+                        .filter(|r| !keyed.contains(&conflicts::index_key(&r.id))),
+                );
+            }
+            for part in std::mem::take(&mut item.parts) {
+                events.push(Committed {
+                    doc: item.id.clone(),
+                    heads: part.heads.unwrap_or_else(|| heads.clone()),
+                    changes: Arc::new(part.changes),
+                    hashes: part.hashes,
+                    origin: part.origin,
+                    txns: part.txns,
+                });
+            }
+            plans.push((heads, changes, compact, appended_changes, appended_bytes));
         }
         // Published first: saving a whole document to compact it can take
         // milliseconds, and the peers need not wait for it.
-        for part in parts {
-            self.publish(Committed {
-                doc: id.clone(),
-                heads: part.heads.unwrap_or_else(|| heads.clone()),
-                changes: Arc::new(part.changes),
-                hashes: part.hashes,
-                origin: part.origin,
-            });
+        self.publish_all(events);
+        let mut writes = Vec::new();
+        let mut snapshot_lens = Vec::with_capacity(items.len());
+        for (item, (heads, changes, compact, _, _)) in items.iter_mut().zip(&mut plans) {
+            let loaded = item.guard.as_mut().expect("loaded");
+            let write = if *compact {
+                let bytes = loaded.doc.save();
+                snapshot_lens.push(Some(bytes.len()));
+                Write::Snapshot {
+                    doc: item.id.clone(),
+                    bytes,
+                    heads: heads.clone(),
+                }
+            } else {
+                snapshot_lens.push(None);
+                Write::AppendChanges {
+                    doc: item.id.clone(),
+                    changes: std::mem::take(changes),
+                    heads: heads.clone(),
+                }
+            };
+            writes.push(write);
+            writes.append(&mut item.extra);
         }
-        let write = if compact {
-            Write::Snapshot {
-                doc: id.clone(),
-                bytes: loaded.doc.save(),
-                heads: heads.clone(),
-            }
-        } else {
-            Write::AppendChanges {
-                doc: id.clone(),
-                changes,
-                heads: heads.clone(),
-            }
-        };
-        let snapshot_len = match &write {
-            Write::Snapshot { bytes, .. } => Some(bytes.len()),
-            _ => None,
-        };
-        let mut writes = vec![write];
-        writes.extend(extra);
         if let Err(e) = self.shared.store.commit(writes) {
-            tracing::warn!(doc = %id, error = %e, "store write failed; the changes stay in memory until the document's next write");
-            loaded.unsaved = true;
+            let first = items[0].id.clone();
+            for item in &mut items {
+                tracing::warn!(doc = %item.id, error = %e, "store write failed; the changes stay in memory until the document's next write");
+                item.guard.as_mut().expect("loaded").unsaved = true;
+            }
             return Err(Error::NotDurable {
-                doc: id.clone(),
+                doc: first,
                 source: e,
             });
         }
-        loaded.unsaved = false;
-        match snapshot_len {
-            Some(len) => {
-                loaded.snapshot_bytes = len;
-                loaded.appended_changes = 0;
-                loaded.appended_bytes = 0;
+        let mut all_heads = Vec::with_capacity(items.len());
+        for ((item, (heads, _, _, appended_changes, appended_bytes)), snapshot_len) in
+            items.iter_mut().zip(plans).zip(snapshot_lens)
+        {
+            let loaded = item.guard.as_mut().expect("loaded");
+            loaded.unsaved = false;
+            match snapshot_len {
+                Some(len) => {
+                    loaded.snapshot_bytes = len;
+                    loaded.appended_changes = 0;
+                    loaded.appended_bytes = 0;
+                }
+                None => {
+                    loaded.appended_changes = appended_changes;
+                    loaded.appended_bytes = appended_bytes;
+                }
             }
-            None => {
-                loaded.appended_changes = appended_changes;
-                loaded.appended_bytes = appended_bytes;
-            }
+            all_heads.push(heads);
         }
         self.announce(reports);
-        Ok(heads)
+        Ok(all_heads)
     }
 
     /// Runs an automerge call that may fail or panic on bad input against
@@ -1255,21 +1457,26 @@ impl Replica {
         }
     }
 
-    /// Records a change in the index, then tells subscribers (none listening
-    /// is not an error). Called before the change's store write returns.
-    fn publish(&self, committed: Committed) {
-        let mut state = lock(&self.shared.state);
-        state.update += 1;
-        let update = state.update;
-        state.recent.push_back((update, committed.doc.clone()));
-        if state.recent.len() > RECENT_UPDATES_MAX {
-            state.recent.pop_front();
+    /// Records changes in the index and tells subscribers, all under the
+    /// index lock, so no other change is published among them: the changes
+    /// of one transaction reach every subscriber consecutively.
+    fn publish_all(&self, events: Vec<Committed>) {
+        if events.is_empty() {
+            return;
         }
-        state
-            .index
-            .insert(committed.doc.clone(), committed.heads.clone());
-        drop(state);
-        let _ = self.shared.events.send(committed);
+        let mut state = lock(&self.shared.state);
+        for committed in events {
+            state.update += 1;
+            let update = state.update;
+            state.recent.push_back((update, committed.doc.clone()));
+            if state.recent.len() > RECENT_UPDATES_MAX {
+                state.recent.pop_front();
+            }
+            state
+                .index
+                .insert(committed.doc.clone(), committed.heads.clone());
+            let _ = self.shared.events.send(committed);
+        }
     }
 
     /// The heads of a recent state of the document whose item hash (see
@@ -1343,6 +1550,7 @@ impl Replica {
     /// Documents a failed write left unsaved are written first (and stay
     /// loaded while the store still fails).
     pub fn evict_idle(&self) -> usize {
+        self.expire_held();
         let idle = self.shared.options.cache_idle;
         let now = std::time::Instant::now();
         let unsaved: Vec<(DocId, Arc<Slot>)> = {

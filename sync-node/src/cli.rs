@@ -55,6 +55,12 @@ enum Command {
     /// node.
     #[command(subcommand)]
     Conflicts(ConflictsCommand),
+    /// Commit a transaction across documents on a running node: the body
+    /// of `POST /v1/txn` (`{"docs": [{"id", "ops", "if_heads"?,
+    /// "if_absent"?}], "message"?}`) from a file, or `-` for stdin.
+    Txn(TxnArgs),
+    /// Read several documents of a running node at one consistent cut.
+    Read(ReadArgs),
     /// Compare the documents and heads of several running nodes: exit 0
     /// when identical, 3 when some still differ after the retries.
     Check(CheckArgs),
@@ -209,6 +215,24 @@ struct ClientArgs {
     /// The config file of the node to talk to.
     #[arg(long, value_name = "FILE")]
     config: PathBuf,
+}
+
+#[derive(Debug, Args)]
+struct TxnArgs {
+    #[command(flatten)]
+    client: ClientArgs,
+    /// The transaction: a JSON file, `-` for stdin, or the JSON itself.
+    #[arg(value_name = "FILE.json | -")]
+    txn: String,
+}
+
+#[derive(Debug, Args)]
+struct ReadArgs {
+    #[command(flatten)]
+    client: ClientArgs,
+    /// Document ids (at most 1,000).
+    #[arg(value_name = "ID", required = true)]
+    ids: Vec<String>,
 }
 
 #[derive(Debug, Args)]
@@ -400,6 +424,22 @@ fn run_command(command: Command) -> anyhow::Result<()> {
         Command::Status(args) => status(&args),
         Command::Doc(doc) => doc_command(doc),
         Command::Conflicts(conflicts) => conflicts_command(conflicts),
+        Command::Txn(args) => {
+            let text = args.txn.trim_start();
+            let body = if args.txn == "-" || text.starts_with('{') {
+                read_json_argument("TXN_JSON", &args.txn)?
+            } else {
+                read_json_argument("TXN_JSON", &format!("@{}", args.txn))?
+            };
+            if !body.is_object() {
+                return Err(UsageError("the transaction must be a JSON object".to_owned()).into());
+            }
+            client_request(&args.client, Method::POST, "/v1/txn", Some(&body))
+        }
+        Command::Read(args) => {
+            let body = json!({ "ids": args.ids });
+            client_request(&args.client, Method::POST, "/v1/read", Some(&body))
+        }
         Command::Check(args) => run_check(args),
         Command::Backup(args) => run_backup(args),
         Command::Restore(args) => run_restore(args),

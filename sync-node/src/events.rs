@@ -225,12 +225,19 @@ impl EventLog {
 
 /// The data of a `change` event.
 fn change_data(committed: &Committed) -> Value {
-    json!({
+    let mut data = json!({
         "doc": committed.doc.as_str(),
         "heads": committed.heads.iter().map(|h| h.to_string()).collect::<Vec<_>>(),
         "origin": origin_label(&committed.origin),
         "changes": committed.changes.len(),
-    })
+    });
+    if let Some(first) = committed.txns.first() {
+        data["txn"] = Value::String(first.to_string());
+    }
+    if committed.txns.len() > 1 {
+        data["txns"] = json!(committed.txns);
+    }
+    data
 }
 
 /// `local`, or the site the changes came from.
@@ -374,7 +381,18 @@ pub fn spawn_feed(
 ) -> JoinHandle<()> {
     let commits = replica.subscribe();
     let conflicts = replica.subscribe_conflicts();
-    tokio::spawn(feed(commits, conflicts, peers, log))
+    tokio::spawn(feed(replica.clone(), commits, conflicts, peers, log))
+}
+
+/// The commit put aside, else the next one from the replica.
+async fn next_commit(
+    pending: &mut Option<Committed>,
+    commits: &mut broadcast::Receiver<Committed>,
+) -> Result<Committed, broadcast::error::RecvError> {
+    match pending.take() {
+        Some(committed) => Ok(committed),
+        None => commits.recv().await,
+    }
 }
 
 /// The data of a `conflict` event: the report's JSON.
@@ -383,6 +401,7 @@ fn conflict_data(report: &Conflict) -> Value {
 }
 
 async fn feed(
+    replica: Replica,
     mut commits: broadcast::Receiver<Committed>,
     mut conflicts: broadcast::Receiver<Conflict>,
     peers: Option<Arc<SyncPeers>>,
@@ -391,18 +410,38 @@ async fn feed(
     let mut poll = tokio::time::interval(PEER_POLL_INTERVAL);
     poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut connected: BTreeMap<SiteName, bool> = BTreeMap::new();
+    // A commit taken while gathering a transaction's, not yet published.
+    let mut pending: Option<Committed> = None;
     let closed = log.closed();
     tokio::pin!(closed);
     loop {
         tokio::select! {
             () = &mut closed => return,
-            commit = commits.recv() => match commit {
+            commit = next_commit(&mut pending, &mut commits) => match commit {
                 Ok(committed) => {
                     telemetry::record_changes_applied(
                         origin_label(&committed.origin),
                         committed.changes.len(),
                     );
                     log.publish(EventKind::Change, change_data(&committed));
+                    // The replica publishes a transaction's changes
+                    // together: take the rest now, before any other event.
+                    while !committed.txns.is_empty() {
+                        match commits.try_recv() {
+                            Ok(next) if next.txns.iter().any(|t| committed.txns.contains(t)) => {
+                                telemetry::record_changes_applied(
+                                    origin_label(&next.origin),
+                                    next.changes.len(),
+                                );
+                                log.publish(EventKind::Change, change_data(&next));
+                            }
+                            Ok(other) => {
+                                pending = Some(other);
+                                break;
+                            }
+                            Err(_) => break,
+                        }
+                    }
                 }
                 Err(broadcast::error::RecvError::Lagged(missed)) => {
                     tracing::warn!(missed, "the event feed fell behind the replica's commits");
@@ -432,7 +471,8 @@ async fn feed(
                     conflicts = broadcast::channel(1).1;
                 }
             },
-            _ = poll.tick(), if peers.is_some() => {
+            _ = poll.tick() => {
+                telemetry::record_txn(&replica);
                 let Some(peers) = &peers else { continue };
                 for view in peers.status() {
                     telemetry::record_peer(&view);

@@ -274,6 +274,13 @@ impl Node {
         let mut options = ReplicaOptions::new(config.file.site.clone());
         options.cache_docs_max = config.file.store.cache_docs_max;
         options.conflicts = Arc::new(config.conflict_config()?);
+        // A received transaction waits only for members some peer may
+        // write here: the others never arrive.
+        if !config.file.peers.is_empty() {
+            let scopes: Vec<archipelago::protocol::Scope> =
+                config.file.peers.iter().map(|p| p.scope()).collect();
+            options.replicates = Arc::new(move |doc| scopes.iter().any(|s| s.may_receive(doc)));
+        }
         let rules = options.conflicts.rules.len();
         let path = store_path.clone();
         let (store, replica) = tokio::task::spawn_blocking(move || {

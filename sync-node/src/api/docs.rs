@@ -15,6 +15,7 @@ use serde_json::{json, Value};
 
 use archipelago::doc::Op;
 use archipelago::id::parse_change_hash;
+use archipelago::txn::Precondition;
 use archipelago::{ChangeHash, Commit, DocId, DocView};
 
 use super::error::ApiError;
@@ -43,7 +44,7 @@ fn doc_not_found(id: &DocId) -> ApiError {
     )
 }
 
-fn check_message(message: Option<&str>) -> Result<(), ApiError> {
+pub(super) fn check_message(message: Option<&str>) -> Result<(), ApiError> {
     match message {
         Some(m) if m.len() > MESSAGE_BYTES_MAX => Err(ApiError::bad_request(
             "bad_message",
@@ -173,6 +174,12 @@ pub(crate) struct OpsBody {
     ops: Vec<Op>,
     #[serde(default)]
     message: Option<String>,
+    /// Apply only if the document is still at these heads.
+    #[serde(default)]
+    if_heads: Option<Vec<String>>,
+    /// Apply only if the document does not exist yet.
+    #[serde(default)]
+    if_absent: bool,
 }
 
 /// `POST /v1/docs/{id}/ops`: applies the ops atomically as one change.
@@ -185,15 +192,47 @@ pub(crate) async fn apply_ops(
     if body.ops.is_empty() {
         return Err(ApiError::bad_request("bad_value", "`ops` is empty"));
     }
+    let precondition = precondition(body.if_heads.as_deref(), body.if_absent)?;
     let replica = state.replica.clone();
     let started = Instant::now();
-    let commit =
-        blocking(move || Ok(replica.apply_ops(&id, &body.ops, body.message.as_deref())?)).await?;
+    let commit = blocking(move || {
+        Ok(replica.apply_ops_if(&id, &body.ops, body.message.as_deref(), &precondition)?)
+    })
+    .await?;
     committed(&state, &commit, started);
     Ok(Json(commit))
 }
 
-fn committed(state: &ApiState, commit: &Commit, started: Instant) {
+/// The precondition of `if_heads` (hex change hashes) and `if_absent`.
+pub(super) fn precondition(
+    if_heads: Option<&[String]>,
+    if_absent: bool,
+) -> Result<Precondition, ApiError> {
+    let if_heads = match if_heads {
+        None => None,
+        Some(heads) if heads.len() > AT_HEADS_MAX => {
+            return Err(ApiError::bad_request(
+                "bad_heads",
+                format!("`if_heads` takes at most {AT_HEADS_MAX} change hashes"),
+            ))
+        }
+        Some(heads) => Some(
+            heads
+                .iter()
+                .map(|h| {
+                    parse_change_hash(h)
+                        .map_err(|e| ApiError::bad_request("bad_heads", e.to_string()))
+                })
+                .collect::<Result<Vec<_>, _>>()?,
+        ),
+    };
+    Ok(Precondition {
+        if_heads,
+        if_absent,
+    })
+}
+
+pub(super) fn committed(state: &ApiState, commit: &Commit, started: Instant) {
     if commit.change.is_some() {
         metrics::counter!(COMMITS).increment(1);
         metrics::histogram!(COMMIT_SECONDS).record(started.elapsed().as_secs_f64());

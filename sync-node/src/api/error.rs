@@ -17,6 +17,8 @@ pub(crate) struct ApiError {
     status: StatusCode,
     code: &'static str,
     message: String,
+    /// The document the error is about, when one of several is.
+    doc: Option<String>,
 }
 
 impl ApiError {
@@ -30,7 +32,14 @@ impl ApiError {
             status,
             code,
             message,
+            doc: None,
         }
+    }
+
+    /// Names the document the error is about (`"doc"` in the answer).
+    pub(crate) fn for_doc(mut self, doc: &archipelago::DocId) -> Self {
+        self.doc = Some(doc.to_string());
+        self
     }
 
     pub(crate) fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
@@ -56,9 +65,12 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = serde_json::json!({
+        let mut body = serde_json::json!({
             "error": {"code": self.code, "message": self.message}
         });
+        if let Some(doc) = self.doc {
+            body["error"]["doc"] = serde_json::Value::String(doc);
+        }
         let mut response = (self.status, Json(body)).into_response();
         if self.status == StatusCode::UNAUTHORIZED {
             response
@@ -84,6 +96,17 @@ impl From<archipelago::Error> for ApiError {
                 ApiError::new(StatusCode::CONFLICT, "conflict_closed", message)
             }
             Error::UnknownHeads { .. } => ApiError::bad_request("unknown_heads", message),
+            Error::PreconditionFailed { doc, .. } => {
+                ApiError::new(StatusCode::CONFLICT, "precondition_failed", message).for_doc(doc)
+            }
+            Error::TxnOp { doc, source } if source.is_malformed_input() => {
+                ApiError::bad_request(source.code(), message).for_doc(doc)
+            }
+            Error::TxnOp { doc, source } => {
+                ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, source.code(), message).for_doc(doc)
+            }
+            Error::Txn(_) => ApiError::bad_request("bad_txn", message),
+            Error::TooMany { .. } => ApiError::bad_request("too_many", message),
             Error::InvalidId(_) => ApiError::bad_request("invalid_id", message),
             Error::CorruptDocument { .. } => {
                 tracing::error!(error = %message, "corrupt document");
@@ -95,9 +118,9 @@ impl From<archipelago::Error> for ApiError {
             }
             // Not "unavailable": the edit took effect, and a client that
             // retries it (an `inc`, an `insert`) would apply it twice.
-            Error::NotDurable { .. } => {
+            Error::NotDurable { doc, .. } => {
                 tracing::error!(error = %message, "write not durable");
-                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "not_durable", message)
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "not_durable", message).for_doc(doc)
             }
             Error::Store(_) => {
                 tracing::error!(error = %message, "store failed");

@@ -23,6 +23,7 @@ mod events;
 mod extract;
 mod heads;
 pub(crate) mod telemetry;
+mod txn;
 
 use std::sync::Arc;
 
@@ -108,6 +109,8 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/docs/{id}", get(docs::read).put(docs::put))
         .route("/v1/docs/{id}/ops", post(docs::apply_ops))
         .route("/v1/docs/{id}/history", get(docs::history))
+        .route("/v1/txn", post(txn::commit))
+        .route("/v1/read", post(txn::read))
         .route("/v1/heads", get(heads::list))
         .route("/v1/heads/digest", get(heads::digest))
         .route("/v1/conflicts", get(conflicts::list))

@@ -70,6 +70,28 @@ pub(crate) const BACKUP_SECONDS: &str = "archipelago_backup_seconds";
 /// Size of the latest backup, in bytes.
 pub(crate) const BACKUP_BYTES: &str = "archipelago_backup_bytes";
 
+/// Transactions committed through the API.
+pub(crate) const TXN_COMMITS: &str = "archipelago_txn_commits_total";
+/// Transactions received from peers waiting for members.
+pub(crate) const TXN_HELD: &str = "archipelago_txn_held";
+/// Changes waiting for their transaction, and their bytes.
+pub(crate) const TXN_HELD_CHANGES: &str = "archipelago_txn_held_changes";
+/// Bytes of the changes waiting for their transaction.
+pub(crate) const TXN_HELD_BYTES: &str = "archipelago_txn_held_bytes";
+/// How long a received transaction waited for its members before it was
+/// applied.
+pub(crate) const TXN_HELD_SECONDS: &str = "archipelago_txn_held_seconds";
+/// Held transactions by how they ended: `complete`, `partial` (applied
+/// without members its peer does not replicate), `dropped` (at a bound;
+/// they come back with the next reconciliation).
+pub(crate) const TXN_HOLDS: &str = "archipelago_txn_holds_total";
+
+/// Histogram buckets for how long received transactions wait, in seconds:
+/// from a frame apart to a long partition.
+const TXN_HELD_BUCKETS_SECONDS: &[f64] = &[
+    0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0, 120.0, 600.0,
+];
+
 /// Histogram buckets for latencies, in seconds.
 const LATENCY_BUCKETS_SECONDS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
@@ -99,6 +121,11 @@ pub(crate) fn prometheus() -> &'static PrometheusHandle {
             .set_buckets_for_metric(
                 Matcher::Full(CONFLICT_RESOLVE_SECONDS.to_owned()),
                 CONFLICT_RESOLVE_BUCKETS_SECONDS,
+            )
+            .expect("the bucket list is not empty")
+            .set_buckets_for_metric(
+                Matcher::Full(TXN_HELD_SECONDS.to_owned()),
+                TXN_HELD_BUCKETS_SECONDS,
             )
             .expect("the bucket list is not empty");
         let recorder = builder.build_recorder();
@@ -156,6 +183,25 @@ pub(crate) fn record_docs(state: &ApiState) {
         0.0
     };
     metrics::gauge!(RESOLUTIONS_HELD).set(held);
+}
+
+/// Records what the replica holds back for transactions, and how long
+/// those applied since the last call waited.
+pub(crate) fn record_txn(replica: &archipelago::Replica) {
+    let stats = replica.txn_stats();
+    metrics::gauge!(TXN_HELD).set(stats.held_txns as f64);
+    metrics::gauge!(TXN_HELD_CHANGES).set(stats.held_changes as f64);
+    metrics::gauge!(TXN_HELD_BYTES).set(stats.held_bytes as f64);
+    for (how, count) in [
+        ("complete", stats.completed),
+        ("partial", stats.released_partial),
+        ("dropped", stats.dropped),
+    ] {
+        metrics::counter!(TXN_HOLDS, "end" => how).absolute(count);
+    }
+    for seconds in replica.take_txn_hold_times() {
+        metrics::histogram!(TXN_HELD_SECONDS).record(seconds);
+    }
 }
 
 /// Records a backup's copy: whether it was written, how long it took and,
@@ -257,6 +303,7 @@ pub(crate) fn record_conflicts_open(open: &[Conflict]) {
 /// `GET /metrics`: Prometheus text.
 pub(crate) async fn render(State(state): State<ApiState>) -> Response {
     record_docs(&state);
+    record_txn(&state.replica);
     // A store failure is logged where it is mapped to an error and leaves
     // the open-conflict gauges as they were; the other metrics still go out.
     let _ = super::conflicts::open_count(&state).await;

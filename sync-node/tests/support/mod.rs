@@ -126,3 +126,98 @@ pub(crate) async fn metrics_text(http: &reqwest::Client, node: &sync_node::Node)
         .await
         .unwrap()
 }
+
+/// Bound on each wait for a server-sent event.
+pub(crate) const EVENT_WAIT: Duration = Duration::from_secs(20);
+
+/// One server-sent event.
+#[derive(Debug, Clone)]
+pub(crate) struct SseEvent {
+    pub(crate) id: u64,
+    pub(crate) event: String,
+    pub(crate) data: serde_json::Value,
+}
+
+/// A `/v1/events` stream, parsed.
+pub(crate) struct EventStream {
+    response: reqwest::Response,
+    buffer: String,
+}
+
+impl EventStream {
+    pub(crate) async fn open(
+        http: &reqwest::Client,
+        node: &sync_node::Node,
+        last_event_id: Option<u64>,
+    ) -> EventStream {
+        let mut request = http
+            .get(format!("{}/v1/events", node.url()))
+            .bearer_auth(node.token())
+            // The client's overall timeout would cut the stream.
+            .timeout(Duration::from_secs(3600));
+        if let Some(id) = last_event_id {
+            request = request.header("Last-Event-ID", id.to_string());
+        }
+        let response = request.send().await.unwrap();
+        assert_eq!(response.status(), reqwest::StatusCode::OK);
+        let content_type = response.headers()["content-type"].to_str().unwrap();
+        assert!(
+            content_type.starts_with("text/event-stream"),
+            "{content_type}"
+        );
+        EventStream {
+            response,
+            buffer: String::new(),
+        }
+    }
+
+    /// The next event (keep-alive comments skipped), or `None` when the
+    /// stream ended; fails after [`EVENT_WAIT`].
+    pub(crate) async fn next(&mut self) -> Option<SseEvent> {
+        loop {
+            if let Some(end) = self.buffer.find("\n\n") {
+                let block: String = self.buffer.drain(..end + 2).collect();
+                let (mut id, mut event, mut data) = (None, None, String::new());
+                for line in block.lines() {
+                    if let Some(value) = line.strip_prefix("id:") {
+                        id = Some(value.trim().parse::<u64>().unwrap());
+                    } else if let Some(value) = line.strip_prefix("event:") {
+                        event = Some(value.trim().to_owned());
+                    } else if let Some(value) = line.strip_prefix("data:") {
+                        data.push_str(value.trim_start());
+                    }
+                }
+                match (id, event) {
+                    (Some(id), Some(event)) => {
+                        let data = serde_json::from_str(&data).unwrap();
+                        return Some(SseEvent { id, event, data });
+                    }
+                    (None, None) => continue,
+                    other => panic!("an event without id or type: {other:?} in {block:?}"),
+                }
+            }
+            let chunk = tokio::time::timeout(EVENT_WAIT, self.response.chunk())
+                .await
+                .expect("timed out waiting for an event")
+                .unwrap()?;
+            self.buffer.push_str(std::str::from_utf8(&chunk).unwrap());
+        }
+    }
+
+    /// Reads events until one satisfies `wanted`; returns every event read.
+    pub(crate) async fn until(&mut self, wanted: impl Fn(&SseEvent) -> bool) -> Vec<SseEvent> {
+        let deadline = tokio::time::Instant::now() + EVENT_WAIT;
+        let mut seen = Vec::new();
+        loop {
+            let event = tokio::time::timeout_at(deadline, self.next())
+                .await
+                .unwrap_or_else(|_| panic!("timed out waiting for an event; read {seen:?}"))
+                .expect("the stream ended early");
+            let done = wanted(&event);
+            seen.push(event);
+            if done {
+                return seen;
+            }
+        }
+    }
+}
