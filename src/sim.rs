@@ -16,11 +16,16 @@
 //! documents (equal sorted heads and equal JSON values) and the same
 //! conflict reports, none of them resolved automatically twice.
 //!
+//! Part of the workload is transactions of 2 to 5 documents, some with
+//! preconditions (`if_heads` as read, or stale, `if_absent`). After every
+//! delivery the run checks, at every site, that no committed transaction
+//! is partly visible: each site holds all of its member changes or none.
+//!
 //! The same seed always replays the same run, down to the change hashes:
 //! actor ids are drawn from the seed and change times from the simulated
 //! clock ([`SimWorld`]).
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -34,6 +39,7 @@ use crate::id::{actor_of_site, DocId, SiteName, ACTOR_RANDOM_BYTES};
 use crate::protocol::session::{Lane, Session, SessionConfig};
 use crate::replica::{ActorSource, Clock, Committed, Replica, ReplicaOptions};
 use crate::store::{Faulty, Memory, Store as _, Write, RESOLUTIONS_HELD_KEY};
+use crate::txn::{Precondition, Txn, TxnDoc, TxnId};
 use crate::ChangeHash;
 
 /// The simulation's clock and actor ids, shared by every replica of a run,
@@ -221,6 +227,28 @@ pub struct SimReport {
     /// Digest of every document's heads at the end (the same at every
     /// site): a replay of the seed writes the very same changes.
     pub heads_digest: String,
+    /// Transactions that committed.
+    pub txns: usize,
+    /// Transactions refused (a precondition or an op failed).
+    pub txns_refused: usize,
+    /// Checks that no transaction was partly visible at a site.
+    pub txn_checks: usize,
+}
+
+/// A committed transaction: its member changes.
+struct SimTxn {
+    id: TxnId,
+    members: Vec<(DocId, ChangeHash)>,
+}
+
+/// What one site was last seen to hold of the transactions.
+#[derive(Default)]
+struct TxnView {
+    /// Transactions seen whole at the site.
+    whole: BTreeSet<usize>,
+    /// Per (transaction, member): the document's heads when last looked
+    /// at, and whether it held the member then.
+    looked: HashMap<(usize, usize), (Vec<ChangeHash>, bool)>,
 }
 
 /// A simulation run.
@@ -238,6 +266,12 @@ pub struct Sim {
     trace: VecDeque<String>,
     /// Steps taken so far.
     steps: usize,
+    /// Transactions committed so far.
+    txns: Vec<SimTxn>,
+    /// Per site, what it was seen to hold of them.
+    txn_views: Vec<TxnView>,
+    /// The first transaction seen partly visible.
+    violation: Option<String>,
 }
 
 const TRACE_LINES_MAX: usize = 60;
@@ -281,7 +315,11 @@ impl Sim {
             report: SimReport::default(),
             trace: VecDeque::new(),
             steps: 0,
+            txns: Vec::new(),
+            txn_views: Vec::new(),
+            violation: None,
         };
+        sim.txn_views = (0..sim.sites.len()).map(|_| TxnView::default()).collect();
         for i in 0..sim.sites.len() {
             sim.restart(i);
         }
@@ -293,11 +331,14 @@ impl Sim {
     pub fn run(mut self) -> Result<SimReport, String> {
         for _ in 0..self.config.steps {
             self.step();
+            self.check_violation()?;
         }
         self.heal_all();
         self.settle()?;
+        self.check_violation()?;
         if self.release_resolutions()? {
             self.settle()?;
+            self.check_violation()?;
         }
         self.check_converged()?;
         self.check_stored()?;
@@ -481,6 +522,11 @@ impl Sim {
     }
 
     fn restart(&mut self, site: usize) {
+        // What the site held in memory is gone; a restore may take back
+        // whole transactions: look at it afresh.
+        if let Some(view) = self.txn_views.get_mut(site) {
+            *view = TxnView::default();
+        }
         let options = self.site_options(site);
         let state = &mut self.sites[site];
         let replica =
@@ -539,8 +585,9 @@ impl Sim {
         let doc = self.doc_id();
         let field = self.rng.below(4);
         let value = self.rng.below(1000);
-        let ops = match self.rng.below(8) {
+        let ops = match self.rng.below(10) {
             7 => return self.close_a_conflict(site, &replica),
+            8 | 9 => return self.transact(site, &replica),
             0 | 1 => json!([{"op": "set", "path": format!("/f{field}"), "value": value}]),
             2 => json!([{"op": "del", "path": format!("/f{field}")}]),
             3 => json!([{"op": "inc", "path": "/count", "by": value as i64 - 500}]),
@@ -567,6 +614,162 @@ impl Sim {
                 self.note(format!("edit site {site} {doc} not written: {e}"));
             }
             Err(_) => {}
+        }
+    }
+
+    /// Commits a transaction over 2 to 5 documents at `site`, each with a
+    /// precondition now and then: the heads just read (holds), the empty
+    /// heads or `if_absent` (holds only for a new document).
+    fn transact(&mut self, site: usize, replica: &Replica) {
+        let size = 2 + self.rng.below(4);
+        let mut ids: Vec<DocId> = Vec::new();
+        for _ in 0..size * 3 {
+            let id = self.doc_id();
+            if !ids.contains(&id) {
+                ids.push(id);
+            }
+            if ids.len() == size {
+                break;
+            }
+        }
+        if ids.len() < 2 {
+            return;
+        }
+        let mut docs = Vec::new();
+        for id in ids {
+            let value = self.rng.below(1000);
+            let ops = match self.rng.below(3) {
+                0 => json!([{"op": "inc", "path": "/count", "by": value as i64 - 500}]),
+                _ => {
+                    json!([{"op": "set", "path": format!("/t{}", self.rng.below(3)), "value": value}])
+                }
+            };
+            let precondition = match self.rng.below(10) {
+                0..=2 => Precondition::if_heads(replica.heads(&id).unwrap_or_default()),
+                3 => Precondition::if_heads(Vec::new()),
+                4 => Precondition {
+                    if_absent: true,
+                    ..Precondition::default()
+                },
+                _ => Precondition::none(),
+            };
+            docs.push(TxnDoc {
+                id,
+                ops: serde_json::from_value(ops).expect("ops parse"),
+                precondition,
+            });
+        }
+        let txn = Txn {
+            docs,
+            message: Some("sim txn".to_owned()),
+        };
+        match replica.commit_txn(&txn) {
+            Ok(commit) => {
+                self.report.edits += 1;
+                self.report.txns += 1;
+                let members: Vec<(DocId, ChangeHash)> = commit
+                    .docs
+                    .iter()
+                    .filter_map(|(id, c)| Some((id.clone(), c.change?)))
+                    .collect();
+                self.note(format!(
+                    "txn site {site} {} over {:?}",
+                    commit.txn,
+                    members.iter().map(|(d, _)| d.as_str()).collect::<Vec<_>>()
+                ));
+                self.txns.push(SimTxn {
+                    id: commit.txn,
+                    members,
+                });
+            }
+            Err(e @ crate::Error::NotDurable { .. }) => {
+                // It took effect here and may reach peers: it must stay
+                // whole as much as one that was written. Its changes are
+                // the newest of each member.
+                self.report.failed_writes += 1;
+                let members: Vec<(DocId, ChangeHash)> = txn
+                    .docs
+                    .iter()
+                    .filter_map(|d| {
+                        let last = replica.history(&d.id).ok()??.pop()?;
+                        Some((d.id.clone(), last.hash, last.txn?))
+                    })
+                    .map(|(doc, hash, _)| (doc, hash))
+                    .collect();
+                let id = txn
+                    .docs
+                    .first()
+                    .and_then(|d| replica.history(&d.id).ok()??.pop()?.txn);
+                self.note(format!("txn site {site} not written: {e}"));
+                if let Some(id) = id {
+                    self.txns.push(SimTxn { id, members });
+                }
+            }
+            Err(_) => self.report.txns_refused += 1,
+        }
+    }
+
+    /// Looks at every site: a committed transaction must be visible whole
+    /// or not at all. Records the first that is not.
+    fn check_txns(&mut self) {
+        if self.violation.is_some() || self.txns.is_empty() {
+            return;
+        }
+        self.report.txn_checks += 1;
+        for site in 0..self.sites.len() {
+            let Some(replica) = self.sites[site].replica.clone() else {
+                continue;
+            };
+            let view = &mut self.txn_views[site];
+            for (t, txn) in self.txns.iter().enumerate() {
+                if view.whole.contains(&t) {
+                    continue;
+                }
+                let mut held = Vec::with_capacity(txn.members.len());
+                for (m, (doc, hash)) in txn.members.iter().enumerate() {
+                    let heads = replica.heads(doc).unwrap_or_default();
+                    let known = match view.looked.get(&(t, m)) {
+                        Some((seen, known)) if *seen == heads => *known,
+                        _ => {
+                            let known = replica
+                                .known_hashes(doc, &[*hash])
+                                .is_ok_and(|k| !k.is_empty());
+                            view.looked.insert((t, m), (heads, known));
+                            known
+                        }
+                    };
+                    held.push(known);
+                }
+                let count = held.iter().filter(|k| **k).count();
+                if count == txn.members.len() {
+                    view.whole.insert(t);
+                    for m in 0..txn.members.len() {
+                        view.looked.remove(&(t, m));
+                    }
+                } else if count > 0 {
+                    let shown: Vec<String> = txn
+                        .members
+                        .iter()
+                        .zip(&held)
+                        .map(|((doc, _), known)| {
+                            format!("{doc}: {}", if *known { "visible" } else { "missing" })
+                        })
+                        .collect();
+                    self.violation = Some(format!(
+                        "site {site} shows part of transaction {}: {}",
+                        txn.id,
+                        shown.join(", ")
+                    ));
+                    return;
+                }
+            }
+        }
+    }
+
+    fn check_violation(&mut self) -> Result<(), String> {
+        match self.violation.take() {
+            Some(what) => Err(self.failure(what)),
+            None => Ok(()),
         }
     }
 
@@ -673,6 +876,7 @@ impl Sim {
         // Frames carry their length prefix; the session takes the payload.
         let payloads: Vec<&[u8]> = frames.iter().map(|f| &f[4..]).collect();
         session.handle_frames(now, &replica, &payloads);
+        self.check_txns();
     }
 
     /// Moves frames from sessions to the network, committed changes to
@@ -851,8 +1055,22 @@ impl Sim {
                     None => reference = Some((heads, view.value)),
                     Some((h, v)) => {
                         if *h != heads || *v != view.value {
+                            let held: Vec<String> = replicas
+                                .iter()
+                                .map(|r| {
+                                    format!(
+                                        "{}: {:?} {:?}",
+                                        r.site(),
+                                        r.txn_stats(),
+                                        self.sites
+                                            .iter()
+                                            .map(|s| r.held_missing(&s.name))
+                                            .collect::<Vec<_>>()
+                                    )
+                                })
+                                .collect();
                             return Err(self.failure(format!(
-                                "{id} differs: site 0 heads {h:?} value {v}; site {i} heads {heads:?} value {}",
+                                "{id} differs: site 0 heads {h:?} value {v}; site {i} heads {heads:?} value {}\nheld: {held:#?}",
                                 view.value
                             )));
                         }

@@ -6,7 +6,9 @@
 //! the same documents (sorted heads and JSON values) and the same conflict
 //! reports with the same statuses, and each site's report index must agree
 //! with the reports stored in its documents, and each site reopened from its
-//! store alone must list what it shows.
+//! store alone must list what it shows. Transactions of 2 to 5 documents
+//! are part of the workload; after every delivery, every site must show
+//! each of them whole or not at all.
 //!
 //! `SIM_SEEDS=A..B cargo test --release --test simulation` runs seeds A..B;
 //! without it a default range runs. A failure prints its seed and the
@@ -37,6 +39,8 @@ fn run(seeds: Range<u64>, config: &SimConfig) {
     let mut closed = 0;
     let mut failed_writes = 0;
     let mut restores = 0;
+    let mut txns = 0;
+    let mut txn_checks = 0;
     let count = seeds.end.saturating_sub(seeds.start);
     for seed in seeds {
         match Sim::new(seed, config.clone()).run() {
@@ -47,6 +51,8 @@ fn run(seeds: Range<u64>, config: &SimConfig) {
                 closed += report.conflicts_closed;
                 failed_writes += report.failed_writes;
                 restores += report.restores;
+                txns += report.txns;
+                txn_checks += report.txn_checks;
             }
             Err(failure) => panic!("{failure}"),
         }
@@ -54,7 +60,12 @@ fn run(seeds: Range<u64>, config: &SimConfig) {
     eprintln!(
         "{count} seeds converged ({edits} edits, {resets} connection resets, \
          {conflicts} conflict reports identical at every site, {closed} of them closed, \
-         {failed_writes} edits whose store write failed, {restores} sites restored from a backup)"
+         {failed_writes} edits whose store write failed, {restores} sites restored from a backup, \
+         {txns} transactions never seen in part in {txn_checks} checks after deliveries)"
+    );
+    assert!(
+        count == 0 || (txns > 0 && txn_checks > 0),
+        "no transaction committed, so atomic visibility went unchecked"
     );
     assert!(
         count < 8 || !config.faults || failed_writes > 0,

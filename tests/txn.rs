@@ -372,7 +372,7 @@ fn members_a_site_does_not_replicate_are_not_waited_for() {
 }
 
 #[test]
-fn a_peer_with_nothing_more_to_send_releases_what_it_delivered() {
+fn members_a_peer_never_sends_are_not_waited_for() {
     let east = replica("east");
     let west = replica("west");
     east.commit_txn(&fresh_order_txn("1")).unwrap();
@@ -382,12 +382,14 @@ fn a_peer_with_nothing_more_to_send_releases_what_it_delivered() {
         peer("east"),
     )
     .unwrap();
-    west.peer_synced(&"north".parse().unwrap());
-    assert!(
-        west.heads(&id("inventory/sku-1")).is_none(),
-        "north delivered none of it"
-    );
-    west.peer_synced(&"east".parse().unwrap());
+    let east_site: archipelago::SiteName = "east".parse().unwrap();
+    let missing = west.held_missing(&east_site);
+    assert_eq!(missing.len(), 1);
+    assert_eq!(missing[0].1, vec![id("orders/1")]);
+    // A site that delivered none of it is not heeded.
+    west.txn_not_from(&"north".parse().unwrap(), missing[0].0, &[id("orders/1")]);
+    assert!(west.heads(&id("inventory/sku-1")).is_none());
+    west.txn_not_from(&east_site, missing[0].0, &[id("orders/1")]);
     assert_eq!(
         west.heads(&id("inventory/sku-1")).unwrap(),
         east.heads(&id("inventory/sku-1")).unwrap()

@@ -65,8 +65,16 @@ impl Host for Replica {
         Replica::changed_since_synced(self, peer)
     }
 
-    fn peer_synced(&self, peer: &SiteName) {
-        Replica::peer_synced(self, peer)
+    fn replicates(&self, doc: &DocId) -> bool {
+        Replica::replicates(self, doc)
+    }
+
+    fn held_missing(&self, peer: &SiteName) -> Vec<(crate::txn::TxnId, Vec<DocId>)> {
+        Replica::held_missing(self, peer)
+    }
+
+    fn txn_not_from(&self, peer: &SiteName, txn: crate::txn::TxnId, docs: &[DocId]) {
+        Replica::txn_not_from(self, peer, txn, docs)
     }
 
     fn apply_snapshots(

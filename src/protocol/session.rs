@@ -34,6 +34,11 @@ use crate::error::Error;
 const SNAPSHOT_BYTES_MAX: usize = wire::FRAME_BYTES_MAX - (64 << 10);
 use crate::id::{DocId, SiteName};
 use crate::replica::{Applied, Committed, Origin};
+use crate::txn::TxnId;
+
+/// Most transactions a session asks about ([`Message::TxnAsk`]); past it,
+/// held transactions wait for their members or their bound.
+const TXN_ASKS_MAX: usize = 4096;
 
 /// What a session needs from the local replica.
 pub trait Host {
@@ -83,10 +88,20 @@ pub trait Host {
         None
     }
 
-    /// `peer` has sent everything it holds (asked for after changes from
-    /// it were held back for their transaction): members still missing
-    /// will not come from it.
-    fn peer_synced(&self, _peer: &SiteName) {}
+    /// Whether this site replicates `doc` at all (a member of a
+    /// transaction it does not replicate is never sent on).
+    fn replicates(&self, _doc: &DocId) -> bool {
+        true
+    }
+
+    /// The transactions held back with changes `peer` delivered, and the
+    /// members each still lacks.
+    fn held_missing(&self, _peer: &SiteName) -> Vec<(TxnId, Vec<DocId>)> {
+        Vec::new()
+    }
+
+    /// `peer` says the members `docs` of `txn` never come from it.
+    fn txn_not_from(&self, _peer: &SiteName, _txn: TxnId, _docs: &[DocId]) {}
 }
 
 /// Which stream a frame belongs on: live changes must never wait behind a
@@ -231,12 +246,10 @@ pub struct Session {
     ack_at_back: Option<u64>,
     /// The peer accepts bundles of compressed frames.
     peer_bundles: bool,
-    /// The peer understands `WhenSynced` and `Synced`.
-    peer_txn_synced: bool,
-    /// This side asked the peer for `Synced` and has not heard it yet.
-    asked_synced: bool,
-    /// The peer asked for `Synced`: send it once nothing is in flight.
-    synced_wanted: bool,
+    /// The peer understands `TxnAsk` and `TxnNone`.
+    peer_txn_ask: bool,
+    /// Transactions this side asked the peer about.
+    txn_asked: HashSet<TxnId>,
     events: VecDeque<Event>,
     stats: SessionStats,
     // Reconciliation.
@@ -289,9 +302,8 @@ impl Session {
             transmits: VecDeque::new(),
             ack_at_back: None,
             peer_bundles: false,
-            peer_txn_synced: false,
-            asked_synced: false,
-            synced_wanted: false,
+            peer_txn_ask: false,
+            txn_asked: HashSet::new(),
             events: VecDeque::new(),
             stats: SessionStats::default(),
             items: None,
@@ -314,9 +326,9 @@ impl Session {
                 version: PROTOCOL_VERSION,
                 site: session.config.local.clone(),
                 capabilities: if session.config.bundles {
-                    capabilities::RANGE_RECONCILE | capabilities::BUNDLES | capabilities::TXN_SYNCED
+                    capabilities::RANGE_RECONCILE | capabilities::BUNDLES | capabilities::TXN_ASK
                 } else {
-                    capabilities::RANGE_RECONCILE | capabilities::TXN_SYNCED
+                    capabilities::RANGE_RECONCILE | capabilities::TXN_ASK
                 },
             },
         );
@@ -602,7 +614,7 @@ impl Session {
                     return self.close(close_code::VERSION, "peer lacks range reconciliation");
                 }
                 self.peer_bundles = self.config.bundles && caps & capabilities::BUNDLES != 0;
-                self.peer_txn_synced = caps & capabilities::TXN_SYNCED != 0;
+                self.peer_txn_ask = caps & capabilities::TXN_ASK != 0;
                 self.phase = Phase::Open;
                 self.deadline = None;
                 self.events.push_back(Event::Connected { peer: site });
@@ -643,13 +655,19 @@ impl Session {
                 self.on_changes(host, doc, Payload::Snapshot(&bytes), batch)
             }
             (Phase::Open, Message::Ack { batch }) => self.on_ack(host, batch),
-            (Phase::Open, Message::WhenSynced) => {
-                self.synced_wanted = true;
-                self.maybe_synced(host);
+            (Phase::Open, Message::TxnAsk { txn, docs }) => {
+                // Only what never comes from here: outside what this site
+                // replicates or sends the peer. Never "not yet".
+                let never: Vec<DocId> = docs
+                    .into_iter()
+                    .filter(|doc| !self.config.scope.may_send(doc) || !host.replicates(doc))
+                    .collect();
+                if !never.is_empty() {
+                    self.send(Lane::Control, &Message::TxnNone { txn, docs: never });
+                }
             }
-            (Phase::Open, Message::Synced) => {
-                self.asked_synced = false;
-                host.peer_synced(&self.config.peer);
+            (Phase::Open, Message::TxnNone { txn, docs }) => {
+                host.txn_not_from(&self.config.peer, TxnId(txn), &docs)
             }
             (Phase::Open, Message::Close { code, reason }) => self.finish(code, reason, true),
             (Phase::Closed, _) => {}
@@ -905,10 +923,7 @@ impl Session {
                         self.received.clear();
                     }
                     self.received.extend(applied.held.iter().copied());
-                    if self.peer_txn_synced && !self.asked_synced {
-                        self.asked_synced = true;
-                        self.send(Lane::Control, &Message::WhenSynced);
-                    }
+                    self.ask_about_held(host);
                 }
                 if !applied.applied.is_empty() {
                     if self.received.len() + applied.applied.len() > RECEIVED_MAX {
@@ -952,6 +967,23 @@ impl Session {
     /// Tells the host when reconciliation is over and nothing sent is
     /// waiting for an ack or queued: the peer then holds what this side
     /// had (as far as it can tell; the mark only steers hints).
+    /// Asks the peer, once per transaction, which missing members of the
+    /// transactions held with its changes it will never send.
+    fn ask_about_held(&mut self, host: &dyn Host) {
+        if !self.peer_txn_ask {
+            return;
+        }
+        for (txn, docs) in host.held_missing(&self.config.peer) {
+            if self.txn_asked.len() >= TXN_ASKS_MAX {
+                return;
+            }
+            if docs.is_empty() || !self.txn_asked.insert(txn) {
+                continue;
+            }
+            self.send(Lane::Control, &Message::TxnAsk { txn: txn.0, docs });
+        }
+    }
+
     fn maybe_synced(&mut self, host: &dyn Host) {
         if self.is_reconciled()
             && self.unacked.is_empty()
@@ -959,10 +991,6 @@ impl Session {
             && self.catchup_queue.is_empty()
         {
             host.mark_synced(&self.config.peer);
-            if self.synced_wanted {
-                self.synced_wanted = false;
-                self.send(Lane::Control, &Message::Synced);
-            }
         }
     }
 

@@ -54,9 +54,9 @@ pub mod capabilities {
     pub const RANGE_RECONCILE: u64 = 1;
     /// The sender accepts bundles of compressed frames ([`super::WIRE_BUNDLE`]).
     pub const BUNDLES: u64 = 1 << 1;
-    /// The sender understands [`super::Message::WhenSynced`] and
-    /// [`super::Message::Synced`] (changes held for their transaction).
-    pub const TXN_SYNCED: u64 = 1 << 2;
+    /// The sender understands [`super::Message::TxnAsk`] and
+    /// [`super::Message::TxnNone`] (changes held for their transaction).
+    pub const TXN_ASK: u64 = 1 << 2;
 }
 
 /// One protocol message.
@@ -136,14 +136,25 @@ pub enum Message {
         /// Why.
         reason: String,
     },
-    /// The sender holds back changes it received on this session for their
-    /// transaction: it asks to hear [`Message::Synced`] once the receiver
-    /// has sent everything it holds.
-    WhenSynced,
-    /// Everything the sender holds (for the receiver's scope) has been
-    /// sent and acknowledged since the last [`Message::WhenSynced`]:
-    /// members of a transaction still missing do not come from it.
-    Synced,
+    /// The sender holds back changes of transaction `txn` received on this
+    /// session, waiting for its members in `docs`: it asks which of them
+    /// the receiver will never send it.
+    TxnAsk {
+        /// The transaction.
+        txn: [u8; 16],
+        /// The members still missing.
+        docs: Vec<DocId>,
+    },
+    /// The answer to a [`Message::TxnAsk`]: the members among those asked
+    /// about that the sender never sends the receiver (outside what it
+    /// replicates, or what it sends that peer). Members it may send are
+    /// not listed: they arrive with reconciliation like any change.
+    TxnNone {
+        /// The transaction.
+        txn: [u8; 16],
+        /// The members that will not come from the sender.
+        docs: Vec<DocId>,
+    },
 }
 
 /// Codes of [`Message::Close`].
@@ -210,12 +221,15 @@ impl Message {
                     return Err(WireError::OverLimit("close reason"));
                 }
             }
+            Message::TxnAsk { docs, .. } | Message::TxnNone { docs, .. } => {
+                if docs.len() > crate::txn::TXN_DOCS_MAX {
+                    return Err(WireError::OverLimit("documents of a transaction"));
+                }
+            }
             Message::Hello { .. }
             | Message::Reconcile(_)
             | Message::ReconcileDone
-            | Message::Ack { .. }
-            | Message::WhenSynced
-            | Message::Synced => {}
+            | Message::Ack { .. } => {}
         }
         Ok(())
     }
@@ -233,8 +247,8 @@ impl Message {
             Message::Snapshot { .. } => "snapshot",
             Message::Ack { .. } => "ack",
             Message::Close { .. } => "close",
-            Message::WhenSynced => "when_synced",
-            Message::Synced => "synced",
+            Message::TxnAsk { .. } => "txn_ask",
+            Message::TxnNone { .. } => "txn_none",
         }
     }
 }

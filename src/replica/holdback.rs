@@ -7,10 +7,11 @@
 //! changes that must become visible together form a *group*: one or more
 //! transactions (two merge when a change depends on both) and their
 //! dependants. A group is handed out whole once every member it expects has
-//! arrived, or when a peer that delivered part of it reports it has nothing
-//! more to send ([`Holdback::release_from`]), and is dropped, never
-//! applied in part, when it outgrows its bounds (the changes come back with
-//! the next reconciliation).
+//! arrived (members this site does not replicate, and members a peer that
+//! delivered part of it says it never sends here, are not expected: see
+//! [`Holdback::not_expected`]), and is dropped, never applied in part, when
+//! it outgrows its bounds (the changes come back with the next
+//! reconciliation).
 //!
 //! Pure bookkeeping: no locks, no documents, no clock; the replica drives
 //! it under its own lock.
@@ -133,7 +134,7 @@ pub(super) enum Decision {
 pub(super) struct HoldCounters {
     /// Groups handed out complete.
     pub(super) completed: u64,
-    /// Groups handed out with members missing (their peer had no more).
+    /// Members given up on because their peer never sends them.
     pub(super) released_partial: u64,
     /// Groups dropped at a bound.
     pub(super) dropped: u64,
@@ -146,7 +147,10 @@ pub(super) struct Holdback {
     groups: HashMap<u64, Group>,
     next_group: u64,
     by_txn: HashMap<TxnId, u64>,
-    by_change: HashMap<ChangeHash, u64>,
+    /// Held changes by document and hash: one change can be in several
+    /// documents (same actor, history, ops and message: a transaction
+    /// creating two alike documents).
+    by_change: HashMap<(DocId, ChangeHash), u64>,
     recent: HashSet<TxnId>,
     recent_order: VecDeque<TxnId>,
     changes: usize,
@@ -223,14 +227,14 @@ impl Holdback {
         now: i64,
         expects: &dyn Fn(&DocId) -> bool,
     ) -> Decision {
-        let hash = change.hash();
-        if self.by_change.contains_key(&hash) {
+        let key = (doc.clone(), change.hash());
+        if self.by_change.contains_key(&key) {
             return Decision::Held;
         }
         let mut joined: Vec<u64> = change
             .deps()
             .iter()
-            .filter_map(|dep| self.by_change.get(dep).copied())
+            .filter_map(|dep| self.by_change.get(&(doc.clone(), *dep)).copied())
             .collect();
         let header = change
             .message()
@@ -291,7 +295,7 @@ impl Holdback {
         group.from.insert(from.clone());
         group.bytes += bytes;
         group.count += 1;
-        self.by_change.insert(hash, id);
+        self.by_change.insert(key, id);
         self.changes += 1;
         self.bytes += bytes;
         Decision::Held
@@ -301,9 +305,9 @@ impl Holdback {
         for txn in group.txns.keys() {
             self.by_txn.insert(*txn, to);
         }
-        for (_, changes) in group.changes.values() {
+        for (doc, (_, changes)) in &group.changes {
             for change in changes {
-                self.by_change.insert(change.hash(), to);
+                self.by_change.insert((doc.clone(), change.hash()), to);
             }
         }
     }
@@ -320,18 +324,36 @@ impl Holdback {
         done.into_iter().map(|id| self.remove(id)).collect()
     }
 
-    /// Takes out every group part of which came from `peer`: that peer has
-    /// sent everything it had, so what is still missing does not come from
-    /// it (outside its scope, or it never held it).
-    pub(super) fn release_from(&mut self, peer: &SiteName) -> Vec<Group> {
-        let ids: Vec<u64> = self
-            .groups
-            .iter()
-            .filter(|(_, g)| g.from.contains(peer))
-            .map(|(id, _)| *id)
-            .collect();
-        self.counters.released_partial += ids.len() as u64;
-        ids.into_iter().map(|id| self.remove(id)).collect()
+    /// The transactions of groups holding changes from `peer`, each with
+    /// its members still missing.
+    pub(super) fn missing_from(&self, peer: &SiteName) -> Vec<(TxnId, Vec<DocId>)> {
+        let mut missing: BTreeMap<TxnId, Vec<DocId>> = BTreeMap::new();
+        for group in self.groups.values().filter(|g| g.from.contains(peer)) {
+            for (txn, doc) in group.missing() {
+                missing.entry(txn).or_default().push(doc);
+            }
+        }
+        missing.into_iter().collect()
+    }
+
+    /// `peer`, which delivered part of `txn`, never sends its members
+    /// `docs`: the transaction stops waiting for them. A peer that
+    /// delivered none of it is not heeded.
+    pub(super) fn not_expected(&mut self, peer: &SiteName, txn: TxnId, docs: &[DocId]) {
+        let Some(&id) = self.by_txn.get(&txn) else {
+            return;
+        };
+        let group = self.groups.get_mut(&id).expect("indexed groups exist");
+        if !group.from.contains(peer) {
+            return;
+        }
+        if let Some(members) = group.txns.get_mut(&txn) {
+            let before = members.len();
+            members.retain(|m| !docs.contains(m) || group.present.contains(&(txn, m.clone())));
+            if members.len() < before {
+                self.counters.released_partial += 1;
+            }
+        }
     }
 
     /// Drops the oldest groups while over the count or byte bound, and
@@ -360,9 +382,9 @@ impl Holdback {
         for txn in group.txns.keys() {
             self.by_txn.remove(txn);
         }
-        for (_, changes) in group.changes.values() {
+        for (doc, (_, changes)) in &group.changes {
             for change in changes {
-                self.by_change.remove(&change.hash());
+                self.by_change.remove(&(doc.clone(), change.hash()));
             }
         }
         self.changes -= group.count;
@@ -511,28 +533,53 @@ mod tests {
     }
 
     #[test]
-    fn a_peer_with_nothing_more_releases_what_it_delivered() {
+    fn members_a_peer_never_sends_stop_being_waited_for() {
         let mut hold = Holdback::new(HoldLimits::default());
         let now = 0;
         hold.offer(
             &doc("a"),
-            &change(None, &header(1, &["a", "b"])),
+            &change(None, &header(1, &["a", "b", "c"])),
             &site("x"),
             now,
             &all,
         );
         hold.offer(
-            &doc("c"),
-            &change(None, &header(2, &["c", "d"])),
+            &doc("d"),
+            &change(None, &header(2, &["d", "e"])),
             &site("y"),
             now,
             &all,
         );
-        let released = hold.release_from(&site("x"));
+        assert_eq!(
+            hold.missing_from(&site("x")),
+            vec![(TxnId([1; 16]), vec![doc("b"), doc("c")])]
+        );
+        // Only the peer that delivered part of it is heeded.
+        hold.not_expected(&site("y"), TxnId([1; 16]), &[doc("b"), doc("c")]);
+        assert!(hold.take_complete().is_empty());
+        hold.not_expected(&site("x"), TxnId([1; 16]), &[doc("b")]);
+        assert!(hold.take_complete().is_empty(), "c is still expected");
+        hold.not_expected(&site("x"), TxnId([1; 16]), &[doc("c")]);
+        let released = hold.take_complete();
         assert_eq!(released.len(), 1);
-        assert_eq!(released[0].missing(), vec![(TxnId([1; 16]), doc("b"))]);
+        assert!(released[0].missing().is_empty());
         assert_eq!(hold.sizes().0, 1);
-        assert_eq!(hold.counters.released_partial, 1);
+        assert_eq!(hold.counters.released_partial, 2);
+    }
+
+    #[test]
+    fn one_change_in_two_documents_is_held_for_each() {
+        let mut hold = Holdback::new(HoldLimits::default());
+        // Alike fresh documents of one transaction: the very same change.
+        let twin = change(None, &header(1, &["a", "b"]));
+        hold.offer(&doc("a"), &twin, &site("x"), 0, &all);
+        assert!(hold.take_complete().is_empty());
+        assert_eq!(
+            hold.offer(&doc("b"), &twin, &site("x"), 0, &all),
+            Decision::Held
+        );
+        let group = hold.take_complete().pop().expect("both members arrived");
+        assert_eq!(group.changes.len(), 2);
     }
 
     #[test]

@@ -12,7 +12,7 @@
 //! held until the store reports the change durable; commits to different
 //! documents proceed in parallel and share the store's group commit.
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::ops::Bound;
 use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -334,6 +334,9 @@ struct Shared {
     txn_committed: std::sync::atomic::AtomicU64,
     /// How long applied transactions waited for members, in seconds.
     hold_times: Mutex<VecDeque<f64>>,
+    /// Documents whose unsaved changes must be written together (a failed
+    /// write of a transaction); overlapping sets are merged.
+    unsaved_groups: Mutex<Vec<BTreeSet<DocId>>>,
 }
 
 #[derive(Default)]
@@ -394,6 +397,10 @@ struct Loaded {
     /// the next write of this document is a whole snapshot, and the slot is
     /// not evicted until it succeeds.
     unsaved: bool,
+    /// Those unsaved changes were written together with other documents'
+    /// (a transaction): they are written again only together with them
+    /// ([`Replica::save_unsaved_groups`]), never alone.
+    grouped: bool,
 }
 
 /// Changes from a peer being merged into a loaded document.
@@ -487,6 +494,7 @@ impl Replica {
                 txn_counter: std::sync::atomic::AtomicU64::new(0),
                 txn_committed: std::sync::atomic::AtomicU64::new(0),
                 hold_times: Mutex::new(VecDeque::new()),
+                unsaved_groups: Mutex::new(Vec::new()),
             }),
         })
     }
@@ -987,6 +995,11 @@ impl Replica {
             applied.heads = self.merge_and_settle(id, &mut guard, &merge, bytes, from, txns)?;
         }
         drop(guard);
+        // Like a single document's, a transaction's unsaved changes are
+        // retried when changes arrive (with no lock held here).
+        if !lock(&self.shared.unsaved_groups).is_empty() {
+            self.save_unsaved_groups();
+        }
         for group in groups {
             let written = self.apply_group(group)?;
             if let Some((heads, done)) = written.get(id) {
@@ -1176,29 +1189,38 @@ impl Replica {
             }
         }
         fresh.sort_by(|a, b| docs[a.0].0.cmp(&docs[b.0].0));
-        // A document holding a member of a transaction whose other members
-        // are not stored with it here goes the way of changes, where the
-        // member can wait for the rest.
-        let alone = self.txns_not_whole(
-            &fresh
-                .iter()
-                .map(|(i, doc)| (&docs[*i].0, doc))
-                .collect::<Vec<_>>(),
-        );
-        fresh.retain(|(i, _)| !alone.contains(&docs[*i].0));
         let slots: Vec<Arc<Slot>> = fresh.iter().map(|(i, _)| self.slot(&docs[*i].0)).collect();
         let mut guards: Vec<MutexGuard<'_, Option<Loaded>>> =
             slots.iter().map(|slot| lock(&slot.loaded)).collect();
+        // Created meanwhile (a local write, another peer, changes that
+        // arrived first): merged alone below. Commits hold the slot lock
+        // until indexed, so with it held the index is current.
+        let mut whole: Vec<bool> = fresh
+            .iter()
+            .zip(&guards)
+            .map(|((i, _), guard)| {
+                guard.is_none() && !lock(&self.shared.state).index.contains_key(&docs[*i].0)
+            })
+            .collect();
+        // A document holding a member of a transaction whose other members
+        // are not stored with it here goes the way of changes, where the
+        // member can wait for the rest.
+        let candidates: Vec<(&DocId, &Automerge)> = fresh
+            .iter()
+            .zip(&whole)
+            .filter(|(_, whole)| **whole)
+            .map(|((i, doc), _)| (&docs[*i].0, doc))
+            .collect();
+        let (alone, txns) = self.txns_not_whole(&candidates);
+        for ((i, _), whole) in fresh.iter().zip(whole.iter_mut()) {
+            *whole &= !alone.contains(&docs[*i].0);
+        }
         let mut writes = Vec::new();
         let mut stored = Vec::new();
         let mut events = Vec::new();
-        for ((i, doc), guard) in fresh.iter().zip(guards.iter_mut()) {
+        for (((i, doc), _guard), whole) in fresh.iter().zip(guards.iter_mut()).zip(&whole) {
             let id = &docs[*i].0;
-            // Created meanwhile (a local write, another peer): merge it
-            // alone below.
-            // Commits hold the slot lock until indexed, so with it held the
-            // index is current for this document.
-            if guard.is_some() || lock(&self.shared.state).index.contains_key(id) {
+            if !*whole {
                 continue;
             }
             let heads = doc.get_heads();
@@ -1220,6 +1242,10 @@ impl Replica {
                 }
                 stored.clear();
             }
+        }
+        if !stored.is_empty() {
+            // Their members may still arrive as changes from a slower path.
+            self.note_applied(&txns);
         }
         let mut published = Vec::with_capacity(stored.len());
         for (i, heads) in stored {
@@ -1346,6 +1372,20 @@ impl Replica {
         // Published first: saving a whole document to compact it can take
         // milliseconds, and the peers need not wait for it.
         self.publish_all(events);
+        let ids: BTreeSet<DocId> = items.iter().map(|item| item.id.clone()).collect();
+        if let Some(blocked) = self.written_apart(&items, &ids).cloned() {
+            // Writing it now would store part of a transaction.
+            for item in &mut items {
+                item.guard.as_mut().expect("loaded").unsaved = true;
+            }
+            self.group_unsaved(&mut items, ids);
+            return Err(Error::NotDurable {
+                doc: blocked.clone(),
+                source: StoreError::Backend(format!(
+                    "{blocked} holds changes of a transaction whose write failed; they are written together with the rest of it"
+                )),
+            });
+        }
         let mut writes = Vec::new();
         let mut snapshot_lens = Vec::with_capacity(items.len());
         for (item, (heads, changes, compact, _, _)) in items.iter_mut().zip(&mut plans) {
@@ -1375,10 +1415,19 @@ impl Replica {
                 tracing::warn!(doc = %item.id, error = %e, "store write failed; the changes stay in memory until the document's next write");
                 item.guard.as_mut().expect("loaded").unsaved = true;
             }
+            if items.len() > 1 {
+                self.group_unsaved(&mut items, ids);
+            }
             return Err(Error::NotDurable {
                 doc: first,
                 source: e,
             });
+        }
+        if items
+            .iter()
+            .any(|item| item.guard.as_ref().is_some_and(|l| l.grouped))
+        {
+            lock(&self.shared.unsaved_groups).retain(|group| !group.is_subset(&ids));
         }
         let mut all_heads = Vec::with_capacity(items.len());
         for ((item, (heads, _, _, appended_changes, appended_bytes)), snapshot_len) in
@@ -1386,6 +1435,7 @@ impl Replica {
         {
             let loaded = item.guard.as_mut().expect("loaded");
             loaded.unsaved = false;
+            loaded.grouped = false;
             match snapshot_len {
                 Some(len) => {
                     loaded.snapshot_bytes = len;
@@ -1436,10 +1486,104 @@ impl Replica {
         id: &DocId,
         guard: &mut MutexGuard<'_, Option<Loaded>>,
     ) -> Result<(), Error> {
-        if guard.as_ref().is_some_and(|loaded| loaded.unsaved) {
+        // Grouped ones are written with their group, by the sweep.
+        if guard
+            .as_ref()
+            .is_some_and(|loaded| loaded.unsaved && !loaded.grouped)
+        {
             self.persist(id, guard, Vec::new(), Vec::new())?;
         }
         Ok(())
+    }
+
+    /// The first of `items` whose unsaved changes belong to a group of
+    /// documents `ids` does not cover: it cannot be written in this write.
+    fn written_apart<'i>(
+        &self,
+        items: &'i [Persist<'_, '_>],
+        ids: &BTreeSet<DocId>,
+    ) -> Option<&'i DocId> {
+        let grouped: Vec<&DocId> = items
+            .iter()
+            .filter(|item| item.guard.as_ref().is_some_and(|l| l.unsaved && l.grouped))
+            .map(|item| item.id)
+            .collect();
+        if grouped.is_empty() {
+            return None;
+        }
+        let groups = lock(&self.shared.unsaved_groups);
+        grouped.into_iter().find(|id| {
+            groups
+                .iter()
+                .any(|group| group.contains(*id) && !group.is_subset(ids))
+        })
+    }
+
+    /// Records that the unsaved changes of `items` (documents `ids`) must
+    /// be written together, merged with any group they overlap.
+    fn group_unsaved(&self, items: &mut [Persist<'_, '_>], mut ids: BTreeSet<DocId>) {
+        for item in items.iter_mut() {
+            item.guard.as_mut().expect("loaded").grouped = true;
+        }
+        let mut groups = lock(&self.shared.unsaved_groups);
+        groups.retain(|group| {
+            if group.is_disjoint(&ids) {
+                true
+            } else {
+                ids.extend(group.iter().cloned());
+                false
+            }
+        });
+        groups.push(ids);
+    }
+
+    /// Writes the unsaved changes of each group of documents together
+    /// (taking their locks in id order), for the groups a failed write of a
+    /// transaction left. Members no longer holding unsaved changes (dropped
+    /// meanwhile) leave their group. Returns how many groups were written.
+    fn save_unsaved_groups(&self) -> usize {
+        let groups: Vec<BTreeSet<DocId>> = lock(&self.shared.unsaved_groups).clone();
+        let mut written = 0;
+        for group in groups {
+            let ids: Vec<DocId> = group.iter().cloned().collect();
+            let slots: Vec<Arc<Slot>> = ids.iter().map(|id| self.slot(id)).collect();
+            let mut guards: Vec<MutexGuard<'_, Option<Loaded>>> =
+                slots.iter().map(|slot| lock(&slot.loaded)).collect();
+            let members: BTreeSet<DocId> = ids
+                .iter()
+                .zip(&guards)
+                .filter(|(_, guard)| guard.as_ref().is_some_and(|l| l.unsaved && l.grouped))
+                .map(|(id, _)| id.clone())
+                .collect();
+            {
+                let mut shared = lock(&self.shared.unsaved_groups);
+                shared.retain(|g| *g != group);
+                if !members.is_empty() {
+                    shared.push(members.clone());
+                }
+            }
+            let items: Vec<Persist<'_, '_>> = ids
+                .iter()
+                .zip(guards.iter_mut())
+                .filter(|(id, _)| members.contains(*id))
+                .map(|(id, guard)| Persist {
+                    id,
+                    guard,
+                    parts: Vec::new(),
+                    extra: Vec::new(),
+                })
+                .collect();
+            if items.is_empty() {
+                continue;
+            }
+            match self.persist_many(items) {
+                Ok(_) => written += 1,
+                Err(e) => {
+                    tracing::warn!(docs = members.len(), error = %e, "unsaved changes of a transaction still not written")
+                }
+            }
+        }
+        written
     }
 
     /// Drops a document's loaded state. If it held unsaved changes, they may
@@ -1551,6 +1695,7 @@ impl Replica {
     /// loaded while the store still fails).
     pub fn evict_idle(&self) -> usize {
         self.expire_held();
+        self.save_unsaved_groups();
         let idle = self.shared.options.cache_idle;
         let now = std::time::Instant::now();
         let unsaved: Vec<(DocId, Arc<Slot>)> = {
@@ -1659,6 +1804,7 @@ impl Replica {
                     appended_bytes: 0,
                     snapshot_bytes: 0,
                     unsaved: false,
+                    grouped: false,
                 },
             });
         }
@@ -1677,6 +1823,7 @@ impl Replica {
             appended_bytes: stored.changes.iter().map(Vec::len).sum(),
             snapshot_bytes: stored.snapshot.as_ref().map_or(0, Vec::len),
             unsaved: false,
+            grouped: false,
         })
     }
 }

@@ -46,8 +46,9 @@ pub struct TxnStats {
     pub held_bytes: usize,
     /// Held transactions applied once complete.
     pub completed: u64,
-    /// Held transactions applied with members missing: the peer that
-    /// delivered them had nothing more to send.
+    /// Members of held transactions given up on, because the peer that
+    /// delivered the rest never sends them (it does not replicate them, or
+    /// does not send them here).
     pub released_partial: u64,
     /// Held transactions dropped at a bound (they come back with the next
     /// reconciliation).
@@ -309,22 +310,38 @@ impl Replica {
         lock(&self.shared.hold_times).drain(..).collect()
     }
 
-    /// Tells the replica that `peer` has sent everything it holds (its
-    /// session has nothing in flight): transactions it delivered part of
-    /// will get no more members from it, so they are applied with the
-    /// members that arrived.
-    pub fn peer_synced(&self, peer: &SiteName) {
-        let groups = lock(&self.shared.holdback).release_from(peer);
+    /// Whether this site replicates `doc` ([`ReplicaOptions::replicates`]).
+    ///
+    /// [`ReplicaOptions::replicates`]: crate::ReplicaOptions::replicates
+    pub fn replicates(&self, doc: &DocId) -> bool {
+        (self.shared.options.replicates)(doc)
+    }
+
+    /// The transactions held back with changes `peer` delivered, each with
+    /// the members it still lacks.
+    pub fn held_missing(&self, peer: &SiteName) -> Vec<(TxnId, Vec<DocId>)> {
+        lock(&self.shared.holdback).missing_from(peer)
+    }
+
+    /// `peer` says the members `docs` of `txn` never come from it (outside
+    /// what it replicates or sends here): the transaction stops waiting
+    /// for them, and is applied if nothing else is missing. They become
+    /// visible here only if they arrive by another way.
+    pub fn txn_not_from(&self, peer: &SiteName, txn: TxnId, docs: &[DocId]) {
+        let groups = {
+            let mut holdback = lock(&self.shared.holdback);
+            holdback.not_expected(peer, txn, docs);
+            holdback.take_complete()
+        };
         for group in groups {
-            let missing = group.missing();
             tracing::info!(
                 %peer,
-                txns = group.txns.len(),
-                missing = missing.len(),
-                "applied a transaction without members its peer does not replicate"
+                %txn,
+                left_out = docs.len(),
+                "applied a transaction without members its peer never sends here"
             );
             if let Err(e) = self.apply_group(group) {
-                tracing::warn!(%peer, error = %e, "a released transaction could not be applied");
+                tracing::warn!(%peer, error = %e, "a held transaction could not be applied");
             }
         }
     }
@@ -358,10 +375,7 @@ impl Replica {
     /// Applies a group of held changes whole: every document's changes in
     /// one durable write, published together. Returns the new heads of
     /// each document written and the changes of the group it held.
-    pub(super) fn apply_group(
-        &self,
-        group: Group,
-    ) -> Result<GroupWritten, Error> {
+    pub(super) fn apply_group(&self, group: Group) -> Result<GroupWritten, Error> {
         let waited_ms = self
             .shared
             .options
@@ -471,8 +485,11 @@ impl Replica {
     /// Fresh documents (id, loaded) arriving whole together: those holding
     /// a member of a transaction whose other members this site replicates
     /// are not all among them (holding it too) must go the way of changes.
-    /// Returns their ids.
-    pub(super) fn txns_not_whole(&self, fresh: &[(&DocId, &Automerge)]) -> HashSet<DocId> {
+    /// Returns their ids, and the transactions the others hold whole.
+    pub(super) fn txns_not_whole(
+        &self,
+        fresh: &[(&DocId, &Automerge)],
+    ) -> (HashSet<DocId>, Vec<TxnId>) {
         let found: Vec<(DocId, Vec<TxnHeader>)> = fresh
             .iter()
             .map(|(id, doc)| ((*id).clone(), txns_in(id, doc)))
@@ -515,7 +532,14 @@ impl Replica {
                 break;
             }
         }
-        alone
+        let mut whole: Vec<TxnId> = found
+            .iter()
+            .filter(|(id, _)| !alone.contains(id))
+            .flat_map(|(_, headers)| headers.iter().map(|h| h.id))
+            .collect();
+        whole.sort_unstable();
+        whole.dedup();
+        (alone, whole)
     }
 
     /// [`Replica::transact`] if `precondition` holds.
