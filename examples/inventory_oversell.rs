@@ -56,6 +56,7 @@ fn backorder(conflict: &Conflict, doc: &serde_json::Value) -> Option<Resolution>
         ops,
         how: "backorder".to_owned(),
         note: Some(format!("{short} unit(s) oversold, backordered")),
+        docs: Vec::new(),
     })
 }
 

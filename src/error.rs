@@ -73,6 +73,10 @@ pub enum Error {
         /// Its status.
         status: crate::conflict::Status,
     },
+    /// A resolver named other documents each time it was asked again under
+    /// their locks; the report stays open.
+    #[error("the resolver of conflict {0} named different documents each time it was asked; the report stays open")]
+    ResolverUnstable(crate::conflict::ConflictId),
     /// The document does not fit the Rust type.
     #[error("hydrate: {0}")]
     Hydrate(Box<autosurgeon::HydrateError>),

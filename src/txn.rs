@@ -93,6 +93,21 @@ impl serde::Serialize for TxnId {
     }
 }
 
+impl<'de> serde::Deserialize<'de> for TxnId {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<TxnId, D::Error> {
+        let text = String::deserialize(d)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// The transaction of a change, read from its message (`None` for a
+/// change outside any transaction).
+pub fn txn_of_message(message: Option<&str>) -> Option<TxnId> {
+    message
+        .and_then(TxnHeader::parse)
+        .map(|(header, _)| header.id)
+}
+
 /// The transaction a change belongs to, as its message records it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TxnHeader {

@@ -725,6 +725,7 @@ fn rust_resolvers_return_ops_that_commit_with_the_status() {
             .unwrap(),
             how: "refund".to_owned(),
             note: Some(format!("refunded {} orders", -stock)),
+            docs: Vec::new(),
         })
     };
     let config = ConflictConfig::default()
@@ -883,4 +884,205 @@ fn lost_writes_keep_their_place_inside_the_deleted_object() {
         ]
     );
     assert_eq!(all(&b), reports);
+}
+
+/// Each site takes one order of the last unit in a transaction: the order
+/// document and the stock's decrement, which records the order.
+fn sell_last_unit(site: &Replica, order: &str) -> archipelago::txn::TxnCommit {
+    use archipelago::txn::{Precondition, Txn, TxnDoc};
+    site.commit_txn(&Txn {
+        docs: vec![
+            TxnDoc {
+                id: id(&format!("orders/{order}")),
+                ops: ops(json!([{"op": "set", "path": "/status", "value": "placed"}])),
+                precondition: Precondition::none(),
+            },
+            TxnDoc {
+                id: id("inventory/sku-7"),
+                ops: ops(json!([{"op": "inc", "path": "/stock", "by": -1},
+                                {"op": "set", "path": format!("/orders/{order}"), "value": 1}])),
+                precondition: Precondition::none(),
+            },
+        ],
+        message: Some(format!("order {order}")),
+    })
+    .unwrap()
+}
+
+/// Ships every document of the oversell scenario both ways until equal.
+fn sync_all(sites: &[&Replica]) {
+    for _ in 0..3 {
+        for doc in ["inventory/sku-7", "orders/o-east", "orders/o-south"] {
+            for from in sites {
+                let Some(changes) = from.changes_after(&id(doc), &[]).unwrap() else {
+                    continue;
+                };
+                for to in sites {
+                    if to.site() != from.site() {
+                        to.apply_changes(&id(doc), &changes, Origin::Peer(from.site().clone()))
+                            .unwrap();
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn a_resolution_can_cancel_the_order_and_restock_in_one_transaction() {
+    // The resolver cancels the order of the site whose name sorts last,
+    // restocking its unit, in one transaction across both documents.
+    let cancel = |conflict: &Conflict, doc: &serde_json::Value| -> Option<Resolution> {
+        assert!(
+            conflict.values.iter().all(|v| v.txn.is_some()),
+            "each competing change names its transaction: {conflict:#?}"
+        );
+        let order = doc["orders"].as_object()?.keys().max()?.clone();
+        Some(Resolution {
+            ops: ops(json!([{"op": "inc", "path": "/stock", "by": 1},
+                            {"op": "del", "path": format!("/orders/{order}")}])),
+            how: "cancel".to_owned(),
+            note: Some(format!("cancelled {order}")),
+            docs: vec![(
+                id(&format!("orders/{order}")),
+                ops(json!([{"op": "set", "path": "/status", "value": "cancelled"}])),
+            )],
+        })
+    };
+    let config = ConflictConfig::default()
+        .with_rule(
+            stock_rule()
+                .resolver("us-east".parse().unwrap())
+                .policy(Policy::Custom(Arc::new(cancel))),
+        )
+        .unwrap();
+    let doc = id("inventory/sku-7");
+    let (south, east) = shared_base(
+        &config,
+        &doc,
+        json!([{"op": "set", "path": "/stock", "value": 1, "as": "counter"},
+               {"op": "set", "path": "/orders", "value": {}}]),
+    );
+    let sold_south = sell_last_unit(&south, "o-south");
+    let sold_east = sell_last_unit(&east, "o-east");
+    sync_all(&[&south, &east]);
+
+    let report = all(&east)
+        .into_iter()
+        .find(|c| c.kind == Kind::Invariant)
+        .expect("the oversell is reported");
+    assert_eq!(report.status, Status::Resolved, "{report:#?}");
+    assert_eq!(report.note.as_deref(), Some("cancelled o-south"));
+    let mut txns: Vec<_> = report.values.iter().filter_map(|v| v.txn).collect();
+    txns.sort();
+    let mut sold = vec![sold_south.txn, sold_east.txn];
+    sold.sort();
+    assert_eq!(txns, sold, "the values name the two sales");
+    for site in [&south, &east] {
+        let stock = site.read_json(&doc, None).unwrap().unwrap().value;
+        assert_eq!(stock["stock"], 0, "{stock}");
+        assert_eq!(stock["orders"], json!({"o-east": 1}));
+        let order = site
+            .read_json(&id("orders/o-south"), None)
+            .unwrap()
+            .unwrap();
+        assert_eq!(order.value["status"], "cancelled");
+    }
+    // The closing and the cancellation are one transaction.
+    let closing = report.resolved_change.unwrap();
+    let stock_history = east.history(&doc).unwrap().unwrap();
+    let closing_txn = stock_history
+        .iter()
+        .find(|c| c.hash == closing)
+        .and_then(|c| c.txn)
+        .expect("the closing belongs to a transaction");
+    let order_history = east.history(&id("orders/o-south")).unwrap().unwrap();
+    assert_eq!(order_history.last().unwrap().txn, Some(closing_txn));
+    // Exactly once: one closing in the document.
+    let again = east.resolve_pending().unwrap();
+    assert_eq!(again, 0);
+}
+
+#[test]
+fn a_person_can_resolve_with_edits_of_other_documents() {
+    let config = ConflictConfig::default().with_rule(stock_rule()).unwrap();
+    let doc = id("inventory/sku-7");
+    let (south, east) = shared_base(
+        &config,
+        &doc,
+        json!([{"op": "set", "path": "/stock", "value": 1, "as": "counter"},
+               {"op": "set", "path": "/orders", "value": {}}]),
+    );
+    sell_last_unit(&south, "o-south");
+    sell_last_unit(&east, "o-east");
+    sync_all(&[&south, &east]);
+    let report = all(&south)
+        .into_iter()
+        .find(|c| c.kind == Kind::Invariant)
+        .unwrap();
+    assert_eq!(report.status, Status::Open);
+    let twice = south.resolve_conflict_with(
+        &report.id,
+        &[],
+        &[
+            (
+                id("orders/o-east"),
+                ops(json!([{"op": "set", "path": "/x", "value": 1}])),
+            ),
+            (
+                id("orders/o-east"),
+                ops(json!([{"op": "set", "path": "/y", "value": 1}])),
+            ),
+        ],
+        None,
+    );
+    assert!(matches!(twice, Err(Error::Txn(_))), "{twice:?}");
+    // An op that does not fit another document: nothing changes.
+    let bad = south.resolve_conflict_with(
+        &report.id,
+        &ops(json!([{"op": "inc", "path": "/stock", "by": 1}])),
+        &[(
+            id("orders/o-east"),
+            ops(json!([{"op": "inc", "path": "/status", "by": 1}])),
+        )],
+        None,
+    );
+    assert!(
+        matches!(bad, Err(Error::TxnOp { ref doc, .. }) if *doc == id("orders/o-east")),
+        "{bad:?}"
+    );
+    assert_eq!(
+        south.conflict(&report.id).unwrap().unwrap().status,
+        Status::Open
+    );
+    let closed = south
+        .resolve_conflict_with(
+            &report.id,
+            &ops(json!([{"op": "inc", "path": "/stock", "by": 1}])),
+            &[(
+                id("orders/o-east"),
+                ops(json!([{"op": "set", "path": "/status", "value": "cancelled"}])),
+            )],
+            Some("cancelled o-east by hand"),
+        )
+        .unwrap();
+    assert_eq!(closed.status, Status::Resolved);
+    sync_all(&[&south, &east]);
+    for site in [&south, &east] {
+        assert_eq!(
+            site.read_json(&doc, None).unwrap().unwrap().value["stock"],
+            0
+        );
+        assert_eq!(
+            site.read_json(&id("orders/o-east"), None)
+                .unwrap()
+                .unwrap()
+                .value["status"],
+            "cancelled"
+        );
+        assert_eq!(
+            site.conflict(&report.id).unwrap().unwrap().status,
+            Status::Resolved
+        );
+    }
 }

@@ -245,6 +245,7 @@ fn concurrent_writes(input: &DetectInput<'_>) -> Vec<Body> {
                 site: site_of_actor(&actor),
                 actor: actor.to_hex_string(),
                 change,
+                txn: None,
             });
         }
         if values.len() < 2 || (!has_object && values.iter().all(|v| v.value == values[0].value)) {
@@ -453,6 +454,7 @@ fn delete_updates(input: &DetectInput<'_>, divergent: &mut Divergent<'_>) -> Vec
                 site: site_of_actor(&delete.actor),
                 actor: delete.actor.to_hex_string(),
                 change: delete.change,
+                txn: None,
             }];
             // One value per change and object written: what the change wrote
             // there, nested under its place inside the deleted object
@@ -507,6 +509,7 @@ fn delete_updates(input: &DetectInput<'_>, divergent: &mut Divergent<'_>) -> Vec
                     site: site_of_actor(&w.actor),
                     actor: w.actor.to_hex_string(),
                     change,
+                    txn: None,
                 });
             }
             let path = pointer_text(&props);
@@ -768,6 +771,7 @@ fn invariant_failures(
                 site: site_of_actor(actor),
                 actor: actor.to_hex_string(),
                 change: *change,
+                txn: None,
             })
             .collect();
         let changes: Vec<ChangeHash> = involved.keys().copied().collect();

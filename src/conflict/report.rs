@@ -160,6 +160,10 @@ pub struct ConflictValue {
     pub actor: String,
     /// The change that wrote it.
     pub change: ChangeHash,
+    /// The transaction that change belongs to, if any: the other documents
+    /// it wrote changed with it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub txn: Option<crate::txn::TxnId>,
 }
 
 /// A conflict report.

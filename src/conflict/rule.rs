@@ -78,6 +78,11 @@ pub struct Resolution {
     pub how: String,
     /// A note recorded in the report.
     pub note: Option<String>,
+    /// Edits of other documents (each at most once), committed with the
+    /// closing as one transaction: cancel the order and restock in one
+    /// atomic step. Resolutions with such edits run once the merge that
+    /// raised the report is durable, taking every document's lock.
+    pub docs: Vec<(crate::id::DocId, Vec<Op>)>,
 }
 
 /// Resolves reports in Rust. Runs at the conflict's resolver site only,

@@ -2,14 +2,16 @@
 //! report index, automatic resolution at the resolver site, and the manual
 //! resolve and dismiss calls.
 
+use std::collections::{BTreeSet, HashSet};
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::Ordering;
-use std::sync::MutexGuard;
+use std::sync::{Arc, MutexGuard};
 
 use automerge::transaction::{CommitOptions, Transactable};
 use automerge::{Automerge, Patch, ReadDoc, ROOT};
 
-use super::{lock, Loaded, Merge, Part, Replica, Settled};
+use super::txn::Edit;
+use super::{lock, Loaded, Merge, Part, Replica, Settled, Slot};
 use crate::conflict::{
     self, body_key, read_report, report_ids_in_patches, reports_in, status_key, Conflict,
     ConflictId, DetectInput, Filter, Kind, Policy, Resolution, Status,
@@ -32,7 +34,14 @@ struct Closing {
     how: String,
     note: Option<String>,
     ops: Vec<Op>,
+    /// Edits of other documents, committed with the closing as one
+    /// transaction.
+    docs: Vec<(DocId, Vec<Op>)>,
 }
+
+/// Most times a closing that writes other documents is decided again
+/// because its resolver named documents not locked yet.
+const CLOSE_ATTEMPTS_MAX: usize = 4;
 
 impl Replica {
     /// Reports known here that pass `filter`, oldest first.
@@ -74,6 +83,28 @@ impl Replica {
         ops: &[Op],
         note: Option<&str>,
     ) -> Result<Conflict, Error> {
+        self.resolve_conflict_with(id, ops, &[], note)
+    }
+
+    /// [`Replica::resolve_conflict`], with edits of other documents too
+    /// (`docs`, each at most once): the closing, `ops` and those edits
+    /// commit as one transaction, so compensating an oversold order can
+    /// cancel the order and restock in one atomic step, visible whole at
+    /// every site.
+    pub fn resolve_conflict_with(
+        &self,
+        id: &ConflictId,
+        ops: &[Op],
+        docs: &[(DocId, Vec<Op>)],
+        note: Option<&str>,
+    ) -> Result<Conflict, Error> {
+        let mut seen = HashSet::new();
+        if let Some((doc, _)) = docs.iter().find(|(doc, _)| !seen.insert(doc)) {
+            return Err(crate::txn::TxnError::Duplicate(doc.clone()).into());
+        }
+        if docs.len() + 1 > crate::txn::TXN_DOCS_MAX {
+            return Err(crate::txn::TxnError::TooManyDocs(docs.len() + 1).into());
+        }
         self.close(id, |_| {
             Ok(Some(Closing {
                 id: id.clone(),
@@ -81,6 +112,7 @@ impl Replica {
                 how: "manual".to_owned(),
                 note: note.map(str::to_owned),
                 ops: ops.to_vec(),
+                docs: docs.to_vec(),
             }))
         })
     }
@@ -94,6 +126,7 @@ impl Replica {
                 how: "dismissed".to_owned(),
                 note: note.map(str::to_owned),
                 ops: Vec::new(),
+                docs: Vec::new(),
             }))
         })
     }
@@ -157,55 +190,145 @@ impl Replica {
         Ok(closed)
     }
 
+    /// Runs the automatic resolutions that edit other documents, put aside
+    /// while a merge held a lock (call with no document lock held).
+    pub(super) fn run_deferred_resolutions(&self) {
+        let ids: Vec<ConflictId> = std::mem::take(&mut *lock(&self.shared.deferred_resolutions));
+        for id in ids {
+            let result = self.close(&id, |doc| {
+                Ok(read_report(doc, &id).and_then(|current| self.auto_resolution(&current, doc)))
+            });
+            match result {
+                Ok(_) | Err(Error::ConflictClosed { .. }) => {}
+                Err(e) => tracing::warn!(conflict = %id, error = %e, "automatic resolution failed"),
+            }
+        }
+    }
+
     /// Closes report `id` as `decide` says (under the document's lock, only
     /// while the report is open). `decide` returning `None` leaves it open.
+    /// A closing that edits other documents takes their locks too (all in
+    /// id order) and commits with them as one transaction; since the
+    /// documents are known only from the decision, it is made again under
+    /// the locks until they cover what it names.
     fn close(
         &self,
         id: &ConflictId,
-        decide: impl FnOnce(&Automerge) -> Result<Option<Closing>, Error>,
+        decide: impl Fn(&Automerge) -> Result<Option<Closing>, Error>,
     ) -> Result<Conflict, Error> {
         let indexed = self
             .conflict(id)?
             .ok_or_else(|| Error::ConflictNotFound(id.clone()))?;
         let doc_id = indexed.doc;
-        let slot = self.slot(&doc_id);
-        let mut guard = lock(&slot.loaded);
-        let loaded = self.ensure_loaded(&doc_id, &mut guard)?;
-        let current =
-            read_report(&loaded.doc, id).ok_or_else(|| Error::ConflictNotFound(id.clone()))?;
-        if current.status != Status::Open {
-            return Err(Error::ConflictClosed {
-                id: id.clone(),
-                status: current.status,
-            });
+        let mut others: BTreeSet<DocId> = BTreeSet::new();
+        for _ in 0..CLOSE_ATTEMPTS_MAX {
+            let mut ids = others.clone();
+            ids.insert(doc_id.clone());
+            let ids: Vec<DocId> = ids.into_iter().collect();
+            let at = ids
+                .iter()
+                .position(|d| *d == doc_id)
+                .expect("inserted above");
+            let slots: Vec<Arc<Slot>> = ids.iter().map(|d| self.slot(d)).collect();
+            let mut guards: Vec<MutexGuard<'_, Option<Loaded>>> =
+                slots.iter().map(|slot| lock(&slot.loaded)).collect();
+            let loaded = self.ensure_loaded(&doc_id, &mut guards[at])?;
+            let current =
+                read_report(&loaded.doc, id).ok_or_else(|| Error::ConflictNotFound(id.clone()))?;
+            if current.status != Status::Open {
+                return Err(Error::ConflictClosed {
+                    id: id.clone(),
+                    status: current.status,
+                });
+            }
+            let Some(mut closing) = decide(&loaded.doc)? else {
+                return Ok(current);
+            };
+            // Edits the resolver gave for the conflict's own document join
+            // the closing's.
+            if let Some(k) = closing.docs.iter().position(|(d, _)| *d == doc_id) {
+                let (_, ops) = closing.docs.remove(k);
+                closing.ops.extend(ops);
+            }
+            let wanted: BTreeSet<DocId> = closing.docs.iter().map(|(d, _)| d.clone()).collect();
+            if !wanted.is_subset(&others) {
+                others = wanted;
+                continue;
+            }
+            let now = self.shared.options.clock.now_ms();
+            if wanted.is_empty() {
+                let guard = &mut guards[at];
+                let loaded = guard.as_mut().expect("loaded above");
+                let mut tx = loaded.doc.transaction();
+                if let Err(e) = self.write_closing(&mut tx, &closing, now) {
+                    tx.rollback();
+                    return Err(e);
+                }
+                let options = CommitOptions::default()
+                    .with_time(now)
+                    .with_message(format!("archipelago: conflict {id} {}", closing.how));
+                let hash = tx
+                    .commit_with(options)
+                    .0
+                    .expect("a closing writes the status key");
+                let change = loaded
+                    .doc
+                    .get_change_by_hash(&hash)
+                    .expect("a change just committed is in the document")
+                    .raw_bytes()
+                    .to_vec();
+                let report = read_report(&loaded.doc, id).expect("the report was just read");
+                let extra = vec![index_write(&report)];
+                self.persist(&doc_id, guard, vec![Part::local(change, hash)], extra)?;
+                let _ = self.shared.conflict_events.send(report.clone());
+                return Ok(report);
+            }
+            for (k, other) in ids.iter().enumerate() {
+                if k != at {
+                    self.ensure_loaded_or_new(other, &mut guards[k])?;
+                }
+            }
+            let closing = &closing;
+            let edits: Vec<Option<Edit<'_>>> = ids
+                .iter()
+                .map(|d| {
+                    if *d == doc_id {
+                        Some(
+                            Box::new(move |tx: &mut automerge::transaction::Transaction<'_>| {
+                                self.write_closing(tx, closing, now)
+                            }) as Edit<'_>,
+                        )
+                    } else {
+                        closing.docs.iter().find(|(o, _)| o == d).map(|(o, ops)| {
+                            Box::new(move |tx: &mut automerge::transaction::Transaction<'_>| {
+                                doc::ops::apply_ops(tx, ops).map_err(|e| Error::TxnOp {
+                                    doc: o.clone(),
+                                    source: Box::new(e),
+                                })
+                            }) as Edit<'_>
+                        })
+                    }
+                })
+                .collect();
+            let message = format!("archipelago: conflict {id} {}", closing.how);
+            // The index entry is written with the closing, in its write.
+            let mut index = |k: usize, doc: &Automerge| {
+                if k == at {
+                    read_report(doc, id)
+                        .map(|r| vec![index_write(&r)])
+                        .unwrap_or_default()
+                } else {
+                    Vec::new()
+                }
+            };
+            self.commit_locked(&ids, &mut guards, edits, &mut index, Some(&message))?;
+            let loaded = guards[at].as_ref().expect("loaded above");
+            let report = read_report(&loaded.doc, id).expect("the report was just read");
+            drop(guards);
+            let _ = self.shared.conflict_events.send(report.clone());
+            return Ok(report);
         }
-        let Some(closing) = decide(&loaded.doc)? else {
-            return Ok(current);
-        };
-        let now = self.shared.options.clock.now_ms();
-        let mut tx = loaded.doc.transaction();
-        if let Err(e) = self.write_closing(&mut tx, &closing, now) {
-            tx.rollback();
-            return Err(e);
-        }
-        let options = CommitOptions::default()
-            .with_time(now)
-            .with_message(format!("archipelago: conflict {id} {}", closing.how));
-        let hash = tx
-            .commit_with(options)
-            .0
-            .expect("a closing writes the status key");
-        let change = loaded
-            .doc
-            .get_change_by_hash(&hash)
-            .expect("a change just committed is in the document")
-            .raw_bytes()
-            .to_vec();
-        let report = read_report(&loaded.doc, id).expect("the report was just read");
-        let extra = vec![index_write(&report)];
-        self.persist(&doc_id, &mut guard, vec![Part::local(change, hash)], extra)?;
-        let _ = self.shared.conflict_events.send(report.clone());
-        Ok(report)
+        Err(Error::ResolverUnstable(id.clone()))
     }
 
     fn write_closing(
@@ -246,6 +369,7 @@ impl Replica {
                 ops: Vec::new(),
                 how: "accept".to_owned(),
                 note: None,
+                docs: Vec::new(),
             }),
             Policy::Clamp => clamp(config, conflict, doc),
             Policy::PreferSite(site) => prefer_site(conflict, doc, site),
@@ -264,6 +388,7 @@ impl Replica {
             how: resolution.how,
             note: resolution.note,
             ops: resolution.ops,
+            docs: resolution.docs,
         })
     }
 
@@ -320,7 +445,14 @@ impl Replica {
         };
         let mut reports: Vec<Conflict> = Vec::new();
         let mut new_bodies = Vec::new();
-        for body in bodies {
+        for mut body in bodies {
+            // Each competing change names its transaction, if any: the
+            // other documents that changed with it.
+            for value in &mut body.values {
+                value.txn = doc
+                    .get_change_meta_by_hash(&value.change)
+                    .and_then(|meta| crate::txn::txn_of_message(meta.message.as_deref()));
+            }
             match read_report(doc, &body.id) {
                 Some(existing) => reports.push(existing),
                 None => {
@@ -339,10 +471,16 @@ impl Replica {
         touched.extend(reports.iter().map(|r| r.id.clone()));
         touched.sort();
         touched.dedup();
-        let mut closings: Vec<Closing> = reports
+        let (mut closings, wider): (Vec<Closing>, Vec<Closing>) = reports
             .iter()
             .filter_map(|r| self.auto_resolution(r, doc))
-            .collect();
+            .partition(|c| c.docs.is_empty());
+        // A resolution that edits other documents needs their locks: it
+        // runs once this merge is durable and the lock released
+        // ([`Replica::run_deferred_resolutions`]).
+        if !wider.is_empty() {
+            lock(&self.shared.deferred_resolutions).extend(wider.into_iter().map(|c| c.id));
+        }
 
         let mut parts = Vec::new();
         if !new_bodies.is_empty() || !closings.is_empty() {
@@ -509,6 +647,7 @@ fn clamp(
                     "{} is {current}, within bounds again",
                     conflict.path
                 )),
+                docs: Vec::new(),
             })
         }
         _ => return None,
@@ -522,6 +661,7 @@ fn clamp(
             conflict.path,
             target - current
         )),
+        docs: Vec::new(),
     })
 }
 
@@ -538,6 +678,7 @@ fn prefer_site(conflict: &Conflict, doc: &Automerge, site: &crate::SiteName) -> 
             ops: Vec::new(),
             how,
             note: None,
+            docs: Vec::new(),
         });
     }
     let current = current_value(doc, &conflict.path);
@@ -556,6 +697,7 @@ fn prefer_site(conflict: &Conflict, doc: &Automerge, site: &crate::SiteName) -> 
         ops: vec![op],
         how,
         note: None,
+        docs: Vec::new(),
     })
 }
 

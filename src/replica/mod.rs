@@ -337,6 +337,9 @@ struct Shared {
     /// Documents whose unsaved changes must be written together (a failed
     /// write of a transaction); overlapping sets are merged.
     unsaved_groups: Mutex<Vec<BTreeSet<DocId>>>,
+    /// Automatic resolutions that edit other documents, waiting for the
+    /// merge that raised them to release its lock.
+    deferred_resolutions: Mutex<Vec<crate::conflict::ConflictId>>,
 }
 
 #[derive(Default)]
@@ -495,6 +498,7 @@ impl Replica {
                 txn_committed: std::sync::atomic::AtomicU64::new(0),
                 hold_times: Mutex::new(VecDeque::new()),
                 unsaved_groups: Mutex::new(Vec::new()),
+                deferred_resolutions: Mutex::new(Vec::new()),
             }),
         })
     }
@@ -1007,6 +1011,9 @@ impl Replica {
                 applied.held.retain(|h| !done.contains(h));
                 applied.applied.extend(done.iter().copied());
             }
+        }
+        if !lock(&self.shared.deferred_resolutions).is_empty() {
+            self.run_deferred_resolutions();
         }
         Ok(applied)
     }

@@ -29,6 +29,16 @@ pub const READ_DOCS_MAX: usize = 1_000;
 /// Most hold durations kept for [`Replica::take_txn_hold_times`].
 const HOLD_TIMES_MAX: usize = 4_096;
 
+/// One document's edit inside a transaction.
+pub(super) type Edit<'a> = Box<dyn FnOnce(&mut Transaction<'_>) -> Result<(), Error> + 'a>;
+
+/// What [`Replica::commit_locked`] committed: the transaction and, per
+/// document in the order given, its heads and its change.
+pub(super) struct Committed {
+    pub(super) txn: TxnId,
+    pub(super) commits: Vec<Commit>,
+}
+
 /// Per document a group wrote: its heads afterwards and the group's
 /// changes it took.
 pub(super) type GroupWritten = HashMap<DocId, (Vec<ChangeHash>, Vec<ChangeHash>)>;
@@ -105,10 +115,11 @@ impl Replica {
     /// error names the document. Peers apply the changes together: no read
     /// or subscriber anywhere sees part of the transaction.
     pub fn commit_txn(&self, txn: &Txn) -> Result<TxnCommit, Error> {
-        let members = txn.check()?;
+        txn.check()?;
         let mut order: Vec<usize> = (0..txn.docs.len()).collect();
         order.sort_by(|a, b| txn.docs[*a].id.cmp(&txn.docs[*b].id));
-        let slots: Vec<Arc<Slot>> = order.iter().map(|&i| self.slot(&txn.docs[i].id)).collect();
+        let ids: Vec<DocId> = order.iter().map(|&i| txn.docs[i].id.clone()).collect();
+        let slots: Vec<Arc<Slot>> = ids.iter().map(|id| self.slot(id)).collect();
         let mut guards: Vec<MutexGuard<'_, Option<Loaded>>> =
             slots.iter().map(|slot| lock(&slot.loaded)).collect();
         for (&i, guard) in order.iter().zip(guards.iter_mut()) {
@@ -122,33 +133,84 @@ impl Replica {
                 });
             }
         }
+        let edits: Vec<Option<Edit<'_>>> = order
+            .iter()
+            .map(|&i| {
+                let part = &txn.docs[i];
+                (!part.ops.is_empty()).then(|| {
+                    Box::new(move |tx: &mut Transaction<'_>| {
+                        doc::ops::apply_ops(tx, &part.ops).map_err(|e| Error::TxnOp {
+                            doc: part.id.clone(),
+                            source: Box::new(e),
+                        })
+                    }) as Edit<'_>
+                })
+            })
+            .collect();
+        let done = self.commit_locked(
+            &ids,
+            &mut guards,
+            edits,
+            &mut |_, _| Vec::new(),
+            txn.message.as_deref(),
+        )?;
+        self.shared.txn_committed.fetch_add(1, Ordering::Relaxed);
+        drop(guards);
+        let mut docs: Vec<(usize, (DocId, Commit))> = order
+            .iter()
+            .zip(ids)
+            .zip(done.commits)
+            .map(|((&i, id), commit)| (i, (id, commit)))
+            .collect();
+        docs.sort_by_key(|(i, _)| *i);
+        Ok(TxnCommit {
+            txn: done.txn,
+            docs: docs.into_iter().map(|(_, d)| d).collect(),
+        })
+    }
+
+    /// The core of a transaction, with the documents `ids` (in id order)
+    /// locked and loaded by the caller: runs each document's edit (`None`
+    /// for a document only checked) in an automerge transaction of its
+    /// own, all before any commits, so a failing edit leaves every document
+    /// as it was; then commits each as a member change carrying the
+    /// transaction's header and `message`, and persists them in one
+    /// durable write with the writes `extra` gives for each member (its
+    /// position and the document as committed: a report index entry).
+    pub(super) fn commit_locked(
+        &self,
+        ids: &[DocId],
+        guards: &mut [MutexGuard<'_, Option<Loaded>>],
+        edits: Vec<Option<Edit<'_>>>,
+        extra: &mut dyn FnMut(usize, &Automerge) -> Vec<super::Write>,
+        message: Option<&str>,
+    ) -> Result<Committed, Error> {
+        let members: Vec<DocId> = ids
+            .iter()
+            .zip(&edits)
+            .filter(|(_, edit)| edit.is_some())
+            .map(|(id, _)| id.clone())
+            .collect();
         let id = TxnId::derive(
             &self.actor(),
             self.shared.txn_counter.fetch_add(1, Ordering::Relaxed),
         );
-        let header = TxnHeader { id, members };
-        let message = header.message(txn.message.as_deref());
+        let message = TxnHeader { id, members }.message(message);
         let now_ms = self.shared.options.clock.now_ms();
-        // Every transaction runs before any commits, so a failing op
-        // leaves every document as it was.
         let mut transactions: Vec<(usize, Transaction<'_>)> = Vec::new();
         let mut failure = None;
-        for (&i, guard) in order.iter().zip(guards.iter_mut()) {
-            let part = &txn.docs[i];
-            if part.ops.is_empty() {
+        for (k, (guard, edit)) in guards.iter_mut().zip(edits).enumerate() {
+            let Some(edit) = edit else {
                 continue;
-            }
-            let loaded = guard.as_mut().expect("loaded above");
+            };
+            let loaded = guard.as_mut().expect("the caller loaded every document");
             let mut tx = loaded.doc.transaction();
-            if let Err(e) = doc::ops::apply_ops(&mut tx, &part.ops) {
+            if let Err(e) = edit(&mut tx) {
                 tx.rollback();
-                failure = Some(Error::TxnOp {
-                    doc: part.id.clone(),
-                    source: Box::new(e),
-                });
+                failure = Some(e);
                 break;
             }
-            transactions.push((i, tx));
+            transactions.push((k, tx));
         }
         if let Some(error) = failure {
             for (_, tx) in transactions {
@@ -161,18 +223,19 @@ impl Replica {
                 .with_time(now_ms)
                 .with_message(message.clone())
         };
-        let mut committed: HashMap<usize, ChangeHash> = HashMap::new();
-        let mut items_parts: Vec<(usize, Vec<Part>)> = Vec::new();
         let mut made: HashMap<usize, Option<ChangeHash>> = transactions
             .into_iter()
-            .map(|(i, tx)| (i, tx.commit_with(options()).0))
+            .map(|(k, tx)| (k, tx.commit_with(options()).0))
             .collect();
-        for (&i, guard) in order.iter().zip(guards.iter_mut()) {
-            let Some(made) = made.remove(&i) else {
+        let mut changes: Vec<Option<ChangeHash>> = vec![None; ids.len()];
+        let mut items = Vec::new();
+        let mut written = Vec::new();
+        for (k, (guard, doc_id)) in guards.iter_mut().zip(ids).enumerate() {
+            let Some(made) = made.remove(&k) else {
                 continue;
             };
             let loaded = guard.as_mut().expect("loaded above");
-            // A member whose ops changed nothing still gets a change: the
+            // A member whose edit changed nothing still gets a change: the
             // others name it, and peers wait for it.
             let hash = made.unwrap_or_else(|| loaded.doc.empty_commit(options()));
             let change = loaded
@@ -183,50 +246,30 @@ impl Replica {
                 .to_vec();
             let mut part = Part::local(change, hash);
             part.txns = vec![id];
-            committed.insert(i, hash);
-            items_parts.push((i, vec![part]));
-        }
-        let ids: Vec<DocId> = order.iter().map(|&i| txn.docs[i].id.clone()).collect();
-        let mut parts_by_doc: HashMap<usize, Vec<Part>> = items_parts.into_iter().collect();
-        let mut items = Vec::new();
-        let mut persisted = Vec::new();
-        for ((&i, guard), id) in order.iter().zip(guards.iter_mut()).zip(&ids) {
-            if let Some(parts) = parts_by_doc.remove(&i) {
-                persisted.push(i);
-                items.push(Persist {
-                    id,
-                    guard,
-                    parts,
-                    extra: Vec::new(),
-                });
-            }
+            changes[k] = Some(hash);
+            written.push(k);
+            let extra = extra(k, &loaded.doc);
+            items.push(Persist {
+                id: doc_id,
+                guard,
+                parts: vec![part],
+                extra,
+            });
         }
         let heads = self.persist_many(items)?;
-        self.shared.txn_committed.fetch_add(1, Ordering::Relaxed);
         lock(&self.shared.holdback).note_applied([id]);
-        let mut after: HashMap<usize, Vec<ChangeHash>> = persisted.into_iter().zip(heads).collect();
-        let mut docs = Vec::with_capacity(txn.docs.len());
-        for (k, &i) in order.iter().enumerate() {
-            let heads = after
-                .remove(&i)
-                .unwrap_or_else(|| guards[k].as_ref().expect("loaded").doc.get_heads());
-            docs.push((
-                i,
-                (
-                    txn.docs[i].id.clone(),
-                    Commit {
-                        heads,
-                        change: committed.get(&i).copied(),
-                    },
-                ),
-            ));
-        }
-        drop(guards);
-        docs.sort_by_key(|(i, _)| *i);
-        Ok(TxnCommit {
-            txn: id,
-            docs: docs.into_iter().map(|(_, d)| d).collect(),
-        })
+        let mut after: HashMap<usize, Vec<ChangeHash>> = written.into_iter().zip(heads).collect();
+        let commits = guards
+            .iter()
+            .enumerate()
+            .map(|(k, guard)| Commit {
+                heads: after
+                    .remove(&k)
+                    .unwrap_or_else(|| guard.as_ref().expect("loaded").doc.get_heads()),
+                change: changes[k],
+            })
+            .collect();
+        Ok(Committed { txn: id, commits })
     }
 
     /// [`Replica::apply_ops`] if `precondition` holds, checked under the
@@ -344,6 +387,7 @@ impl Replica {
                 tracing::warn!(%peer, error = %e, "a held transaction could not be applied");
             }
         }
+        self.run_deferred_resolutions();
     }
 
     /// Drops held groups past their bounds (the daemon calls it with

@@ -343,6 +343,11 @@ enum ConflictsCommand {
         /// or `-` for stdin.
         #[arg(long, value_name = "OPS_JSON")]
         ops: Option<String>,
+        /// Edits of other documents, committed with the resolution as one
+        /// transaction: a JSON array `[{"id", "ops"}]` as text, `@FILE`,
+        /// or `-` for stdin.
+        #[arg(long, value_name = "DOCS_JSON")]
+        docs: Option<String>,
         /// A note recorded in the report.
         #[arg(long, value_name = "TEXT")]
         note: Option<String>,
@@ -757,6 +762,7 @@ fn conflicts_command(command: ConflictsCommand) -> anyhow::Result<()> {
             client,
             id,
             ops,
+            docs,
             note,
         } => {
             let path = format!("/v1/conflicts/{}/resolve", conflict_id(&id)?);
@@ -769,6 +775,16 @@ fn conflicts_command(command: ConflictsCommand) -> anyhow::Result<()> {
                     );
                 }
                 body["ops"] = ops;
+            }
+            if let Some(docs) = docs {
+                let docs = read_json_argument("DOCS_JSON", &docs)?;
+                if !docs.is_array() {
+                    return Err(UsageError(
+                        "DOCS_JSON must be a JSON array of {\"id\", \"ops\"}".to_owned(),
+                    )
+                    .into());
+                }
+                body["docs"] = docs;
             }
             if let Some(note) = note {
                 body["note"] = Value::String(note);

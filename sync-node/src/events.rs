@@ -459,6 +459,19 @@ async fn feed(
                 Ok(report) => {
                     telemetry::record_conflict(&report);
                     log.publish(EventKind::Conflict, conflict_data(&report));
+                    // The open gauges follow every report that opens or
+                    // closes, not only scrapes.
+                    let replica = replica.clone();
+                    let open = tokio::task::spawn_blocking(move || {
+                        replica.conflicts(&archipelago::conflict::Filter {
+                            status: Some(archipelago::conflict::Status::Open),
+                            ..Default::default()
+                        })
+                    })
+                    .await;
+                    if let Ok(Ok(open)) = open {
+                        telemetry::record_conflicts_open(&open);
+                    }
                 }
                 Err(broadcast::error::RecvError::Lagged(missed)) => {
                     tracing::warn!(missed, "the event feed fell behind the replica's conflict reports");

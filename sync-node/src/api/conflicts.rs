@@ -116,13 +116,28 @@ pub(crate) struct ResolveBody {
     /// Edits to the conflict's document, committed with the resolution.
     #[serde(default)]
     ops: Vec<Op>,
+    /// Edits of other documents, committed with the resolution as one
+    /// transaction.
+    #[serde(default)]
+    docs: Vec<ResolveDoc>,
     #[serde(default)]
     note: Option<String>,
 }
 
-/// `POST /v1/conflicts/{id}/resolve` with `{"ops"?, "note"?}` → the
-/// resolved report. The ops (the same as `POST /v1/docs/{id}/ops` takes)
-/// and the report's new status commit as one change, or neither does.
+/// One other document a resolution edits.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct ResolveDoc {
+    id: archipelago::DocId,
+    ops: Vec<Op>,
+}
+
+/// `POST /v1/conflicts/{id}/resolve` with `{"ops"?, "docs"?, "note"?}` →
+/// the resolved report. The ops (the same as `POST /v1/docs/{id}/ops`
+/// takes) and the report's new status commit as one change, or neither
+/// does; with `docs` (`[{"id", "ops"}]`), the edits of those documents
+/// commit with them as one transaction (an op that does not fit one is 422
+/// naming it in `error.doc`, and nothing changes).
 pub(crate) async fn resolve(
     State(state): State<ApiState>,
     ConflictPath(id): ConflictPath,
@@ -131,9 +146,12 @@ pub(crate) async fn resolve(
     check_note(body.note.as_deref())?;
     let replica = state.replica.clone();
     let started = Instant::now();
-    let report =
-        blocking(move || Ok(replica.resolve_conflict(&id, &body.ops, body.note.as_deref())?))
-            .await?;
+    let docs: Vec<(archipelago::DocId, Vec<Op>)> =
+        body.docs.into_iter().map(|d| (d.id, d.ops)).collect();
+    let report = blocking(move || {
+        Ok(replica.resolve_conflict_with(&id, &body.ops, &docs, body.note.as_deref())?)
+    })
+    .await?;
     closed(started);
     Ok(Json(report))
 }
