@@ -63,6 +63,9 @@ pub struct ConfigFile {
     /// Storage tuning.
     #[serde(default)]
     pub store: StoreConfig,
+    /// Bounds on what the node holds back for transactions (`[txn]`).
+    #[serde(default, skip_serializing_if = "TxnConfig::is_default")]
+    pub txn: TxnConfig,
     /// Backups the node takes by itself (`[backup]`); none without it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub backup: Option<BackupConfig>,
@@ -469,6 +472,64 @@ impl Default for StoreConfig {
     }
 }
 
+/// The `[txn]` table: bounds on the changes received from peers that wait
+/// for the rest of their transaction. Past a bound the oldest waiting
+/// transaction is dropped whole (never applied in part) and comes back
+/// with the next reconciliation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TxnConfig {
+    /// Most changes held.
+    #[serde(default = "default_hold_changes_max")]
+    pub hold_changes_max: usize,
+    /// Most bytes of changes held.
+    #[serde(default = "default_hold_bytes_max")]
+    pub hold_bytes_max: usize,
+    /// Longest a transaction waits for its members, in seconds.
+    #[serde(default = "default_hold_secs_max")]
+    pub hold_secs_max: u64,
+}
+
+/// Largest `[txn]` bound a config may set.
+pub const TXN_HOLD_LIMIT: u64 = 1 << 40;
+
+fn default_hold_changes_max() -> usize {
+    archipelago::HoldLimits::default().changes_max
+}
+
+fn default_hold_bytes_max() -> usize {
+    archipelago::HoldLimits::default().bytes_max
+}
+
+fn default_hold_secs_max() -> u64 {
+    archipelago::HoldLimits::default().age_max.as_secs()
+}
+
+impl Default for TxnConfig {
+    fn default() -> TxnConfig {
+        TxnConfig {
+            hold_changes_max: default_hold_changes_max(),
+            hold_bytes_max: default_hold_bytes_max(),
+            hold_secs_max: default_hold_secs_max(),
+        }
+    }
+}
+
+impl TxnConfig {
+    fn is_default(&self) -> bool {
+        *self == TxnConfig::default()
+    }
+
+    /// The bounds for [`archipelago::ReplicaOptions::txn_hold`].
+    pub fn hold_limits(&self) -> archipelago::HoldLimits {
+        archipelago::HoldLimits {
+            changes_max: self.hold_changes_max,
+            bytes_max: self.hold_bytes_max,
+            age_max: std::time::Duration::from_secs(self.hold_secs_max),
+        }
+    }
+}
+
 /// The `[backup]` table: backups the node takes every `interval_secs`
 /// into `dir`, keeping the newest `keep`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -772,6 +833,18 @@ pub(crate) fn validate(file: &ConfigFile) -> Result<(), String> {
         }
     }
     crate::api::CorsOrigins::new(&file.api.cors_origins)?;
+    let txn = &file.txn;
+    for (key, value) in [
+        ("hold_changes_max", txn.hold_changes_max as u64),
+        ("hold_bytes_max", txn.hold_bytes_max as u64),
+        ("hold_secs_max", txn.hold_secs_max),
+    ] {
+        if value == 0 || value > TXN_HOLD_LIMIT {
+            return Err(format!(
+                "txn.{key} must be from 1 to {TXN_HOLD_LIMIT}, not {value}"
+            ));
+        }
+    }
     let cache = file.store.cache_docs_max;
     if cache == 0 || cache > CACHE_DOCS_MAX_LIMIT {
         return Err(format!(
@@ -868,6 +941,27 @@ resolver = "us-east"
             config.token_path(),
             PathBuf::from("/etc/archipelago/api.token")
         );
+    }
+
+    #[test]
+    fn txn_hold_bounds_are_read_and_checked() {
+        let config = parse(EXAMPLE).unwrap();
+        assert_eq!(config.file.txn, TxnConfig::default());
+        assert_eq!(
+            config.file.txn.hold_limits(),
+            archipelago::HoldLimits::default()
+        );
+        let text = format!("{EXAMPLE}\n[txn]\nhold_changes_max = 10\nhold_secs_max = 5\n");
+        let limits = parse(&text).unwrap().file.txn.hold_limits();
+        assert_eq!(limits.changes_max, 10);
+        assert_eq!(limits.age_max, std::time::Duration::from_secs(5));
+        assert_eq!(
+            limits.bytes_max,
+            archipelago::HoldLimits::default().bytes_max
+        );
+        let zero = format!("{EXAMPLE}\n[txn]\nhold_bytes_max = 0\n");
+        let err = parse(&zero).unwrap_err().to_string();
+        assert!(err.contains("txn.hold_bytes_max"), "{err}");
     }
 
     #[test]

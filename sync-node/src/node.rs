@@ -274,6 +274,7 @@ impl Node {
         let mut options = ReplicaOptions::new(config.file.site.clone());
         options.cache_docs_max = config.file.store.cache_docs_max;
         options.conflicts = Arc::new(config.conflict_config()?);
+        options.txn_hold = config.file.txn.hold_limits();
         // A received transaction waits only for members some peer may
         // write here: the others never arrive.
         if !config.file.peers.is_empty() {

@@ -549,3 +549,49 @@ async fn the_cli_lists_shows_resolves_and_dismisses() {
     );
     node.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resolution_edits_other_documents_in_one_transaction() {
+    let node = node_with_three_conflicts().await;
+    let stock = node.report_of("inventory/sku-1").await;
+    let resolve = format!("/v1/conflicts/{}/resolve", stock["id"].as_str().unwrap());
+    // An op that does not fit the other document: 422 naming it, nothing changes.
+    let (status, body) = node
+        .post(
+            &resolve,
+            json!({"ops": [{"op": "inc", "path": "/stock", "by": 1}],
+                   "docs": [{"id": "colors/1", "ops": [{"op": "inc", "path": "/color", "by": 1}]}]}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    assert_eq!(body["error"]["doc"], "colors/1");
+    assert_eq!(node.report_of("inventory/sku-1").await["status"], "open");
+
+    let (status, resolved) = node
+        .post(
+            &resolve,
+            json!({"ops": [{"op": "inc", "path": "/stock", "by": 1}],
+                   "docs": [{"id": "orders/late", "ops": [{"op": "set", "path": "/status", "value": "cancelled"}]}],
+                   "note": "cancelled the late order"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{resolved}");
+    assert_eq!(resolved["status"], "resolved");
+    let (_, order) = node.get("/v1/docs/orders%2Flate").await;
+    assert_eq!(order["value"]["status"], "cancelled");
+    let (_, stock_doc) = node.get("/v1/docs/inventory%2Fsku-1").await;
+    assert_eq!(stock_doc["value"]["stock"], 0);
+    // The closing and the cancellation are one transaction.
+    let (_, history) = node.get("/v1/docs/inventory%2Fsku-1/history").await;
+    let closing = history["changes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["hash"] == resolved["resolved_change"])
+        .unwrap()
+        .clone();
+    let (_, order_history) = node.get("/v1/docs/orders%2Flate/history").await;
+    assert!(closing["txn"].is_string(), "{closing}");
+    assert_eq!(order_history["changes"][0]["txn"], closing["txn"]);
+    node.stop().await;
+}
