@@ -43,6 +43,21 @@ impl Host for Replica {
         self.apply_changes(doc, changes, Origin::Peer(from.clone()))
     }
 
+    fn apply_batched(
+        &self,
+        doc: &DocId,
+        changes: &[Vec<u8>],
+        from: &SiteName,
+    ) -> Result<Applied, Error> {
+        self.apply_changes_batched(doc, changes, Origin::Peer(from.clone()))
+    }
+
+    fn flush(&self) {
+        if let Err(e) = self.apply_ready() {
+            tracing::warn!(error = %e, "completed transactions could not be applied");
+        }
+    }
+
     fn snapshot(&self, doc: &DocId) -> Result<(Vec<u8>, Vec<ChangeHash>), Error> {
         self.snapshot_bytes(doc)?
             .map(|s| (s.bytes, s.heads))

@@ -54,6 +54,19 @@ pub trait Host {
     fn sample(&self, doc: &DocId) -> Result<Vec<ChangeHash>, Error>;
     /// Applies received changes durably, in one batch.
     fn apply(&self, doc: &DocId, changes: &[Vec<u8>], from: &SiteName) -> Result<Applied, Error>;
+    /// [`Host::apply`] inside a batch of frames: work it completes (held
+    /// transactions) may wait for [`Host::flush`], which the session calls
+    /// once the batch is handled.
+    fn apply_batched(
+        &self,
+        doc: &DocId,
+        changes: &[Vec<u8>],
+        from: &SiteName,
+    ) -> Result<Applied, Error> {
+        self.apply(doc, changes, from)
+    }
+    /// Finishes what [`Host::apply_batched`] left waiting.
+    fn flush(&self) {}
     /// The whole document in a form automerge loads (its saved form, or
     /// stored chunks concatenated), with heads the bytes contain.
     fn snapshot(&self, doc: &DocId) -> Result<(Vec<u8>, Vec<ChangeHash>), Error>;
@@ -450,7 +463,12 @@ impl Session {
     ///
     /// `now` is the arrival time; no message needs it yet, but callers pass
     /// it so timers can depend on traffic without an API change.
-    pub fn handle_bytes(&mut self, _now: Instant, host: &dyn Host, bytes: &[u8]) {
+    pub fn handle_bytes(&mut self, now: Instant, host: &dyn Host, bytes: &[u8]) {
+        self.handle_bytes_unflushed(now, host, bytes);
+        host.flush();
+    }
+
+    fn handle_bytes_unflushed(&mut self, _now: Instant, host: &dyn Host, bytes: &[u8]) {
         if self.phase == Phase::Closed {
             return;
         }
@@ -481,7 +499,12 @@ impl Session {
 
     /// Feeds frame payloads that arrived together, in order. Whole
     /// documents among them that follow one another are applied together.
-    pub fn handle_frames<P: AsRef<[u8]>>(
+    pub fn handle_frames<P: AsRef<[u8]>>(&mut self, now: Instant, host: &dyn Host, payloads: &[P]) {
+        self.handle_frames_unflushed(now, host, payloads);
+        host.flush();
+    }
+
+    fn handle_frames_unflushed<P: AsRef<[u8]>>(
         &mut self,
         _now: Instant,
         host: &dyn Host,
@@ -866,7 +889,7 @@ impl Session {
             return;
         }
         let applied = match payload {
-            Payload::Changes(changes) => host.apply(&doc, changes, &self.config.peer),
+            Payload::Changes(changes) => host.apply_batched(&doc, changes, &self.config.peer),
             Payload::Snapshot(bytes) => host.apply_snapshot(&doc, bytes, &self.config.peer),
         };
         self.on_applied(host, doc, applied, batch);

@@ -89,7 +89,8 @@ impl Group {
         })
     }
 
-    fn absorb(&mut self, other: Group) {
+    /// Takes `other`'s transactions and changes into this group.
+    pub(super) fn absorb(&mut self, other: Group) {
         self.txns.extend(other.txns);
         self.present.extend(other.present);
         for (doc, (from, changes)) in other.changes {
@@ -125,8 +126,13 @@ impl Group {
 pub(super) enum Decision {
     /// Apply it now.
     Apply,
-    /// It waits (or already waited) in a group.
+    /// It waits (or already waited) in a group, or is in a group being
+    /// applied.
     Held,
+    /// It depends on (or belongs to) a group being applied right now: leave
+    /// it out, as a change whose dependencies are missing; it is asked for
+    /// again once that group is in.
+    Later,
 }
 
 /// Counters of what the holdback did.
@@ -153,6 +159,10 @@ pub(super) struct Holdback {
     by_change: HashMap<(DocId, ChangeHash), u64>,
     recent: HashSet<TxnId>,
     recent_order: VecDeque<TxnId>,
+    /// Changes and transactions of groups taken out to be applied and not
+    /// applied yet ([`Holdback::finish`]).
+    in_flight_changes: HashSet<(DocId, ChangeHash)>,
+    in_flight_txns: HashSet<TxnId>,
     changes: usize,
     bytes: usize,
     pub(super) counters: HoldCounters,
@@ -168,6 +178,8 @@ impl Holdback {
             by_change: HashMap::new(),
             recent: HashSet::new(),
             recent_order: VecDeque::new(),
+            in_flight_changes: HashSet::new(),
+            in_flight_txns: HashSet::new(),
             changes: 0,
             bytes: 0,
             counters: HoldCounters::default(),
@@ -228,9 +240,13 @@ impl Holdback {
         expects: &dyn Fn(&DocId) -> bool,
     ) -> Decision {
         let key = (doc.clone(), change.hash());
-        if self.by_change.contains_key(&key) {
+        if self.by_change.contains_key(&key) || self.in_flight_changes.contains(&key) {
             return Decision::Held;
         }
+        let after_in_flight = change
+            .deps()
+            .iter()
+            .any(|dep| self.in_flight_changes.contains(&(doc.clone(), *dep)));
         let mut joined: Vec<u64> = change
             .deps()
             .iter()
@@ -242,6 +258,13 @@ impl Holdback {
             .map(|(header, _)| header)
             .filter(|header| header.members.contains(doc));
         let member = header.filter(|h| !self.recent.contains(&h.id));
+        if after_in_flight
+            || member
+                .as_ref()
+                .is_some_and(|h| self.in_flight_txns.contains(&h.id))
+        {
+            return Decision::Later;
+        }
         if let Some(header) = &member {
             if let Some(&group) = self.by_txn.get(&header.id) {
                 joined.push(group);
@@ -321,7 +344,32 @@ impl Holdback {
             .map(|(id, _)| *id)
             .collect();
         self.counters.completed += done.len() as u64;
-        done.into_iter().map(|id| self.remove(id)).collect()
+        done.into_iter().map(|id| self.take_out(id)).collect()
+    }
+
+    /// Removes a group to be applied: until [`Holdback::finish`], copies of
+    /// its changes are dropped and changes after them wait.
+    fn take_out(&mut self, id: u64) -> Group {
+        let group = self.remove(id);
+        self.in_flight_txns.extend(group.txns.keys().copied());
+        for (doc, (_, changes)) in &group.changes {
+            for change in changes {
+                self.in_flight_changes.insert((doc.clone(), change.hash()));
+            }
+        }
+        group
+    }
+
+    /// A group taken out was applied (or failed to be): its transactions
+    /// count as applied here from now on.
+    pub(super) fn finish(&mut self, txns: &[TxnId], changes: &[(DocId, ChangeHash)]) {
+        for txn in txns {
+            self.in_flight_txns.remove(txn);
+        }
+        for key in changes {
+            self.in_flight_changes.remove(key);
+        }
+        self.note_applied(txns.iter().copied());
     }
 
     /// The transactions of groups holding changes from `peer`, each with
@@ -580,6 +628,29 @@ mod tests {
         );
         let group = hold.take_complete().pop().expect("both members arrived");
         assert_eq!(group.changes.len(), 2);
+        // While it is being applied, a copy is dropped and a later change
+        // waits; once applied, a copy is a plain duplicate.
+        assert_eq!(
+            hold.offer(&doc("a"), &twin, &site("x"), 0, &all),
+            Decision::Held
+        );
+        let mut a = Automerge::new();
+        a.apply_changes([twin.clone()]).unwrap();
+        let after = change(Some(&mut a), "after");
+        assert_eq!(
+            hold.offer(&doc("a"), &after, &site("x"), 0, &all),
+            Decision::Later
+        );
+        let keys = [(doc("a"), twin.hash()), (doc("b"), twin.hash())];
+        hold.finish(&[TxnId([1; 16])], &keys);
+        assert_eq!(
+            hold.offer(&doc("a"), &after, &site("x"), 0, &all),
+            Decision::Apply
+        );
+        assert_eq!(
+            hold.offer(&doc("b"), &twin, &site("x"), 0, &all),
+            Decision::Apply
+        );
     }
 
     #[test]

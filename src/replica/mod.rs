@@ -915,17 +915,48 @@ impl Replica {
                 Ok(change)
             })
             .collect::<Result<Vec<Change>, Error>>()?;
-        self.apply_decoded(id, decoded, Some(objects), from)
+        self.apply_decoded(id, decoded, Some(objects), from, false)
+    }
+
+    /// [`Replica::apply_changes`], except that transactions it completes
+    /// wait for [`Replica::apply_ready`], which applies everything
+    /// completed since in one durable write: a session catching up many
+    /// transactions calls it once per batch of frames, not once per
+    /// transaction.
+    pub fn apply_changes_batched(
+        &self,
+        id: &DocId,
+        changes: &[Vec<u8>],
+        from: Origin,
+    ) -> Result<Applied, Error> {
+        let mut objects: HashMap<ChangeHash, Vec<String>> = HashMap::new();
+        let decoded = changes
+            .iter()
+            .enumerate()
+            .map(|(i, bytes)| {
+                let (change, written) =
+                    decode_change_with_objects(bytes).map_err(|reason| Error::BadChange {
+                        doc: id.clone(),
+                        index: i,
+                        reason,
+                    })?;
+                objects.insert(change.hash(), written);
+                Ok(change)
+            })
+            .collect::<Result<Vec<Change>, Error>>()?;
+        self.apply_decoded(id, decoded, Some(objects), from, true)
     }
 
     /// [`Replica::apply_changes`] for changes already decoded and checked;
-    /// `objects` lists what each writes into, when known.
+    /// `objects` lists what each writes into, when known. With `batched`,
+    /// transactions completed here wait for [`Replica::apply_ready`].
     fn apply_decoded(
         &self,
         id: &DocId,
         decoded: Vec<Change>,
         mut objects: Option<HashMap<ChangeHash, Vec<String>>>,
         from: Origin,
+        batched: bool,
     ) -> Result<Applied, Error> {
         let slot = self.slot(id);
         let mut guard = lock(&slot.loaded);
@@ -947,6 +978,7 @@ impl Replica {
         let (ready, duplicates, missing_deps) = order_new_changes(&loaded.doc, batch);
         let mut now_ready = Vec::with_capacity(ready.len());
         let mut held = Vec::new();
+        let mut later = Vec::new();
         let mut groups = Vec::new();
         match &peer {
             Some(site) if holding => {
@@ -956,14 +988,21 @@ impl Replica {
                     match holdback.offer(id, &change, site, now, &|doc| replicates(doc)) {
                         holdback::Decision::Apply => now_ready.push(change),
                         holdback::Decision::Held => held.push(change.hash()),
+                        holdback::Decision::Later => later.push(change.hash()),
                     }
                 }
-                groups = holdback.take_complete();
+                // Batched: completed groups wait in the holdback for
+                // `apply_ready`, which applies all of them in one write.
+                if !batched {
+                    groups = holdback.take_complete();
+                }
                 self.drop_groups(holdback.enforce_limits(now));
             }
             _ => now_ready = ready,
         }
         drop(holdback);
+        let mut missing_deps = missing_deps;
+        missing_deps.extend(later);
         let mut applied = Applied {
             applied: Vec::new(),
             duplicates,
@@ -1157,7 +1196,7 @@ impl Replica {
             new
         };
         // Like changes: members of a transaction may have to wait.
-        self.apply_decoded(id, new, None, from)
+        self.apply_decoded(id, new, None, from, false)
     }
 
     /// [`Replica::apply_snapshot`] for many documents at once: those new
@@ -1701,6 +1740,9 @@ impl Replica {
     /// Documents a failed write left unsaved are written first (and stay
     /// loaded while the store still fails).
     pub fn evict_idle(&self) -> usize {
+        if let Err(e) = self.apply_ready() {
+            tracing::warn!(error = %e, "completed transactions could not be applied");
+        }
         self.expire_held();
         self.save_unsaved_groups();
         let idle = self.shared.options.cache_idle;

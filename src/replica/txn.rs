@@ -390,6 +390,27 @@ impl Replica {
         self.run_deferred_resolutions();
     }
 
+    /// Applies the transactions that batched applies
+    /// ([`Replica::apply_changes_batched`]) completed, all in one durable
+    /// write (each transaction stays whole either way). Returns how many
+    /// groups were applied.
+    pub fn apply_ready(&self) -> Result<usize, Error> {
+        let groups = lock(&self.shared.holdback).take_complete();
+        let count = groups.len();
+        let mut groups = groups.into_iter();
+        let Some(mut all) = groups.next() else {
+            return Ok(0);
+        };
+        for group in groups {
+            all.absorb(group);
+        }
+        // A failure drops them all, as a bound does: reconciliation brings
+        // them back.
+        self.apply_group(all)?;
+        self.run_deferred_resolutions();
+        Ok(count)
+    }
+
     /// Drops held groups past their bounds (the daemon calls it with
     /// [`Replica::evict_idle`]); returns how many.
     pub(super) fn expire_held(&self) -> usize {
@@ -420,13 +441,25 @@ impl Replica {
     /// one durable write, published together. Returns the new heads of
     /// each document written and the changes of the group it held.
     pub(super) fn apply_group(&self, group: Group) -> Result<GroupWritten, Error> {
+        let txns: Vec<TxnId> = group.txns.keys().copied().collect();
+        let keys: Vec<(DocId, ChangeHash)> = group
+            .changes
+            .iter()
+            .flat_map(|(doc, (_, changes))| changes.iter().map(|c| (doc.clone(), c.hash())))
+            .collect();
+        let result = self.apply_group_taken(group);
+        lock(&self.shared.holdback).finish(&txns, &keys);
+        result
+    }
+
+    /// [`Replica::apply_group`] before the holdback hears it is done.
+    fn apply_group_taken(&self, group: Group) -> Result<GroupWritten, Error> {
         let waited_ms = self
             .shared
             .options
             .clock
             .now_ms()
             .saturating_sub(group.since);
-        let txns: Vec<TxnId> = group.txns.keys().copied().collect();
         let docs: Vec<DocId> = group.changes.keys().cloned().collect();
         let slots: Vec<Arc<Slot>> = docs.iter().map(|id| self.slot(id)).collect();
         let mut guards: Vec<MutexGuard<'_, Option<Loaded>>> =
@@ -478,7 +511,6 @@ impl Replica {
         } else {
             self.persist_many(items)?
         };
-        lock(&self.shared.holdback).note_applied(txns);
         drop(guards);
         self.announce(announce);
         let mut times = lock(&self.shared.hold_times);
