@@ -11,7 +11,7 @@ use automerge::transaction::{CommitOptions, Transactable};
 use automerge::{Automerge, Patch, ReadDoc, ROOT};
 
 use super::txn::Edit;
-use super::{lock, Loaded, Merge, Part, Replica, Settled, Slot};
+use super::{committed_bytes, lock, Loaded, Merge, Part, Replica, Settled, Slot};
 use crate::conflict::{
     self, body_key, read_report, report_ids_in_patches, reports_in, status_key, Conflict,
     ConflictId, DetectInput, Filter, Kind, Policy, Resolution, Status,
@@ -271,12 +271,7 @@ impl Replica {
                     .commit_with(options)
                     .0
                     .expect("a closing writes the status key");
-                let change = loaded
-                    .doc
-                    .get_change_by_hash(&hash)
-                    .expect("a change just committed is in the document")
-                    .raw_bytes()
-                    .to_vec();
+                let change = committed_bytes(&loaded.doc, &hash);
                 let report = read_report(&loaded.doc, id).expect("the report was just read");
                 let extra = vec![index_write(&report)];
                 self.persist(&doc_id, guard, vec![Part::local(change, hash)], extra)?;
@@ -517,12 +512,7 @@ impl Replica {
             };
             parts.push(received);
             if let Some(hash) = hash {
-                let change = loaded
-                    .doc
-                    .get_change_by_hash(&hash)
-                    .expect("a change just committed is in the document")
-                    .raw_bytes()
-                    .to_vec();
+                let change = committed_bytes(&loaded.doc, &hash);
                 parts.push(Part::local(change, hash));
             }
         } else {

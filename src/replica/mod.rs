@@ -871,12 +871,7 @@ impl Replica {
                 ));
             }
         };
-        let change = loaded
-            .doc
-            .get_change_by_hash(&hash)
-            .expect("a change just committed is in the document")
-            .raw_bytes()
-            .to_vec();
+        let change = committed_bytes(&loaded.doc, &hash);
         let committed =
             self.persist(id, &mut guard, vec![Part::local(change, hash)], Vec::new())?;
         Ok((
@@ -900,21 +895,7 @@ impl Replica {
         changes: &[Vec<u8>],
         from: Origin,
     ) -> Result<Applied, Error> {
-        let mut objects: HashMap<ChangeHash, Vec<String>> = HashMap::new();
-        let decoded = changes
-            .iter()
-            .enumerate()
-            .map(|(i, bytes)| {
-                let (change, written) =
-                    decode_change_with_objects(bytes).map_err(|reason| Error::BadChange {
-                        doc: id.clone(),
-                        index: i,
-                        reason,
-                    })?;
-                objects.insert(change.hash(), written);
-                Ok(change)
-            })
-            .collect::<Result<Vec<Change>, Error>>()?;
+        let (decoded, objects) = decode_batch(id, changes)?;
         self.apply_decoded(id, decoded, Some(objects), from, false)
     }
 
@@ -929,21 +910,7 @@ impl Replica {
         changes: &[Vec<u8>],
         from: Origin,
     ) -> Result<Applied, Error> {
-        let mut objects: HashMap<ChangeHash, Vec<String>> = HashMap::new();
-        let decoded = changes
-            .iter()
-            .enumerate()
-            .map(|(i, bytes)| {
-                let (change, written) =
-                    decode_change_with_objects(bytes).map_err(|reason| Error::BadChange {
-                        doc: id.clone(),
-                        index: i,
-                        reason,
-                    })?;
-                objects.insert(change.hash(), written);
-                Ok(change)
-            })
-            .collect::<Result<Vec<Change>, Error>>()?;
+        let (decoded, objects) = decode_batch(id, changes)?;
         self.apply_decoded(id, decoded, Some(objects), from, true)
     }
 
@@ -954,7 +921,7 @@ impl Replica {
         &self,
         id: &DocId,
         decoded: Vec<Change>,
-        mut objects: Option<HashMap<ChangeHash, Vec<String>>>,
+        mut objects: Option<WrittenObjects>,
         from: Origin,
         batched: bool,
     ) -> Result<Applied, Error> {
@@ -1875,6 +1842,38 @@ impl Replica {
             grouped: false,
         })
     }
+}
+
+/// The encoded bytes of a change just committed to `doc`.
+fn committed_bytes(doc: &Automerge, hash: &ChangeHash) -> Vec<u8> {
+    doc.get_change_by_hash(hash)
+        .expect("a change just committed is in the document")
+        .raw_bytes()
+        .to_vec()
+}
+
+/// The objects (other than the root) each change of a batch writes into.
+type WrittenObjects = HashMap<ChangeHash, Vec<String>>;
+
+/// Decodes and checks a batch of changes received for `id`, with the
+/// objects each writes into.
+fn decode_batch(id: &DocId, changes: &[Vec<u8>]) -> Result<(Vec<Change>, WrittenObjects), Error> {
+    let mut objects: HashMap<ChangeHash, Vec<String>> = HashMap::new();
+    let decoded = changes
+        .iter()
+        .enumerate()
+        .map(|(i, bytes)| {
+            let (change, written) =
+                decode_change_with_objects(bytes).map_err(|reason| Error::BadChange {
+                    doc: id.clone(),
+                    index: i,
+                    reason,
+                })?;
+            objects.insert(change.hash(), written);
+            Ok(change)
+        })
+        .collect::<Result<Vec<Change>, Error>>()?;
+    Ok((decoded, objects))
 }
 
 /// Builds a document from stored bytes. automerge's decoder can panic on

@@ -13,10 +13,12 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, MutexGuard};
 
 use automerge::transaction::{CommitOptions, Transaction};
-use automerge::{Automerge, Change, ChangeHash, ReadDoc as _};
+use automerge::{Automerge, Change, ChangeHash};
 
 use super::holdback::Group;
-use super::{lock, order_new_changes, Loaded, Merge, Part, Persist, Replica, Slot};
+use super::{
+    committed_bytes, lock, order_new_changes, Loaded, Merge, Part, Persist, Replica, Slot,
+};
 use crate::doc;
 use crate::error::Error;
 use crate::id::{DocId, SiteName};
@@ -238,12 +240,7 @@ impl Replica {
             // A member whose edit changed nothing still gets a change: the
             // others name it, and peers wait for it.
             let hash = made.unwrap_or_else(|| loaded.doc.empty_commit(options()));
-            let change = loaded
-                .doc
-                .get_change_by_hash(&hash)
-                .expect("a change just committed is in the document")
-                .raw_bytes()
-                .to_vec();
+            let change = committed_bytes(&loaded.doc, &hash);
             let mut part = Part::local(change, hash);
             part.txns = vec![id];
             changes[k] = Some(hash);
