@@ -9,6 +9,7 @@ mod conflicts;
 mod samod_side;
 mod scenarios;
 mod sync_core;
+mod txn;
 mod versus;
 
 use std::time::Instant;

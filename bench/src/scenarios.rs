@@ -23,6 +23,7 @@ pub(crate) const NAMES: &[&str] = &[
     "library_commits_single_doc",
     "sync_reconcile",
     "sync_catchup",
+    "txn",
 ];
 
 pub(crate) fn run(name: &str, quick: bool) -> anyhow::Result<Map<String, Value>> {
@@ -38,6 +39,7 @@ pub(crate) fn run(name: &str, quick: bool) -> anyhow::Result<Map<String, Value>>
         "sync_reconcile" => crate::sync_core::reconcile(quick),
         "sync_catchup" => crate::sync_core::catchup(quick),
         "conflict_overhead" => crate::conflicts::overhead(quick),
+        "txn" => crate::txn::txn(quick),
         other => anyhow::bail!("unknown scenario {other}"),
     }
 }

@@ -38,13 +38,15 @@ use crate::samod_side;
 use crate::scenarios::{metrics, rss_bytes};
 
 /// Bound of every waiting loop.
-const WAIT_MAX: Duration = Duration::from_secs(600);
+pub(crate) const WAIT_MAX: Duration = Duration::from_secs(600);
 
 fn site(name: &str) -> anyhow::Result<SiteName> {
     Ok(name.parse()?)
 }
 
-fn open(
+/// A replica of site `name` over SQLite (WAL, `synchronous=FULL`) in
+/// `dir`; `cache_idle` overrides how long an idle document stays loaded.
+pub(crate) fn open(
     dir: &std::path::Path,
     name: &str,
     cache_idle: Option<Duration>,
@@ -67,7 +69,8 @@ fn open_in_memory(name: &str) -> anyhow::Result<Replica> {
     )?)
 }
 
-fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+/// A runtime with two worker threads for the sites' endpoints.
+pub(crate) fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -93,7 +96,7 @@ fn small_commits(commits: usize) -> Vec<Vec<u8>> {
 
 /// Site B's endpoint (which accepts) and site A's (which dials B, directly
 /// or through a counting relay).
-struct Link {
+pub(crate) struct Link {
     ca: CertificateAuthority,
     a: Option<SyncEndpoint>,
     b: SyncEndpoint,
@@ -101,7 +104,7 @@ struct Link {
 }
 
 impl Link {
-    async fn connect(a: &Replica, b: &Replica, relay: bool) -> anyhow::Result<Link> {
+    pub(crate) async fn connect(a: &Replica, b: &Replica, relay: bool) -> anyhow::Result<Link> {
         let ca = CertificateAuthority::generate("bench cluster")?;
         let nowhere: SocketAddr = "127.0.0.1:9".parse()?;
         let b_endpoint = SyncEndpoint::bind(
@@ -172,7 +175,7 @@ impl Link {
         self.relay.as_ref().map_or(0, |r| r.stats().bytes)
     }
 
-    async fn close(mut self) -> u64 {
+    pub(crate) async fn close(mut self) -> u64 {
         let bytes = self.disconnect().await;
         self.b.shutdown().await;
         bytes
@@ -180,7 +183,12 @@ impl Link {
 }
 
 /// Waits until B holds A's heads for every document in `ids`.
-async fn until_same(a: &Replica, b: &Replica, ids: &[DocId], poll: Duration) -> anyhow::Result<()> {
+pub(crate) async fn until_same(
+    a: &Replica,
+    b: &Replica,
+    ids: &[DocId],
+    poll: Duration,
+) -> anyhow::Result<()> {
     let started = Instant::now();
     let mut pending: Vec<&DocId> = ids.iter().collect();
     loop {
@@ -252,12 +260,14 @@ pub(crate) fn bulk(_quick: bool) -> anyhow::Result<Map<String, Value>> {
     ]))
 }
 
-fn percentile(sorted: &[Duration], p: f64) -> f64 {
+/// The `p` quantile (0 to 1) of `sorted` latencies, in milliseconds.
+pub(crate) fn percentile(sorted: &[Duration], p: f64) -> f64 {
     let index = ((sorted.len() as f64 - 1.0) * p).round() as usize;
     sorted[index].as_secs_f64() * 1000.0
 }
 
-fn set_op(key: usize, value: usize) -> Vec<Op> {
+/// One op setting integer key `k{key % 10}` to `value`.
+pub(crate) fn set_op(key: usize, value: usize) -> Vec<Op> {
     serde_json::from_value(
         json!([{"op": "set", "path": format!("/k{}", key % 10), "value": value}]),
     )
