@@ -59,6 +59,9 @@ pub(super) struct Group {
     /// The held changes, per document, in arrival order, with the site
     /// that delivered the first of them.
     pub(super) changes: BTreeMap<DocId, (SiteName, Vec<Change>)>,
+    /// The objects (other than the root) each held change writes into,
+    /// when its decoder said, for the conflict layer.
+    pub(super) objects: HashMap<(DocId, ChangeHash), Vec<String>>,
     /// The sites that delivered them.
     pub(super) from: BTreeSet<SiteName>,
     /// When the group started waiting (milliseconds of the replica's clock).
@@ -73,6 +76,7 @@ impl Group {
             txns: BTreeMap::new(),
             present: HashSet::new(),
             changes: BTreeMap::new(),
+            objects: HashMap::new(),
             from: BTreeSet::new(),
             since: now,
             bytes: 0,
@@ -100,6 +104,7 @@ impl Group {
                 .1
                 .extend(changes);
         }
+        self.objects.extend(other.objects);
         self.from.extend(other.from);
         self.since = self.since.min(other.since);
         self.bytes += other.bytes;
@@ -238,6 +243,7 @@ impl Holdback {
         from: &SiteName,
         now: i64,
         expects: &dyn Fn(&DocId) -> bool,
+        objects: Option<Vec<String>>,
     ) -> Decision {
         let key = (doc.clone(), change.hash());
         if self.by_change.contains_key(&key) || self.in_flight_changes.contains(&key) {
@@ -315,6 +321,9 @@ impl Holdback {
             .or_insert_with(|| (from.clone(), Vec::new()))
             .1
             .push(change.clone());
+        if let Some(objects) = objects {
+            group.objects.insert(key.clone(), objects);
+        }
         group.from.insert(from.clone());
         group.bytes += bytes;
         group.count += 1;
@@ -488,22 +497,22 @@ mod tests {
         let b = change(None, &header(1, &["a", "b"]));
         let plain = change(None, "plain");
         assert_eq!(
-            hold.offer(&doc("c"), &plain, &site("x"), now, &all),
+            hold.offer(&doc("c"), &plain, &site("x"), now, &all, None),
             Decision::Apply
         );
         assert_eq!(
-            hold.offer(&doc("a"), &a, &site("x"), now, &all),
+            hold.offer(&doc("a"), &a, &site("x"), now, &all, None),
             Decision::Held
         );
         assert!(hold.take_complete().is_empty());
         // Offered again (a duplicate frame): still one held change.
         assert_eq!(
-            hold.offer(&doc("a"), &a, &site("x"), now, &all),
+            hold.offer(&doc("a"), &a, &site("x"), now, &all, None),
             Decision::Held
         );
         assert_eq!(hold.sizes().1, 1);
         assert_eq!(
-            hold.offer(&doc("b"), &b, &site("y"), now, &all),
+            hold.offer(&doc("b"), &b, &site("y"), now, &all, None),
             Decision::Held
         );
         let groups = hold.take_complete();
@@ -522,16 +531,16 @@ mod tests {
         let a = change(Some(&mut a_doc), &header(1, &["a", "b"]));
         let after = change(Some(&mut a_doc), "later edit");
         assert_eq!(
-            hold.offer(&doc("a"), &a, &site("x"), now, &all),
+            hold.offer(&doc("a"), &a, &site("x"), now, &all, None),
             Decision::Held
         );
         assert_eq!(
-            hold.offer(&doc("a"), &after, &site("x"), now, &all),
+            hold.offer(&doc("a"), &after, &site("x"), now, &all, None),
             Decision::Held
         );
         assert_eq!(hold.held_for(&doc("a")).len(), 2);
         let b = change(None, &header(1, &["a", "b"]));
-        hold.offer(&doc("b"), &b, &site("x"), now, &all);
+        hold.offer(&doc("b"), &b, &site("x"), now, &all, None);
         let group = hold.take_complete().pop().unwrap();
         assert_eq!(group.changes[&doc("a")].1.len(), 2);
     }
@@ -543,8 +552,8 @@ mod tests {
         let mut d = Automerge::new();
         let t1 = change(Some(&mut d), &header(1, &["a", "b"]));
         let t2a = change(Some(&mut d), &header(2, &["a", "c"]));
-        hold.offer(&doc("a"), &t1, &site("x"), now, &all);
-        hold.offer(&doc("a"), &t2a, &site("x"), now, &all);
+        hold.offer(&doc("a"), &t1, &site("x"), now, &all, None);
+        hold.offer(&doc("a"), &t2a, &site("x"), now, &all, None);
         assert_eq!(hold.groups.len(), 1, "t2 depends on t1's held change");
         hold.offer(
             &doc("c"),
@@ -552,6 +561,7 @@ mod tests {
             &site("x"),
             now,
             &all,
+            None,
         );
         assert!(hold.take_complete().is_empty(), "t1 still lacks b");
         hold.offer(
@@ -560,6 +570,7 @@ mod tests {
             &site("x"),
             now,
             &all,
+            None,
         );
         let group = hold.take_complete().pop().unwrap();
         assert_eq!(group.txns.len(), 2);
@@ -576,6 +587,7 @@ mod tests {
             &site("x"),
             now,
             &only_a,
+            None,
         );
         assert_eq!(hold.take_complete().len(), 1);
     }
@@ -590,6 +602,7 @@ mod tests {
             &site("x"),
             now,
             &all,
+            None,
         );
         hold.offer(
             &doc("d"),
@@ -597,6 +610,7 @@ mod tests {
             &site("y"),
             now,
             &all,
+            None,
         );
         assert_eq!(
             hold.missing_from(&site("x")),
@@ -620,10 +634,10 @@ mod tests {
         let mut hold = Holdback::new(HoldLimits::default());
         // Alike fresh documents of one transaction: the very same change.
         let twin = change(None, &header(1, &["a", "b"]));
-        hold.offer(&doc("a"), &twin, &site("x"), 0, &all);
+        hold.offer(&doc("a"), &twin, &site("x"), 0, &all, None);
         assert!(hold.take_complete().is_empty());
         assert_eq!(
-            hold.offer(&doc("b"), &twin, &site("x"), 0, &all),
+            hold.offer(&doc("b"), &twin, &site("x"), 0, &all, None),
             Decision::Held
         );
         let group = hold.take_complete().pop().expect("both members arrived");
@@ -631,24 +645,24 @@ mod tests {
         // While it is being applied, a copy is dropped and a later change
         // waits; once applied, a copy is a plain duplicate.
         assert_eq!(
-            hold.offer(&doc("a"), &twin, &site("x"), 0, &all),
+            hold.offer(&doc("a"), &twin, &site("x"), 0, &all, None),
             Decision::Held
         );
         let mut a = Automerge::new();
         a.apply_changes([twin.clone()]).unwrap();
         let after = change(Some(&mut a), "after");
         assert_eq!(
-            hold.offer(&doc("a"), &after, &site("x"), 0, &all),
+            hold.offer(&doc("a"), &after, &site("x"), 0, &all, None),
             Decision::Later
         );
         let keys = [(doc("a"), twin.hash()), (doc("b"), twin.hash())];
         hold.finish(&[TxnId([1; 16])], &keys);
         assert_eq!(
-            hold.offer(&doc("a"), &after, &site("x"), 0, &all),
+            hold.offer(&doc("a"), &after, &site("x"), 0, &all, None),
             Decision::Apply
         );
         assert_eq!(
-            hold.offer(&doc("b"), &twin, &site("x"), 0, &all),
+            hold.offer(&doc("b"), &twin, &site("x"), 0, &all, None),
             Decision::Apply
         );
     }
@@ -659,7 +673,7 @@ mod tests {
         hold.note_applied([TxnId([1; 16])]);
         let late = change(None, &header(1, &["a", "b"]));
         assert_eq!(
-            hold.offer(&doc("b"), &late, &site("x"), 0, &all),
+            hold.offer(&doc("b"), &late, &site("x"), 0, &all, None),
             Decision::Apply
         );
     }
@@ -676,7 +690,7 @@ mod tests {
         for (i, name) in ["a", "b", "c"].into_iter().enumerate() {
             let at = start + 1000 * i as i64;
             let c = change(None, &header(i as u8, &[name, "z"]));
-            hold.offer(&doc(name), &c, &site("x"), at, &all);
+            hold.offer(&doc(name), &c, &site("x"), at, &all, None);
         }
         let dropped = hold.enforce_limits(start + 3000);
         assert_eq!(dropped.len(), 1);

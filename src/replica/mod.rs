@@ -952,7 +952,11 @@ impl Replica {
                 let now = self.shared.options.clock.now_ms();
                 let replicates = &self.shared.options.replicates;
                 for change in ready {
-                    match holdback.offer(id, &change, site, now, &|doc| replicates(doc)) {
+                    let written = objects
+                        .as_ref()
+                        .and_then(|o| o.get(&change.hash()))
+                        .cloned();
+                    match holdback.offer(id, &change, site, now, &|doc| replicates(doc), written) {
                         holdback::Decision::Apply => now_ready.push(change),
                         holdback::Decision::Held => held.push(change.hash()),
                         holdback::Decision::Later => later.push(change.hash()),

@@ -466,7 +466,7 @@ impl Replica {
         let mut failure = None;
         for (k, (id, guard)) in docs.iter().zip(guards.iter_mut()).enumerate() {
             let (from, changes) = &group.changes[id];
-            let result = self.merge_held(id, guard, from, changes);
+            let result = self.merge_held(id, guard, from, changes, &group.objects);
             match result {
                 Ok(Some(settled)) => {
                     prepared.push((k, settled.parts, settled.extra));
@@ -534,6 +534,7 @@ impl Replica {
         guard: &mut MutexGuard<'_, Option<Loaded>>,
         from: &SiteName,
         changes: &[Change],
+        objects: &HashMap<(DocId, ChangeHash), Vec<String>>,
     ) -> Result<Option<super::Settled>, Error> {
         let loaded = self.ensure_loaded_or_new(id, guard)?;
         let (ready, _, missing) = order_new_changes(&loaded.doc, changes.to_vec());
@@ -545,10 +546,21 @@ impl Replica {
         }
         let before = loaded.doc.get_heads();
         let bytes: Vec<Vec<u8>> = ready.iter().map(|c| c.raw_bytes().to_vec()).collect();
+        // What they write into, if the decoder said for every one.
+        let written: Option<Vec<String>> = ready
+            .iter()
+            .map(|c| objects.get(&(id.clone(), c.hash())))
+            .collect::<Option<Vec<_>>>()
+            .map(|lists| {
+                let mut all: Vec<String> = lists.into_iter().flatten().cloned().collect();
+                all.sort_unstable();
+                all.dedup();
+                all
+            });
         let merge = Merge {
             before: &before,
             incoming: &ready,
-            written: None,
+            written: written.as_deref(),
         };
         let txns = txns_of(&ready);
         self.merge_parts(id, guard, &merge, bytes, Origin::Peer(from.clone()), txns)
