@@ -989,16 +989,9 @@ impl Replica {
             applied.applied = now_ready.iter().map(Change::hash).collect();
             let bytes: Vec<Vec<u8>> = now_ready.iter().map(|c| c.raw_bytes().to_vec()).collect();
             let before = loaded_heads(&guard);
-            let written = objects.as_mut().map(|objects| {
-                let mut written: Vec<String> = now_ready
-                    .iter()
-                    .filter_map(|c| objects.remove(&c.hash()))
-                    .flatten()
-                    .collect();
-                written.sort_unstable();
-                written.dedup();
-                written
-            });
+            let written = objects
+                .as_mut()
+                .and_then(|objects| written_by(&now_ready, |hash| objects.remove(hash)));
             let merge = Merge {
                 before: &before,
                 incoming: &now_ready,
@@ -1858,6 +1851,22 @@ fn committed_bytes(doc: &Automerge, hash: &ChangeHash) -> Vec<u8> {
 
 /// The objects (other than the root) each change of a batch writes into.
 type WrittenObjects = HashMap<ChangeHash, Vec<String>>;
+
+/// Every object `changes` write into, sorted, from what `objects_of` says
+/// of each; `None` if it says nothing of one (the conflict layer then
+/// decodes the changes itself).
+pub(super) fn written_by(
+    changes: &[Change],
+    mut objects_of: impl FnMut(&ChangeHash) -> Option<Vec<String>>,
+) -> Option<Vec<String>> {
+    let mut written = Vec::new();
+    for change in changes {
+        written.extend(objects_of(&change.hash())?);
+    }
+    written.sort_unstable();
+    written.dedup();
+    Some(written)
+}
 
 /// Decodes and checks a batch of changes received for `id`, with the
 /// objects each writes into.

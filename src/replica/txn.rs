@@ -546,17 +546,7 @@ impl Replica {
         }
         let before = loaded.doc.get_heads();
         let bytes: Vec<Vec<u8>> = ready.iter().map(|c| c.raw_bytes().to_vec()).collect();
-        // What they write into, if the decoder said for every one.
-        let written: Option<Vec<String>> = ready
-            .iter()
-            .map(|c| objects.get(&(id.clone(), c.hash())))
-            .collect::<Option<Vec<_>>>()
-            .map(|lists| {
-                let mut all: Vec<String> = lists.into_iter().flatten().cloned().collect();
-                all.sort_unstable();
-                all.dedup();
-                all
-            });
+        let written = super::written_by(&ready, |hash| objects.get(&(id.clone(), *hash)).cloned());
         let merge = Merge {
             before: &before,
             incoming: &ready,
