@@ -22,7 +22,7 @@ use std::path::{Path, PathBuf};
 
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 
-use super::sqlite::{lock_path, Sqlite, SCHEMA_VERSION};
+use super::sqlite::{lock_path, Sqlite, SCHEMA_VERSION, SCHEMA_VERSIONS_OPENED};
 use super::StoreError;
 
 /// The `meta` key of the site a backup was taken from.
@@ -180,7 +180,7 @@ fn inspect(path: &Path, check: bool) -> Result<BackupInfo, StoreError> {
     let version: i64 = conn
         .query_row("PRAGMA user_version", [], |r| r.get(0))
         .map_err(|e| corrupt(format!("not a store: {e}")))?;
-    if version != SCHEMA_VERSION {
+    if !SCHEMA_VERSIONS_OPENED.contains(&version) {
         return Err(corrupt(format!(
             "schema version {version}, this build knows {SCHEMA_VERSION}"
         )));

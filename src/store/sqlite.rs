@@ -18,13 +18,22 @@ use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 use super::{decode_heads, encode_heads, DocEntry, Store, StoreError, StoredDoc, Write};
 use crate::id::DocId;
 
-pub(super) const SCHEMA_VERSION: i64 = 1;
+pub(super) const SCHEMA_VERSION: i64 = 2;
+/// Schema versions this build opens: older ones are migrated on open.
+pub(super) const SCHEMA_VERSIONS_OPENED: std::ops::RangeInclusive<i64> = 1..=SCHEMA_VERSION;
+/// Documents' heads apart from their snapshots: a commit rewrites a
+/// document's heads, and with snapshots beside them in one row a page of
+/// `docs` held a few documents, so a transaction over several documents
+/// wrote a page for each. Now the heads of a hundred documents share a page.
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS docs (
     id TEXT PRIMARY KEY NOT NULL,
-    heads BLOB NOT NULL,
-    snapshot BLOB
+    heads BLOB NOT NULL
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS snapshots (
+    id TEXT PRIMARY KEY NOT NULL,
+    bytes BLOB NOT NULL
+);
 CREATE TABLE IF NOT EXISTS changes (
     seq INTEGER PRIMARY KEY,
     doc TEXT NOT NULL,
@@ -35,6 +44,24 @@ CREATE TABLE IF NOT EXISTS meta (
     key TEXT PRIMARY KEY NOT NULL,
     value BLOB NOT NULL
 ) WITHOUT ROWID;
+";
+/// From version 1, where `docs` held each document's snapshot.
+const MIGRATE_FROM_1: &str = "
+BEGIN IMMEDIATE;
+CREATE TABLE snapshots (
+    id TEXT PRIMARY KEY NOT NULL,
+    bytes BLOB NOT NULL
+);
+INSERT INTO snapshots (id, bytes) SELECT id, snapshot FROM docs WHERE snapshot IS NOT NULL;
+CREATE TABLE docs_2 (
+    id TEXT PRIMARY KEY NOT NULL,
+    heads BLOB NOT NULL
+) WITHOUT ROWID;
+INSERT INTO docs_2 (id, heads) SELECT id, heads FROM docs;
+DROP TABLE docs;
+ALTER TABLE docs_2 RENAME TO docs;
+PRAGMA user_version = 2;
+COMMIT;
 ";
 
 /// Tuning for [`Sqlite`].
@@ -112,20 +139,10 @@ impl Sqlite {
             .map_err(|e| StoreError::Locked(format!("{}: {e}", lock_path.display())))?;
 
         let writer_conn = open_connection(&path, WRITER_CACHE_KIB)?;
-        writer_conn.execute_batch(SCHEMA).map_err(backend)?;
-        let version: i64 = writer_conn
-            .query_row("PRAGMA user_version", [], |r| r.get(0))
-            .map_err(backend)?;
-        if version == 0 {
-            writer_conn
-                .execute_batch(&format!("PRAGMA user_version = {SCHEMA_VERSION}"))
-                .map_err(backend)?;
-        } else if version != SCHEMA_VERSION {
-            return Err(StoreError::Corrupt {
-                what: path.display().to_string(),
-                reason: format!("schema version {version}, this build knows {SCHEMA_VERSION}"),
-            });
-        }
+        migrate(&writer_conn).map_err(|reason| StoreError::Corrupt {
+            what: path.display().to_string(),
+            reason,
+        })?;
 
         // Checkpoints run beside the writer, not inside a commit: SQLite's
         // automatic checkpoint would copy the WAL into the database and fsync
@@ -278,6 +295,31 @@ fn write_loop(mut conn: Connection, receiver: mpsc::Receiver<Request>, group: (u
     }
 }
 
+/// Brings the database to [`SCHEMA_VERSION`]: creates the tables of a new
+/// one, migrates an older one in one transaction (a crash leaves it
+/// unmigrated, and the next open migrates it again), refuses a newer one.
+fn migrate(conn: &Connection) -> Result<(), String> {
+    let version: i64 = conn
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .map_err(|e| e.to_string())?;
+    let run = |sql: &str| {
+        conn.execute_batch(sql).map_err(|e| {
+            let _ = conn.execute_batch("ROLLBACK");
+            format!("cannot migrate from schema version {version}: {e}")
+        })
+    };
+    match version {
+        0 => run(&format!(
+            "BEGIN IMMEDIATE; {SCHEMA} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
+        )),
+        1 => run(MIGRATE_FROM_1),
+        SCHEMA_VERSION => Ok(()),
+        _ => Err(format!(
+            "schema version {version}, this build knows {SCHEMA_VERSION}"
+        )),
+    }
+}
+
 /// Commits every request of the group in one transaction; each request's
 /// writes are atomic on their own.
 fn commit_group(conn: &mut Connection, batch: &[Request]) -> Vec<Result<(), StoreError>> {
@@ -310,11 +352,7 @@ fn apply_write(conn: &Connection, write: &Write) -> rusqlite::Result<()> {
             changes,
             heads,
         } => {
-            conn.prepare_cached(
-                "INSERT INTO docs (id, heads, snapshot) VALUES (?1, ?2, NULL)
-                 ON CONFLICT (id) DO UPDATE SET heads = excluded.heads",
-            )?
-            .execute(params![doc.as_str(), encode_heads(heads)])?;
+            put_heads(conn, doc, heads)?;
             let mut insert =
                 conn.prepare_cached("INSERT INTO changes (doc, bytes) VALUES (?1, ?2)")?;
             for change in changes {
@@ -322,11 +360,12 @@ fn apply_write(conn: &Connection, write: &Write) -> rusqlite::Result<()> {
             }
         }
         Write::Snapshot { doc, bytes, heads } => {
+            put_heads(conn, doc, heads)?;
             conn.prepare_cached(
-                "INSERT INTO docs (id, heads, snapshot) VALUES (?1, ?2, ?3)
-                 ON CONFLICT (id) DO UPDATE SET heads = excluded.heads, snapshot = excluded.snapshot",
+                "INSERT INTO snapshots (id, bytes) VALUES (?1, ?2)
+                 ON CONFLICT (id) DO UPDATE SET bytes = excluded.bytes",
             )?
-            .execute(params![doc.as_str(), encode_heads(heads), bytes])?;
+            .execute(params![doc.as_str(), bytes])?;
             conn.prepare_cached("DELETE FROM changes WHERE doc = ?1")?
                 .execute(params![doc.as_str()])?;
         }
@@ -343,6 +382,19 @@ fn apply_write(conn: &Connection, write: &Write) -> rusqlite::Result<()> {
         }
     }
     Ok(())
+}
+
+fn put_heads(
+    conn: &Connection,
+    doc: &DocId,
+    heads: &[automerge::ChangeHash],
+) -> rusqlite::Result<()> {
+    conn.prepare_cached(
+        "INSERT INTO docs (id, heads) VALUES (?1, ?2)
+         ON CONFLICT (id) DO UPDATE SET heads = excluded.heads",
+    )?
+    .execute(params![doc.as_str(), encode_heads(heads)])
+    .map(|_| ())
 }
 
 impl Store for Sqlite {
@@ -370,13 +422,17 @@ impl Store for Sqlite {
             // Both reads see one snapshot of the database.
             conn.execute_batch("BEGIN")?;
             let result = (|| {
-                let snapshot: Option<Option<Vec<u8>>> = conn
-                    .prepare_cached("SELECT snapshot FROM docs WHERE id = ?1")?
+                let exists = conn
+                    .prepare_cached("SELECT 1 FROM docs WHERE id = ?1")?
+                    .query_row(params![doc.as_str()], |_| Ok(()))
+                    .optional()?;
+                if exists.is_none() {
+                    return Ok(None);
+                }
+                let snapshot: Option<Vec<u8>> = conn
+                    .prepare_cached("SELECT bytes FROM snapshots WHERE id = ?1")?
                     .query_row(params![doc.as_str()], |r| r.get(0))
                     .optional()?;
-                let Some(snapshot) = snapshot else {
-                    return Ok(None);
-                };
                 let mut stmt =
                     conn.prepare_cached("SELECT bytes FROM changes WHERE doc = ?1 ORDER BY seq")?;
                 let changes = stmt
@@ -443,6 +499,72 @@ mod tests {
         let store = Sqlite::open(&path).unwrap();
         assert_eq!(store.docs().unwrap().len(), 2);
         assert_eq!(store.meta("peer/y").unwrap(), Some(vec![8]));
+    }
+
+    #[test]
+    fn a_version_1_store_is_migrated_on_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store.db");
+        let heads = encode_heads(&[automerge::ChangeHash([7; 32])]);
+        {
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(
+                "CREATE TABLE docs (id TEXT PRIMARY KEY NOT NULL, heads BLOB NOT NULL, snapshot BLOB) WITHOUT ROWID;
+                 CREATE TABLE changes (seq INTEGER PRIMARY KEY, doc TEXT NOT NULL, bytes BLOB NOT NULL);
+                 CREATE INDEX changes_by_doc ON changes (doc, seq);
+                 CREATE TABLE meta (key TEXT PRIMARY KEY NOT NULL, value BLOB NOT NULL) WITHOUT ROWID;
+                 PRAGMA user_version = 1;",
+            )
+            .unwrap();
+            conn.execute(
+                "INSERT INTO docs VALUES ('snap', ?1, x'0102'), ('bare', ?1, NULL)",
+                params![heads],
+            )
+            .unwrap();
+            conn.execute_batch(
+                "INSERT INTO changes (doc, bytes) VALUES ('snap', x'03'), ('bare', x'04'), ('bare', x'05');
+                 INSERT INTO meta VALUES ('k', x'09');",
+            )
+            .unwrap();
+        }
+        for _ in 0..2 {
+            let store = Sqlite::open(&path).unwrap();
+            let ids: Vec<String> = store
+                .docs()
+                .unwrap()
+                .into_iter()
+                .map(|d| d.id.to_string())
+                .collect();
+            assert_eq!(ids, ["bare", "snap"]);
+            let snap = store.load(&DocId::new("snap").unwrap()).unwrap().unwrap();
+            assert_eq!(
+                (snap.snapshot, snap.changes),
+                (Some(vec![1, 2]), vec![vec![3]])
+            );
+            let bare = store.load(&DocId::new("bare").unwrap()).unwrap().unwrap();
+            assert_eq!(
+                (bare.snapshot, bare.changes),
+                (None, vec![vec![4], vec![5]])
+            );
+            assert_eq!(store.meta("k").unwrap(), Some(vec![9]));
+        }
+        let version: i64 = Connection::open(&path)
+            .unwrap()
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(version, SCHEMA_VERSION);
+    }
+
+    #[test]
+    fn a_newer_store_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store.db");
+        Connection::open(&path)
+            .unwrap()
+            .execute_batch("PRAGMA user_version = 99")
+            .unwrap();
+        let err = Sqlite::open(&path).unwrap_err();
+        assert!(err.to_string().contains("schema version 99"), "{err}");
     }
 
     #[test]
