@@ -49,6 +49,7 @@
 pub mod conflict;
 pub mod doc;
 mod error;
+pub mod escrow;
 pub mod id;
 pub mod protocol;
 mod replica;
@@ -62,8 +63,8 @@ pub use error::Error;
 pub use id::{ChangeHash, DocId, InvalidId, SiteName};
 pub use replica::{
     decode_change, load_document, ActorSource, Applied, Clock, Commit, Committed, DocView,
-    HeadsDigest, HoldLimits, Origin, RandomActors, Replica, ReplicaOptions, ReplicaStats, Snapshot,
-    SystemClock, TxnStats, READ_DOCS_MAX,
+    EscrowStats, HeadsDigest, HoldLimits, Origin, RandomActors, Replica, ReplicaOptions,
+    ReplicaStats, RightsWanted, Snapshot, SystemClock, TxnStats, READ_DOCS_MAX,
 };
 
 pub use automerge;

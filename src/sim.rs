@@ -36,9 +36,10 @@ use tokio::sync::broadcast;
 
 use crate::conflict::{Check, Conflict, ConflictConfig, Filter, Policy, Rule, Status};
 use crate::doc::Op;
+use crate::escrow::{EscrowConfig, GrantPolicy, PoolKind};
 use crate::id::{actor_of_site, DocId, SiteName, ACTOR_RANDOM_BYTES};
 use crate::protocol::session::{Lane, Session, SessionConfig};
-use crate::replica::{ActorSource, Clock, Committed, Replica, ReplicaOptions};
+use crate::replica::{ActorSource, Clock, Committed, Replica, ReplicaOptions, RightsWanted};
 use crate::store::{Faulty, Memory, Store as _, Write, RESOLUTIONS_HELD_KEY};
 use crate::txn::{Precondition, Txn, TxnDoc, TxnId};
 use crate::ChangeHash;
@@ -188,6 +189,8 @@ struct SimSite {
     store_failing_until: Option<usize>,
     replica: Option<Replica>,
     events: Option<broadcast::Receiver<Committed>>,
+    /// Its requests for rights of bounded counters, for its sessions.
+    wanted: Option<broadcast::Receiver<RightsWanted>>,
     /// A copy of its store taken at this step, to restore on a restart.
     backup: Option<(usize, Memory)>,
 }
@@ -234,6 +237,12 @@ pub struct SimReport {
     pub txns_refused: usize,
     /// Checks that no transaction was partly visible at a site.
     pub txn_checks: usize,
+    /// Ops on bounded counters that committed.
+    pub escrow_ops: usize,
+    /// Of those tried, refused for want of rights.
+    pub escrow_refused: usize,
+    /// Invariant checks of bounded counters.
+    pub escrow_checks: usize,
 }
 
 /// A committed transaction: its member changes.
@@ -273,9 +282,15 @@ pub struct Sim {
     txn_views: Vec<TxnView>,
     /// The first transaction seen partly visible.
     violation: Option<String>,
+    /// Per site and document, the heads last checked for escrow invariants.
+    escrow_seen: HashMap<(usize, DocId), Vec<ChangeHash>>,
 }
 
 const TRACE_LINES_MAX: usize = 60;
+
+/// Sites whose bounded counters carry a floor rule (more sites work; their
+/// counters are just not watched by the conflict layer).
+const SITES_MAX: usize = 8;
 
 impl Sim {
     /// A run of `config` driven by `seed`.
@@ -299,6 +314,7 @@ impl Sim {
                     store_failing_until: None,
                     replica: None,
                     events: None,
+                    wanted: None,
                     backup: None,
                 }
             })
@@ -319,6 +335,7 @@ impl Sim {
             txns: Vec::new(),
             txn_views: Vec::new(),
             violation: None,
+            escrow_seen: HashMap::new(),
         };
         sim.txn_views = (0..sim.sites.len()).map(|_| TxnView::default()).collect();
         for i in 0..sim.sites.len() {
@@ -333,6 +350,7 @@ impl Sim {
         for _ in 0..self.config.steps {
             self.step();
             self.check_txns(None);
+            self.check_escrow(None);
             self.check_violation()?;
         }
         self.heal_all();
@@ -507,6 +525,7 @@ impl Sim {
         let site_state = &mut self.sites[site];
         site_state.replica = None;
         site_state.events = None;
+        site_state.wanted = None;
         self.cut_links(site);
     }
 
@@ -540,6 +559,7 @@ impl Sim {
             return;
         }
         state.events = Some(replica.subscribe());
+        state.wanted = Some(replica.subscribe_rights_wanted());
         state.replica = Some(replica);
     }
 
@@ -549,6 +569,15 @@ impl Sim {
         options.cache_docs_max = 3;
         options.compact_changes_min = 8;
         options.conflicts = Arc::new(sim_conflict_config());
+        // A low-water mark makes sites ask ahead of demand, and grants keep it.
+        options.escrow = Arc::new(EscrowConfig {
+            rules: Vec::new(),
+            default: crate::escrow::Policy {
+                low_water: 2,
+                rebalance: GrantPolicy::Proportional,
+                wait: Duration::ZERO,
+            },
+        });
         options
     }
 
@@ -587,9 +616,10 @@ impl Sim {
         let doc = self.doc_id();
         let field = self.rng.below(4);
         let value = self.rng.below(1000);
-        let ops = match self.rng.below(10) {
+        let ops = match self.rng.below(13) {
             7 => return self.close_a_conflict(site, &replica),
             8 | 9 => return self.transact(site, &replica),
+            10..=12 => return self.escrow_edit(site, &replica, doc),
             0 | 1 => json!([{"op": "set", "path": format!("/f{field}"), "value": value}]),
             2 => json!([{"op": "del", "path": format!("/f{field}")}]),
             3 => json!([{"op": "inc", "path": "/count", "by": value as i64 - 500}]),
@@ -616,6 +646,172 @@ impl Sim {
                 self.note(format!("edit site {site} {doc} not written: {e}"));
             }
             Err(_) => {}
+        }
+    }
+
+    /// An op on the bounded counters `/bounded-site-N`, each created only by
+    /// its site (at the root: a counter inside a map two sites create
+    /// concurrently would be hidden with the map that loses): create, decrement (asking peers when short), restock,
+    /// transfer, or a transaction taking stock and writing an order.
+    fn escrow_edit(&mut self, site: usize, replica: &Replica, doc: DocId) {
+        let own = format!("/bounded-site-{site}");
+        let existing: Vec<String> = replica
+            .escrow_list(&doc)
+            .map(|list| list.into_iter().map(|(p, _)| p).collect())
+            .unwrap_or_default();
+        let create = existing.is_empty() || (!existing.contains(&own) && self.rng.chance(30));
+        let pointer = if create {
+            own
+        } else {
+            existing[self.rng.below(existing.len())].clone()
+        };
+        let amount = 1 + self.rng.below(4) as i64;
+        let result = match if create { 0 } else { 1 + self.rng.below(6) } {
+            0 => {
+                let value = 5 + self.rng.below(20) as i64;
+                let max = self.rng.chance(50).then_some(value + 10);
+                let ops = json!([{"op": "set", "path": pointer, "value": value, "as": "bounded", "min": 0, "max": max}]);
+                replica
+                    .apply_ops(
+                        &doc,
+                        &serde_json::from_value::<Vec<Op>>(ops).expect("ops parse"),
+                        None,
+                    )
+                    .map(drop)
+            }
+            1 | 2 => {
+                let ops = json!([{"op": "inc", "path": pointer, "by": -amount}]);
+                replica
+                    .apply_ops(
+                        &doc,
+                        &serde_json::from_value::<Vec<Op>>(ops).expect("ops parse"),
+                        None,
+                    )
+                    .map(drop)
+            }
+            3 => {
+                let ops = json!([{"op": "inc", "path": pointer, "by": amount}]);
+                replica
+                    .apply_ops(
+                        &doc,
+                        &serde_json::from_value::<Vec<Op>>(ops).expect("ops parse"),
+                        None,
+                    )
+                    .map(drop)
+            }
+            4 => {
+                let to = self.sites[self.rng.below(self.sites.len())].name.clone();
+                let pool = if self.rng.chance(20) {
+                    PoolKind::Up
+                } else {
+                    PoolKind::Down
+                };
+                replica
+                    .escrow_transfer(&doc, &pointer, pool, &to, amount, None)
+                    .map(drop)
+            }
+            _ => {
+                let order = DocId::new(&format!("ns-{}/order-{}", site % 3, self.rng.below(4)))
+                    .expect("valid id");
+                if order == doc {
+                    return;
+                }
+                let txn = Txn {
+                    docs: vec![
+                        TxnDoc {
+                            id: doc.clone(),
+                            ops: serde_json::from_value(
+                                json!([{"op": "inc", "path": pointer, "by": -amount}]),
+                            )
+                            .expect("ops parse"),
+                            precondition: Precondition::none(),
+                        },
+                        TxnDoc {
+                            id: order,
+                            ops: serde_json::from_value(
+                                json!([{"op": "set", "path": "/qty", "value": amount}]),
+                            )
+                            .expect("ops parse"),
+                            precondition: Precondition::none(),
+                        },
+                    ],
+                    message: Some("sim order".to_owned()),
+                };
+                match replica.commit_txn(&txn) {
+                    Ok(commit) => {
+                        self.report.txns += 1;
+                        let members: Vec<(DocId, ChangeHash)> = commit
+                            .docs
+                            .iter()
+                            .filter_map(|(id, c)| Some((id.clone(), c.change?)))
+                            .collect();
+                        self.txns.push(SimTxn {
+                            id: commit.txn,
+                            members,
+                        });
+                        Ok(())
+                    }
+                    Err(e) => Err(e),
+                }
+            }
+        };
+        match result {
+            Ok(()) => {
+                self.report.edits += 1;
+                self.report.escrow_ops += 1;
+                self.note(format!("escrow site {site} {doc} {pointer}"));
+            }
+            Err(e) => {
+                if let Some((pool, missing)) = missing_rights(&e) {
+                    self.report.escrow_refused += 1;
+                    replica.ask_rights(&doc, &pointer, pool, missing, self.rng.chance(30));
+                }
+                if matches!(e, crate::Error::NotDurable { .. }) {
+                    self.report.failed_writes += 1;
+                }
+                self.note(format!("escrow site {site} {doc} {pointer} refused: {e}"));
+            }
+        }
+        self.check_escrow(Some(site));
+    }
+
+    /// Every bounded counter at `site` (every site when `None`) keeps its
+    /// invariants: value within bounds, no negative rights, rights adding
+    /// up. Records the first broken one.
+    fn check_escrow(&mut self, sites: Option<usize>) {
+        if self.violation.is_some() {
+            return;
+        }
+        let range = match sites {
+            Some(site) => site..site + 1,
+            None => 0..self.sites.len(),
+        };
+        for site in range {
+            let Some(replica) = self.sites[site].replica.clone() else {
+                continue;
+            };
+            for k in 0..self.config.docs {
+                let id = DocId::new(&format!("ns-{}/doc-{k}", k % 3)).expect("valid id");
+                // Only a document that changed can break an invariant.
+                let heads = replica.heads(&id).unwrap_or_default();
+                if self.escrow_seen.get(&(site, id.clone())) == Some(&heads) {
+                    continue;
+                }
+                self.escrow_seen.insert((site, id.clone()), heads);
+                self.report.escrow_checks += 1;
+                match replica.with_doc(&id, crate::escrow::check) {
+                    Ok(Some(Err(violation))) => {
+                        self.violation =
+                            Some(format!("site {site}: bounded counter of {id}: {violation}"));
+                        return;
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        self.violation = Some(format!("site {site} cannot read {id}: {e}"));
+                        return;
+                    }
+                }
+            }
         }
     }
 
@@ -885,6 +1081,7 @@ impl Sim {
         // Only the receiving site changed; every site is checked after
         // each step as well.
         self.check_txns(Some(site));
+        self.check_escrow(Some(site));
     }
 
     /// Moves frames from sessions to the network, committed changes to
@@ -915,6 +1112,37 @@ impl Sim {
                             link.low_session.handle_committed(&replica, c);
                         } else if high == site {
                             link.high_session.handle_committed(&replica, c);
+                        }
+                    }
+                }
+            }
+            // Requests for rights go to the sessions of the site they name.
+            for site in 0..self.sites.len() {
+                let mut wanted = Vec::new();
+                if let Some(feed) = self.sites[site].wanted.as_mut() {
+                    loop {
+                        match feed.try_recv() {
+                            Ok(w) => wanted.push(w),
+                            Err(broadcast::error::TryRecvError::Lagged(_)) => continue,
+                            Err(_) => break,
+                        }
+                    }
+                }
+                for w in &wanted {
+                    for (&(low, high), link) in self.links.iter_mut() {
+                        let (session, peer) = if low == site {
+                            (&mut link.low_session, high)
+                        } else if high == site {
+                            (&mut link.high_session, low)
+                        } else {
+                            continue;
+                        };
+                        if w.ask
+                            .as_ref()
+                            .is_none_or(|ask| *ask == self.sites[peer].name)
+                        {
+                            session.ask_rights(w);
+                            moved = true;
                         }
                     }
                 }
@@ -1127,6 +1355,16 @@ impl Sim {
             }
         }
         let reports = reference.unwrap_or_default();
+        if let Some(report) = reports.iter().find(|r| {
+            r.rule
+                .as_deref()
+                .is_some_and(|n| n.starts_with("bounded-floor"))
+        }) {
+            return Err(self.failure(format!(
+                "a bounded counter went below its min: report {} in {}",
+                report.id, report.doc
+            )));
+        }
         // A compensation runs once: no report closed automatically twice
         // (a restored resolver must not resolve again what it already had).
         for report in &reports {
@@ -1152,6 +1390,24 @@ impl Sim {
     }
 }
 
+/// The pool and the number of rights an error says are missing here.
+fn missing_rights(error: &crate::Error) -> Option<(PoolKind, i64)> {
+    let op = match error {
+        crate::Error::Op(op) => &**op,
+        crate::Error::TxnOp { source, .. } => &**source,
+        _ => return None,
+    };
+    match op {
+        crate::doc::OpError::InsufficientRights {
+            pool,
+            wanted,
+            available_here,
+            ..
+        } => Some((*pool, wanted - available_here)),
+        _ => None,
+    }
+}
+
 /// The rules every simulated site runs: a floor on the shared counter that
 /// its resolver clamps, and unique item numbers left for people.
 fn sim_conflict_config() -> ConflictConfig {
@@ -1166,6 +1422,20 @@ fn sim_conflict_config() -> ConflictConfig {
                 Rule::new("unique-items", "ns-*", "/items", Check::Unique("n".into()))
                     .expect("valid rule"),
             )
+        })
+        .and_then(|c| {
+            // Never fires: bounded counters cannot go below their min.
+            (0..SITES_MAX).try_fold(c, |c, site| {
+                c.with_rule(
+                    Rule::new(
+                        &format!("bounded-floor-{site}"),
+                        "ns-*",
+                        &format!("/bounded-site-{site}"),
+                        Check::Min(0.0),
+                    )
+                    .expect("valid rule"),
+                )
+            })
         })
         .expect("rule names differ")
 }

@@ -41,6 +41,7 @@ fn run(seeds: Range<u64>, config: &SimConfig) {
     let mut restores = 0;
     let mut txns = 0;
     let mut txn_checks = 0;
+    let (mut escrow_ops, mut escrow_refused, mut escrow_checks) = (0, 0, 0);
     let count = seeds.end.saturating_sub(seeds.start);
     for seed in seeds {
         match Sim::new(seed, config.clone()).run() {
@@ -53,6 +54,9 @@ fn run(seeds: Range<u64>, config: &SimConfig) {
                 restores += report.restores;
                 txns += report.txns;
                 txn_checks += report.txn_checks;
+                escrow_ops += report.escrow_ops;
+                escrow_refused += report.escrow_refused;
+                escrow_checks += report.escrow_checks;
             }
             Err(failure) => panic!("{failure}"),
         }
@@ -61,7 +65,13 @@ fn run(seeds: Range<u64>, config: &SimConfig) {
         "{count} seeds converged ({edits} edits, {resets} connection resets, \
          {conflicts} conflict reports identical at every site, {closed} of them closed, \
          {failed_writes} edits whose store write failed, {restores} sites restored from a backup, \
-         {txns} transactions never seen in part in {txn_checks} checks after deliveries)"
+         {txns} transactions never seen in part in {txn_checks} checks after deliveries, \
+         {escrow_ops} ops on bounded counters and {escrow_refused} refused for want of rights, \
+         invariants held in {escrow_checks} checks after deliveries)"
+    );
+    assert!(
+        count == 0 || (escrow_ops > 0 && escrow_refused > 0 && escrow_checks > 0),
+        "bounded counters were not exercised, so their invariants went unchecked"
     );
     assert!(
         count == 0 || (txns > 0 && txn_checks > 0),

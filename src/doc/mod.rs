@@ -45,6 +45,31 @@ pub enum OpError {
         /// A sentence for people.
         reason: String,
     },
+    /// A decrement of a bounded counter (or an increment below its `max`)
+    /// beyond the rights this site holds: see [`crate::escrow`].
+    #[error("{path}: insufficient rights ({available_here} here, {available_total} at all sites)")]
+    InsufficientRights {
+        /// The bounded counter.
+        path: String,
+        /// Which rights: to decrement, or (with a `max`) to increment.
+        pool: crate::escrow::PoolKind,
+        /// The amount the op needed.
+        wanted: i64,
+        /// The rights this site holds.
+        available_here: i64,
+        /// The rights all sites hold, as far as this site knows.
+        available_total: i64,
+    },
+    /// An increment would take a bounded counter past its `max`.
+    #[error("{path}: increment would pass max {max} (value {value})")]
+    AboveMax {
+        /// The bounded counter.
+        path: String,
+        /// Its upper bound.
+        max: i64,
+        /// Its value here.
+        value: i64,
+    },
     /// automerge refused the operation.
     #[error("automerge: {0}")]
     Automerge(#[from] automerge::AutomergeError),
@@ -58,6 +83,8 @@ impl OpError {
             OpError::BadValue(_) => "bad_value",
             OpError::PathNotFound { .. } => "path_not_found",
             OpError::Mismatch { code, .. } => code,
+            OpError::InsufficientRights { .. } => "insufficient_rights",
+            OpError::AboveMax { .. } => "above_max",
             OpError::Automerge(_) => "op_rejected",
         }
     }

@@ -24,6 +24,10 @@ pub enum ValueKind {
     Counter,
     /// A string stored as collaborative text: concurrent splices merge.
     Text,
+    /// An integer stored as a bounded counter (with `min` and optionally
+    /// `max`): see [`crate::escrow`]. Only a replica creates one, since the
+    /// rights go to its site.
+    Bounded,
 }
 
 /// One operation on a document. The JSON form is the HTTP API's:
@@ -41,6 +45,12 @@ pub enum Op {
         /// Store as a counter or text instead of the plain mapping.
         #[serde(rename = "as", default, skip_serializing_if = "Option::is_none")]
         kind: Option<ValueKind>,
+        /// The lower bound of a bounded counter (`"as": "bounded"` only).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        min: Option<i64>,
+        /// The upper bound of a bounded counter, if any.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        max: Option<i64>,
     },
     /// Adds `by` to the counter at `path`.
     Inc {
@@ -112,7 +122,10 @@ pub fn apply_ops<T: Transactable>(tx: &mut T, ops: &[Op]) -> Result<(), OpError>
     Ok(())
 }
 
-fn apply_op<T: Transactable>(tx: &mut T, op: &Op) -> Result<(), OpError> {
+/// Applies one op; on error the transaction may hold part of it. Bounded
+/// counters are not known here: [`crate::escrow::apply_ops`] routes ops on
+/// them.
+pub(crate) fn apply_op<T: Transactable>(tx: &mut T, op: &Op) -> Result<(), OpError> {
     let pointer = Pointer::parse(op.path())?;
     let Some((parents, last)) = pointer.split_last() else {
         return Err(OpError::BadPath {
@@ -136,8 +149,19 @@ fn apply_op<T: Transactable>(tx: &mut T, op: &Op) -> Result<(), OpError> {
     let create_maps = matches!(op, Op::Set { .. });
     let (parent, parent_type) = walk(tx, &pointer, parents, create_maps)?;
     match op {
-        Op::Set { value, kind, .. } => {
+        Op::Set {
+            value,
+            kind,
+            min,
+            max,
+            ..
+        } => {
             check_depth(value)?;
+            if (min.is_some() || max.is_some()) && *kind != Some(ValueKind::Bounded) {
+                return Err(OpError::BadValue(format!(
+                    "{pointer}: \"min\" and \"max\" go with \"as\": \"bounded\""
+                )));
+            }
             match parent_type {
                 ObjType::Map | ObjType::Table => {
                     write_value(tx, &parent, Slot::Key(last), value, *kind, &pointer)
@@ -320,6 +344,10 @@ fn write_value<T: Transactable>(
             })?;
             put_scalar(tx, parent, slot, ScalarValue::counter(n))
         }
+        Some(ValueKind::Bounded) => Err(OpError::BadValue(format!(
+            "{pointer}: a bounded counter is created through a replica (it gives the rights to \
+             the replica's site), and in maps only"
+        ))),
         Some(ValueKind::Text) => {
             let s = value.as_str().ok_or_else(|| {
                 OpError::BadValue(format!("{pointer}: text needs a string value"))

@@ -19,6 +19,19 @@ use crate::id::{DocId, SiteName};
 use crate::replica::{Applied, Origin, Replica};
 
 impl Host for Replica {
+    fn grant_rights(
+        &self,
+        peer: &SiteName,
+        doc: &DocId,
+        pointer: &str,
+        pool: crate::escrow::PoolKind,
+        amount: i64,
+    ) {
+        if let Err(e) = Replica::grant_rights(self, doc, pointer, pool, peer, amount) {
+            tracing::warn!(%peer, %doc, pointer, error = %e, "could not grant rights");
+        }
+    }
+
     fn index(&self) -> Vec<(DocId, Vec<ChangeHash>)> {
         Replica::index(self)
     }

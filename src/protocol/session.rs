@@ -115,6 +115,18 @@ pub trait Host {
 
     /// `peer` says the members `docs` of `txn` never come from it.
     fn txn_not_from(&self, _peer: &SiteName, _txn: TxnId, _docs: &[DocId]) {}
+
+    /// `peer` asks for `amount` rights of a bounded counter: grant what
+    /// may be spared, as an ordinary change.
+    fn grant_rights(
+        &self,
+        _peer: &SiteName,
+        _doc: &DocId,
+        _pointer: &str,
+        _pool: crate::escrow::PoolKind,
+        _amount: i64,
+    ) {
+    }
 }
 
 /// Which stream a frame belongs on: live changes must never wait behind a
@@ -261,6 +273,8 @@ pub struct Session {
     peer_bundles: bool,
     /// The peer understands `TxnAsk` and `TxnNone`.
     peer_txn_ask: bool,
+    /// The peer understands `RightsAsk`.
+    peer_escrow: bool,
     /// Transactions this side asked the peer about.
     txn_asked: HashSet<TxnId>,
     events: VecDeque<Event>,
@@ -316,6 +330,7 @@ impl Session {
             ack_at_back: None,
             peer_bundles: false,
             peer_txn_ask: false,
+            peer_escrow: false,
             txn_asked: HashSet::new(),
             events: VecDeque::new(),
             stats: SessionStats::default(),
@@ -339,9 +354,12 @@ impl Session {
                 version: PROTOCOL_VERSION,
                 site: session.config.local.clone(),
                 capabilities: if session.config.bundles {
-                    capabilities::RANGE_RECONCILE | capabilities::BUNDLES | capabilities::TXN_ASK
+                    capabilities::RANGE_RECONCILE
+                        | capabilities::BUNDLES
+                        | capabilities::TXN_ASK
+                        | capabilities::ESCROW
                 } else {
-                    capabilities::RANGE_RECONCILE | capabilities::TXN_ASK
+                    capabilities::RANGE_RECONCILE | capabilities::TXN_ASK | capabilities::ESCROW
                 },
             },
         );
@@ -572,6 +590,34 @@ impl Session {
         self.close(close_code::PROTOCOL_ERROR, &error.to_string());
     }
 
+    /// Asks the peer for rights of a bounded counter (see
+    /// [`crate::Replica::ask_rights`]); nothing happens when the session is
+    /// not open, the peer does not understand the request, or the document
+    /// is outside what the two sites exchange.
+    pub fn ask_rights(&mut self, wanted: &crate::RightsWanted) {
+        if self.phase != Phase::Open
+            || !self.peer_escrow
+            || wanted.amount <= 0
+            || !self.config.scope.may_receive(&wanted.doc)
+            || wanted.pointer.len() > super::wire::RIGHTS_POINTER_BYTES_MAX
+        {
+            return;
+        }
+        let pool = match wanted.pool {
+            crate::escrow::PoolKind::Down => 0,
+            crate::escrow::PoolKind::Up => 1,
+        };
+        self.send(
+            Lane::Live,
+            &Message::RightsAsk {
+                doc: wanted.doc.clone(),
+                pointer: wanted.pointer.clone(),
+                pool,
+                amount: wanted.amount,
+            },
+        );
+    }
+
     /// Offers a locally durable commit (any origin) for live push.
     pub fn handle_committed(&mut self, host: &dyn Host, committed: &Committed) {
         // Only what this session received is known to be at the peer. A
@@ -638,6 +684,7 @@ impl Session {
                 }
                 self.peer_bundles = self.config.bundles && caps & capabilities::BUNDLES != 0;
                 self.peer_txn_ask = caps & capabilities::TXN_ASK != 0;
+                self.peer_escrow = caps & capabilities::ESCROW != 0;
                 self.phase = Phase::Open;
                 self.deadline = None;
                 self.events.push_back(Event::Connected { peer: site });
@@ -691,6 +738,25 @@ impl Session {
             }
             (Phase::Open, Message::TxnNone { txn, docs }) => {
                 host.txn_not_from(&self.config.peer, TxnId(txn), &docs)
+            }
+            (
+                Phase::Open,
+                Message::RightsAsk {
+                    doc,
+                    pointer,
+                    pool,
+                    amount,
+                },
+            ) => {
+                // A grant the peer may not receive would strand the rights.
+                if self.config.scope.may_send(&doc) {
+                    let pool = if pool == 0 {
+                        crate::escrow::PoolKind::Down
+                    } else {
+                        crate::escrow::PoolKind::Up
+                    };
+                    host.grant_rights(&self.config.peer, &doc, &pointer, pool, amount);
+                }
             }
             (Phase::Open, Message::Close { code, reason }) => self.finish(code, reason, true),
             (Phase::Closed, _) => {}

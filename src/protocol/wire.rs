@@ -57,7 +57,13 @@ pub mod capabilities {
     /// The sender understands [`super::Message::TxnAsk`] and
     /// [`super::Message::TxnNone`] (changes held for their transaction).
     pub const TXN_ASK: u64 = 1 << 2;
+    /// The sender understands [`super::Message::RightsAsk`] (requests for
+    /// rights of bounded counters).
+    pub const ESCROW: u64 = 1 << 3;
 }
+
+/// Longest pointer in a [`Message::RightsAsk`], in bytes.
+pub const RIGHTS_POINTER_BYTES_MAX: usize = 4096;
 
 /// One protocol message.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -155,6 +161,19 @@ pub enum Message {
         /// The members that will not come from the sender.
         docs: Vec<DocId>,
     },
+    /// The sender needs `amount` rights of a bounded counter: the receiver
+    /// grants what its policy lets it spare, as an ordinary change (which
+    /// reaches the sender with replication), or nothing.
+    RightsAsk {
+        /// The document.
+        doc: DocId,
+        /// The counter's pointer.
+        pointer: String,
+        /// Which rights: 0 to decrement, 1 to increment.
+        pool: u8,
+        /// How many.
+        amount: i64,
+    },
 }
 
 /// Codes of [`Message::Close`].
@@ -226,6 +245,19 @@ impl Message {
                     return Err(WireError::OverLimit("documents of a transaction"));
                 }
             }
+            Message::RightsAsk {
+                pointer,
+                pool,
+                amount,
+                ..
+            } => {
+                if pointer.len() > RIGHTS_POINTER_BYTES_MAX {
+                    return Err(WireError::OverLimit("pointer of a rights request"));
+                }
+                if *pool > 1 || *amount <= 0 {
+                    return Err(WireError::Malformed("rights request".into()));
+                }
+            }
             Message::Hello { .. }
             | Message::Reconcile(_)
             | Message::ReconcileDone
@@ -249,6 +281,7 @@ impl Message {
             Message::Close { .. } => "close",
             Message::TxnAsk { .. } => "txn_ask",
             Message::TxnNone { .. } => "txn_none",
+            Message::RightsAsk { .. } => "rights_ask",
         }
     }
 }

@@ -296,7 +296,14 @@ impl Replica {
                     } else {
                         closing.docs.iter().find(|(o, _)| o == d).map(|(o, ops)| {
                             Box::new(move |tx: &mut automerge::transaction::Transaction<'_>| {
-                                doc::ops::apply_ops(tx, ops).map_err(|e| Error::TxnOp {
+                                crate::escrow::apply_ops(
+                                    tx,
+                                    ops,
+                                    self.site(),
+                                    self.resolutions_held(),
+                                )
+                                .map(drop)
+                                .map_err(|e| Error::TxnOp {
                                     doc: o.clone(),
                                     source: Box::new(e),
                                 })
@@ -333,7 +340,7 @@ impl Replica {
         now: i64,
     ) -> Result<(), Error> {
         if !closing.ops.is_empty() {
-            doc::ops::apply_ops(tx, &closing.ops)?;
+            crate::escrow::apply_ops(tx, &closing.ops, self.site(), self.resolutions_held())?;
         }
         let record = conflict::report::Closing {
             status: closing.status,
@@ -616,6 +623,8 @@ fn set_number(doc: &Automerge, path: &str, current: f64, target: f64) -> Option<
         path: path.to_owned(),
         value,
         kind: None,
+        min: None,
+        max: None,
     })
 }
 
@@ -681,6 +690,8 @@ fn prefer_site(conflict: &Conflict, doc: &Automerge, site: &crate::SiteName) -> 
             path: conflict.path.clone(),
             value: preferred.value.clone(),
             kind: None,
+            min: None,
+            max: None,
         },
     };
     Some(Resolution {

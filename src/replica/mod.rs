@@ -23,9 +23,11 @@ use sha2::{Digest as _, Sha256};
 use tokio::sync::broadcast;
 
 mod conflicts;
+mod escrow;
 mod holdback;
 mod txn;
 
+pub use escrow::{EscrowStats, RightsWanted};
 pub use holdback::HoldLimits;
 pub use txn::{TxnStats, READ_DOCS_MAX};
 
@@ -107,6 +109,8 @@ pub struct ReplicaOptions {
     pub replicates: Arc<dyn Fn(&DocId) -> bool + Send + Sync>,
     /// Bounds on the changes held back for their transaction.
     pub txn_hold: HoldLimits,
+    /// How this site manages the rights of bounded counters.
+    pub escrow: Arc<crate::escrow::EscrowConfig>,
 }
 
 impl ReplicaOptions {
@@ -124,6 +128,7 @@ impl ReplicaOptions {
             conflicts: Arc::new(ConflictConfig::default()),
             replicates: Arc::new(|_| true),
             txn_hold: HoldLimits::default(),
+            escrow: Arc::new(crate::escrow::EscrowConfig::default()),
         }
     }
 }
@@ -340,6 +345,11 @@ struct Shared {
     /// Automatic resolutions that edit other documents, waiting for the
     /// merge that raised them to release its lock.
     deferred_resolutions: Mutex<Vec<crate::conflict::ConflictId>>,
+    /// Signalled (with `state`) whenever changes are published.
+    published: std::sync::Condvar,
+    /// Requests for rights of bounded counters, for the transport.
+    rights_wanted: broadcast::Sender<RightsWanted>,
+    escrow: escrow::EscrowShared,
 }
 
 #[derive(Default)]
@@ -499,6 +509,9 @@ impl Replica {
                 hold_times: Mutex::new(VecDeque::new()),
                 unsaved_groups: Mutex::new(Vec::new()),
                 deferred_resolutions: Mutex::new(Vec::new()),
+                published: std::sync::Condvar::new(),
+                rights_wanted: broadcast::channel(escrow::RIGHTS_WANTED_CAPACITY).0,
+                escrow: escrow::EscrowShared::default(),
             }),
         })
     }
@@ -748,10 +761,17 @@ impl Replica {
         if ops.is_empty() {
             return Err(doc::OpError::BadValue("no ops given".to_owned()).into());
         }
-        self.transact(id, message, |tx| {
-            doc::ops::apply_ops(tx, ops).map_err(Error::from)
-        })
-        .map(|(c, ())| c)
+        let (commit, spent) = self.transact_checked(id, message, None, |tx| {
+            crate::escrow::apply_ops(tx, ops, self.site(), self.resolutions_held())
+                .map_err(Error::from)
+        })?;
+        self.after_escrow_ops(
+            &spent
+                .into_iter()
+                .map(|s| (id.clone(), s))
+                .collect::<Vec<_>>(),
+        );
+        Ok(commit)
     }
 
     /// Makes the document equal `value` (a JSON object), changing only the
@@ -814,7 +834,15 @@ impl Replica {
         message: Option<&str>,
         f: impl FnOnce(&mut Transaction<'_>) -> Result<R, Error>,
     ) -> Result<(Commit, R), Error> {
-        self.transact_checked(id, message, None, f)
+        // An edit made here knows nothing of bounded counters: refuse one
+        // that changed a counter's value or rights outside their ops.
+        self.transact_checked(id, message, None, |tx| {
+            let out = f(tx)?;
+            if crate::escrow::any(tx) {
+                crate::escrow::check_untouched(tx)?;
+            }
+            Ok(out)
+        })
     }
 
     /// [`Replica::transact`], first checking `precondition` (when given)
@@ -1325,6 +1353,25 @@ impl Replica {
         let mut events = Vec::new();
         let mut plans = Vec::with_capacity(items.len());
         let mut reports = Vec::new();
+        // A local change of a document with bounded counters may spend or
+        // move rights: published before it is durable, a crash could lose
+        // it here while peers hold it, and this site would spend the same
+        // rights again. Such writes publish once durable, and a failed one
+        // is undone (nobody saw it). That needs the documents to hold
+        // nothing else unwritten: after an earlier failed write (rare: the
+        // store failed, then a crash must follow before the next write
+        // succeeds) they publish at once as other writes do.
+        let publish_when_durable = items.iter().any(|item| {
+            item.parts.iter().any(|p| p.origin == Origin::Local)
+                && item
+                    .guard
+                    .as_ref()
+                    .is_some_and(|loaded| crate::escrow::any(&loaded.doc))
+        }) && items.iter().all(|item| {
+            item.guard
+                .as_ref()
+                .is_some_and(|loaded| !loaded.unsaved && !loaded.grouped)
+        });
         for item in &mut items {
             let loaded = item
                 .guard
@@ -1381,7 +1428,10 @@ impl Replica {
         }
         // Published first: saving a whole document to compact it can take
         // milliseconds, and the peers need not wait for it.
-        self.publish_all(events);
+        let mut events = Some(events);
+        if !publish_when_durable {
+            self.publish_all(events.take().unwrap_or_default());
+        }
         let ids: BTreeSet<DocId> = items.iter().map(|item| item.id.clone()).collect();
         if let Some(blocked) = self.written_apart(&items, &ids).cloned() {
             // Writing it now would store part of a transaction.
@@ -1420,6 +1470,17 @@ impl Replica {
             writes.append(&mut item.extra);
         }
         if let Err(e) = self.shared.store.commit(writes) {
+            if publish_when_durable {
+                for item in &mut items {
+                    tracing::warn!(doc = %item.id, error = %e, "store write failed; a change of bounded counters is undone");
+                    if let Some(loaded) = item.guard.as_mut() {
+                        // Its actor's sequence numbers move on regardless.
+                        loaded.unsaved = true;
+                    }
+                    self.drop_loaded(item.id, item.guard);
+                }
+                return Err(Error::Store(e));
+            }
             let first = items[0].id.clone();
             for item in &mut items {
                 tracing::warn!(doc = %item.id, error = %e, "store write failed; the changes stay in memory until the document's next write");
@@ -1458,6 +1519,9 @@ impl Replica {
                 }
             }
             all_heads.push(heads);
+        }
+        if let Some(events) = events {
+            self.publish_all(events);
         }
         self.announce(reports);
         Ok(all_heads)
@@ -1631,6 +1695,8 @@ impl Replica {
                 .insert(committed.doc.clone(), committed.heads.clone());
             let _ = self.shared.events.send(committed);
         }
+        drop(state);
+        self.shared.published.notify_all();
     }
 
     /// The heads of a recent state of the document whose item hash (see

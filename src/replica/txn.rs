@@ -135,16 +135,28 @@ impl Replica {
                 });
             }
         }
+        let spent_all = std::cell::RefCell::new(Vec::new());
+        let spent_all = &spent_all;
         let edits: Vec<Option<Edit<'_>>> = order
             .iter()
             .map(|&i| {
                 let part = &txn.docs[i];
                 (!part.ops.is_empty()).then(|| {
                     Box::new(move |tx: &mut Transaction<'_>| {
-                        doc::ops::apply_ops(tx, &part.ops).map_err(|e| Error::TxnOp {
+                        let spent = crate::escrow::apply_ops(
+                            tx,
+                            &part.ops,
+                            self.site(),
+                            self.resolutions_held(),
+                        )
+                        .map_err(|e| Error::TxnOp {
                             doc: part.id.clone(),
                             source: Box::new(e),
-                        })
+                        })?;
+                        spent_all
+                            .borrow_mut()
+                            .extend(spent.into_iter().map(|s| (part.id.clone(), s)));
+                        Ok(())
                     }) as Edit<'_>
                 })
             })
@@ -158,6 +170,7 @@ impl Replica {
         )?;
         self.shared.txn_committed.fetch_add(1, Ordering::Relaxed);
         drop(guards);
+        self.after_escrow_ops(&spent_all.take());
         let mut docs: Vec<(usize, (DocId, Commit))> = order
             .iter()
             .zip(ids)
@@ -281,10 +294,17 @@ impl Replica {
         if ops.is_empty() {
             return Err(doc::OpError::BadValue("no ops given".to_owned()).into());
         }
-        self.transact_if(id, message, precondition, |tx| {
-            doc::ops::apply_ops(tx, ops).map_err(Error::from)
-        })
-        .map(|(commit, ())| commit)
+        let (commit, spent) = self.transact_if(id, message, precondition, |tx| {
+            crate::escrow::apply_ops(tx, ops, self.site(), self.resolutions_held())
+                .map_err(Error::from)
+        })?;
+        self.after_escrow_ops(
+            &spent
+                .into_iter()
+                .map(|s| (id.clone(), s))
+                .collect::<Vec<_>>(),
+        );
+        Ok(commit)
     }
 
     /// Reads several documents at one cut: every transaction is either

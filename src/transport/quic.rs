@@ -682,6 +682,8 @@ enum Input {
     /// A stream ended or failed; `misbehaved` when the peer broke the
     /// framing.
     TransportClosed { reason: String, misbehaved: bool },
+    /// The replica wants rights of a bounded counter from this peer.
+    AskRights(crate::RightsWanted),
     /// The endpoint is shutting down.
     Shutdown,
 }
@@ -735,6 +737,11 @@ async fn drive_connection(
         )),
         tokio::spawn(read_lane(live_recv, input_tx.clone(), input_bytes.clone())),
         tokio::spawn(tick(input_tx.clone())),
+        tokio::spawn(forward_rights_wanted(
+            shared.replica.subscribe_rights_wanted(),
+            peer.clone(),
+            input_tx.clone(),
+        )),
     ];
     let writers = [
         tokio::spawn(write_lane(control_send, control_rx)),
@@ -944,6 +951,27 @@ impl Feed {
     }
 }
 
+/// Hands the replica's requests for rights meant for `peer` (or for every
+/// peer) to its session.
+async fn forward_rights_wanted(
+    mut wanted: broadcast::Receiver<crate::RightsWanted>,
+    peer: SiteName,
+    inputs: mpsc::Sender<Input>,
+) {
+    loop {
+        match wanted.recv().await {
+            Ok(want) if want.ask.as_ref().is_none_or(|ask| *ask == peer) => {
+                if inputs.send(Input::AskRights(want)).await.is_err() {
+                    return;
+                }
+            }
+            // A waiting op asks again; a lost request only delays it.
+            Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
+            Err(broadcast::error::RecvError::Closed) => return,
+        }
+    }
+}
+
 /// Wakes the session regularly so its deadlines fire.
 async fn tick(inputs: mpsc::Sender<Input>) {
     let mut interval = tokio::time::interval(TICK_INTERVAL);
@@ -1034,6 +1062,7 @@ impl SessionDriver {
                     &format!("missed {missed} local commits; reconnecting to reconcile"),
                 ),
                 Input::Tick => {}
+                Input::AskRights(wanted) => session.ask_rights(&wanted),
                 Input::TransportClosed { reason, misbehaved } => {
                     // Whatever the peer still sent is lost with the stream;
                     // the next connection reconciles.

@@ -76,7 +76,58 @@ pub struct ConfigFile {
     /// Declared invariants (`[[rules]]`), checked after every merge.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub rules: Vec<RuleConfig>,
+    /// How this site manages the rights of bounded counters (`[[escrow]]`),
+    /// first match wins.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub escrow: Vec<EscrowRuleConfig>,
 }
+
+/// One `[[escrow]]` entry: the policy of the bounded counters at `path` in
+/// the documents `docs` matches.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EscrowRuleConfig {
+    /// Document glob (`*` any run, `?` one character); every document when
+    /// left out.
+    #[serde(default = "all_docs")]
+    pub docs: String,
+    /// The counter's JSON pointer; a `*` segment matches any one key.
+    pub path: String,
+    /// Rights this site keeps: below it, it asks peers for more ahead of
+    /// demand, and it never grants away what is under it.
+    #[serde(default)]
+    pub low_water: i64,
+    /// How much it grants when asked: `"on_demand"` (what was asked, as far
+    /// as it can spare) or `"proportional"` (at least half its spare).
+    #[serde(default)]
+    pub rebalance: Rebalance,
+    /// How long an op short of rights waits for a grant, in milliseconds,
+    /// when the request does not say (`wait_ms`).
+    #[serde(default = "default_escrow_wait_ms")]
+    pub wait_ms: u64,
+}
+
+/// `rebalance` of an `[[escrow]]` entry.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Rebalance {
+    /// Grant what was asked for.
+    OnDemand,
+    /// Grant at least half of what can be spared.
+    #[default]
+    Proportional,
+}
+
+fn all_docs() -> String {
+    "*".to_owned()
+}
+
+fn default_escrow_wait_ms() -> u64 {
+    2000
+}
+
+/// Longest `wait_ms` a config or a request may ask for.
+pub const ESCROW_WAIT_MS_MAX: u64 = 30_000;
 
 /// The `[conflicts]` table: one sub-table per built-in detector.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -756,6 +807,32 @@ impl Config {
         })
     }
 
+    /// The bounded counters' policies (`[[escrow]]`), for
+    /// [`archipelago::ReplicaOptions::escrow`].
+    pub fn escrow_config(&self) -> archipelago::escrow::EscrowConfig {
+        use archipelago::escrow::{GrantPolicy, Policy, Rule};
+        archipelago::escrow::EscrowConfig {
+            rules: self
+                .file
+                .escrow
+                .iter()
+                .map(|rule| Rule {
+                    docs: Glob::new(&rule.docs),
+                    path: rule.path.clone(),
+                    policy: Policy {
+                        low_water: rule.low_water,
+                        rebalance: match rule.rebalance {
+                            Rebalance::OnDemand => GrantPolicy::OnDemand,
+                            Rebalance::Proportional => GrantPolicy::Proportional,
+                        },
+                        wait: std::time::Duration::from_millis(rule.wait_ms),
+                    },
+                })
+                .collect(),
+            default: Policy::default(),
+        }
+    }
+
     /// The origins whose web pages may call the API (`[api] cors_origins`).
     pub fn cors_origins(&self) -> Result<crate::api::CorsOrigins, ConfigError> {
         crate::api::CorsOrigins::new(&self.file.api.cors_origins).map_err(|message| {
@@ -833,6 +910,27 @@ pub(crate) fn validate(file: &ConfigFile) -> Result<(), String> {
         }
     }
     crate::api::CorsOrigins::new(&file.api.cors_origins)?;
+    for (i, rule) in file.escrow.iter().enumerate() {
+        let at = format!("escrow[{i}]");
+        archipelago::doc::Pointer::parse(&rule.path)
+            .map_err(|e| format!("{at}.path: {e}"))
+            .and_then(|p| {
+                if p.is_root() {
+                    Err(format!("{at}.path must name a field"))
+                } else {
+                    Ok(())
+                }
+            })?;
+        if rule.low_water < 0 {
+            return Err(format!("{at}.low_water must not be negative"));
+        }
+        if rule.wait_ms > ESCROW_WAIT_MS_MAX {
+            return Err(format!(
+                "{at}.wait_ms must be at most {ESCROW_WAIT_MS_MAX}, not {}",
+                rule.wait_ms
+            ));
+        }
+    }
     let txn = &file.txn;
     for (key, value) in [
         ("hold_changes_max", txn.hold_changes_max as u64),

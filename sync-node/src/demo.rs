@@ -2,10 +2,12 @@
 //! from a fresh CA), real SQLite stores in a temporary directory, and UDP
 //! relays between them (a few milliseconds of delay, and the switch that
 //! partitions a site). The sites write concurrently, one site is cut off
-//! while both sides sell the last units of one product, the partition heals,
-//! and the demo prints its timings, the oversell becoming one conflict
-//! report at every site that `us-east` compensates once, and `converged`
-//! once every site holds the same heads and reports.
+//! while both sides sell the last units of two products, the partition
+//! heals, and the demo prints its timings, the oversell of the plain counter
+//! becoming one conflict report at every site that `us-east` compensates
+//! once, the bounded counter (escrow) preventing its oversell instead (each
+//! side sells what its rights allow, the next sale is refused), and
+//! `converged` once every site holds the same heads and reports.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -71,6 +73,11 @@ const STOCK: i64 = 5;
 /// What each side of the partition sells of them.
 const AP_SOUTH_SELLS: i64 = 3;
 const US_EAST_SELLS: i64 = 4;
+
+/// Headphones (inventory/sku-2, a bounded counter) us-east receives, and the
+/// rights it gives ap-south before the partition.
+const BOUNDED_STOCK: i64 = 6;
+const AP_SOUTH_RIGHTS: i64 = 2;
 
 /// The running demo cluster.
 struct Cluster {
@@ -265,6 +272,35 @@ fn stock(replica: &Replica) -> anyhow::Result<serde_json::Value> {
     Ok(view.value)
 }
 
+/// The rights per site of the headphones' stock, as JSON.
+fn rights(replica: &Replica) -> anyhow::Result<serde_json::Value> {
+    let state = replica
+        .escrow(&"inventory/sku-2".parse()?, "/stock")?
+        .context("inventory/sku-2 has no bounded stock")?;
+    Ok(json!(state.rights_all()))
+}
+
+/// Sells one headphone at `replica`, waiting briefly for rights: `None`
+/// when sold, the refusal when not.
+async fn sell_bounded(replica: &Replica) -> anyhow::Result<Option<String>> {
+    let replica = replica.clone();
+    let id: DocId = "inventory/sku-2".parse()?;
+    let ops = ops(json!([{"op": "inc", "path": "/stock", "by": -1}]))?;
+    let result = tokio::task::spawn_blocking(move || {
+        replica.with_rights(&id, Some(Duration::from_millis(300)), || {
+            replica.apply_ops(&id, &ops, Some("sell 1"))
+        })
+    })
+    .await?;
+    match result {
+        Ok(_) => Ok(None),
+        Err(archipelago::Error::Op(op)) if op.code() == "insufficient_rights" => {
+            Ok(Some(format!("{} ({op})", op.code())))
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
 /// Runs the demo, printing as it goes.
 pub async fn run(options: DemoOptions) -> anyhow::Result<()> {
     let started = Instant::now();
@@ -306,6 +342,22 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<()> {
     for task in tasks {
         task.await??;
     }
+    commit(&replicas[2], "inventory/sku-2", ops(json!([{"op": "set", "path": "/stock", "value": BOUNDED_STOCK, "as": "bounded", "min": 0}, {"op": "set", "path": "/name", "value": "headphones"}]))?, "receive stock").await?;
+    {
+        let (us, id) = (replicas[2].clone(), "inventory/sku-2".parse::<DocId>()?);
+        let ap = site("ap-south")?;
+        tokio::task::spawn_blocking(move || {
+            us.escrow_transfer(
+                &id,
+                "/stock",
+                archipelago::escrow::PoolKind::Down,
+                &ap,
+                AP_SOUTH_RIGHTS,
+                Some("rights for ap-south"),
+            )
+        })
+        .await??;
+    }
     let converged = converge(&replicas).await?;
     println!(
         "  concurrent writes: {} orders ({} per site) written in {} ms, all sites agree {} ms later",
@@ -315,8 +367,13 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<()> {
         converged.as_millis()
     );
     println!(
-        "  us-east received {STOCK} desk lamps (inventory/sku-1); every site sees {}",
+        "  us-east received {STOCK} desk lamps (inventory/sku-1, a plain counter); every site sees {}",
         stock(&replicas[0])?
+    );
+    println!(
+        "  us-east received {BOUNDED_STOCK} headphones (inventory/sku-2, a bounded counter, min 0) \
+         and gave ap-south the rights to sell {AP_SOUTH_RIGHTS}: rights {}",
+        rights(&replicas[0])?
     );
 
     // Phase 2: ap-south is cut off; both sides sell the last units.
@@ -333,6 +390,31 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<()> {
             SITES[n]
         );
     }
+    // The bounded counter: each side sells one at a time until refused.
+    let mut bounded_sold = Vec::new();
+    for n in [0, 2] {
+        let mut sold = 0;
+        let refusal = loop {
+            match sell_bounded(&replicas[n]).await? {
+                None => sold += 1,
+                Some(refusal) => break refusal,
+            }
+            anyhow::ensure!(
+                sold <= BOUNDED_STOCK,
+                "{} sold more than the stock",
+                SITES[n]
+            );
+        };
+        println!(
+            "    {:<8} sells {sold} headphones, then is refused: {refusal}",
+            SITES[n]
+        );
+        bounded_sold.push(sold);
+    }
+    anyhow::ensure!(
+        bounded_sold.iter().sum::<i64>() == BOUNDED_STOCK,
+        "the sides together sold {bounded_sold:?} of {BOUNDED_STOCK}"
+    );
     commit(
         &replicas[1],
         "orders/eu-west-during-partition",
@@ -396,6 +478,24 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<()> {
             SITES[n]
         );
     }
+    for (n, replica) in replicas.iter().enumerate() {
+        let view = replica
+            .read_json(&"inventory/sku-2".parse()?, None)?
+            .context("inventory/sku-2 is missing")?;
+        anyhow::ensure!(
+            view.value["stock"] == 0,
+            "{} shows {} headphones",
+            SITES[n],
+            view.value["stock"]
+        );
+    }
+    anyhow::ensure!(
+        !reports.iter().any(|r| r.doc.as_str() == "inventory/sku-2"),
+        "the bounded counter raised a report"
+    );
+    println!(
+        "  prevented: the headphones (bounded) are at 0 at every site, never below, and raised no report"
+    );
     let oversold = -(STOCK - AP_SOUTH_SELLS - US_EAST_SELLS);
     println!(
         "  compensated once by us-east (the rule's resolver): -{oversold} + {oversold} = 0 at every \

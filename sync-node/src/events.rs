@@ -486,6 +486,7 @@ async fn feed(
             },
             _ = poll.tick() => {
                 telemetry::record_txn(&replica);
+                telemetry::record_escrow(&replica);
                 let Some(peers) = &peers else { continue };
                 for view in peers.status() {
                     telemetry::record_peer(&view);

@@ -124,6 +124,7 @@ pub fn init(options: &InitOptions) -> Result<PathBuf, InitError> {
         backup: None,
         conflicts: Default::default(),
         rules: Vec::new(),
+        escrow: Vec::new(),
     };
     validate(&file).map_err(InitError::Invalid)?;
     let text = toml::to_string(&file)

@@ -275,6 +275,7 @@ impl Node {
         options.cache_docs_max = config.file.store.cache_docs_max;
         options.conflicts = Arc::new(config.conflict_config()?);
         options.txn_hold = config.file.txn.hold_limits();
+        options.escrow = Arc::new(config.escrow_config());
         // A received transaction waits only for members some peer may
         // write here: the others never arrive.
         if !config.file.peers.is_empty() {

@@ -6,7 +6,7 @@
 //! contains panics: a panicking closure becomes a `JoinError`, answered as a
 //! 500, and the node keeps serving.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::extract::State;
 use axum::Json;
@@ -180,6 +180,24 @@ pub(crate) struct OpsBody {
     /// Apply only if the document does not exist yet.
     #[serde(default)]
     if_absent: bool,
+    /// How long an op on a bounded counter short of rights waits for a
+    /// peer's grant (default: the counter's `[[escrow]]` wait, 2000).
+    #[serde(default)]
+    wait_ms: Option<u64>,
+}
+
+/// The wait of `wait_ms`, checked.
+pub(super) fn wait_for_rights(wait_ms: Option<u64>) -> Result<Option<Duration>, ApiError> {
+    match wait_ms {
+        Some(ms) if ms > crate::config::ESCROW_WAIT_MS_MAX => Err(ApiError::bad_request(
+            "bad_value",
+            format!(
+                "`wait_ms` is at most {}, not {ms}",
+                crate::config::ESCROW_WAIT_MS_MAX
+            ),
+        )),
+        other => Ok(other.map(Duration::from_millis)),
+    }
 }
 
 /// `POST /v1/docs/{id}/ops`: applies the ops atomically as one change.
@@ -193,12 +211,23 @@ pub(crate) async fn apply_ops(
         return Err(ApiError::bad_request("bad_value", "`ops` is empty"));
     }
     let precondition = precondition(body.if_heads.as_deref(), body.if_absent)?;
+    let wait = wait_for_rights(body.wait_ms)?;
     let replica = state.replica.clone();
     let started = Instant::now();
+    let doc = id.clone();
     let commit = blocking(move || {
-        Ok(replica.apply_ops_if(&id, &body.ops, body.message.as_deref(), &precondition)?)
+        replica
+            .with_rights(&id, wait, || {
+                replica.apply_ops_if(&id, &body.ops, body.message.as_deref(), &precondition)
+            })
+            .map_err(ApiError::from)
     })
-    .await?;
+    .await;
+    super::telemetry::record_escrow(&state.replica);
+    let commit = commit.map_err(|e| match e.code() {
+        "insufficient_rights" | "above_max" => e.or_doc(&doc),
+        _ => e,
+    })?;
     committed(&state, &commit, started);
     Ok(Json(commit))
 }

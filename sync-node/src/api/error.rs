@@ -19,6 +19,9 @@ pub(crate) struct ApiError {
     message: String,
     /// The document the error is about, when one of several is.
     doc: Option<String>,
+    /// More fields of `error` (the counter and rights of
+    /// `insufficient_rights`).
+    fields: serde_json::Map<String, serde_json::Value>,
 }
 
 impl ApiError {
@@ -33,7 +36,28 @@ impl ApiError {
             code,
             message,
             doc: None,
+            fields: serde_json::Map::new(),
         }
+    }
+
+    /// Names the document when the error names none yet.
+    pub(crate) fn or_doc(self, doc: &archipelago::DocId) -> Self {
+        if self.doc.is_some() {
+            self
+        } else {
+            self.for_doc(doc)
+        }
+    }
+
+    /// Adds a field to `error`.
+    pub(crate) fn with_field(mut self, key: &str, value: impl Into<serde_json::Value>) -> Self {
+        self.fields.insert(key.to_owned(), value.into());
+        self
+    }
+
+    /// The machine-readable code.
+    pub(crate) fn code(&self) -> &'static str {
+        self.code
     }
 
     /// Names the document the error is about (`"doc"` in the answer).
@@ -71,6 +95,9 @@ impl IntoResponse for ApiError {
         if let Some(doc) = self.doc {
             body["error"]["doc"] = serde_json::Value::String(doc);
         }
+        for (key, value) in self.fields {
+            body["error"][key] = value;
+        }
         let mut response = (self.status, Json(body)).into_response();
         if self.status == StatusCode::UNAUTHORIZED {
             response
@@ -86,6 +113,12 @@ impl From<archipelago::Error> for ApiError {
         use archipelago::Error;
         let message = error.to_string();
         match &error {
+            Error::Op(op) if escrow_refusal(op).is_some() => {
+                escrow_refusal(op).expect("just matched")
+            }
+            Error::TxnOp { doc, source } if escrow_refusal(source).is_some() => {
+                escrow_refusal(source).expect("just matched").for_doc(doc)
+            }
             Error::Op(op) if op.is_malformed_input() => ApiError::bad_request(op.code(), message),
             Error::Op(op) => ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, op.code(), message),
             Error::NotFound(_) => ApiError::new(StatusCode::NOT_FOUND, "doc_not_found", message),
@@ -135,6 +168,32 @@ impl From<archipelago::Error> for ApiError {
                 ApiError::internal(message)
             }
         }
+    }
+}
+
+/// The 409 of an op on a bounded counter refused for want of rights or
+/// past its `max`, with the counter and the rights in `error`.
+fn escrow_refusal(op: &archipelago::doc::OpError) -> Option<ApiError> {
+    use archipelago::doc::OpError;
+    match op {
+        OpError::InsufficientRights {
+            path,
+            available_here,
+            available_total,
+            ..
+        } => Some(
+            ApiError::new(StatusCode::CONFLICT, "insufficient_rights", op.to_string())
+                .with_field("path", path.as_str())
+                .with_field("available_here", *available_here)
+                .with_field("available_total", *available_total),
+        ),
+        OpError::AboveMax { path, max, value } => Some(
+            ApiError::new(StatusCode::CONFLICT, "above_max", op.to_string())
+                .with_field("path", path.as_str())
+                .with_field("max", *max)
+                .with_field("value", *value),
+        ),
+        _ => None,
     }
 }
 

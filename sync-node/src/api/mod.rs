@@ -19,6 +19,7 @@ mod conflicts;
 pub mod cors;
 mod docs;
 mod error;
+mod escrow;
 mod events;
 mod extract;
 mod heads;
@@ -109,6 +110,8 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/docs/{id}", get(docs::read).put(docs::put))
         .route("/v1/docs/{id}/ops", post(docs::apply_ops))
         .route("/v1/docs/{id}/history", get(docs::history))
+        .route("/v1/docs/{id}/escrow", get(escrow::read))
+        .route("/v1/docs/{id}/escrow/transfer", post(escrow::transfer))
         .route("/v1/txn", post(txn::commit))
         .route("/v1/read", post(txn::read))
         .route("/v1/heads", get(heads::list))

@@ -86,6 +86,19 @@ pub(crate) const TXN_HELD_SECONDS: &str = "archipelago_txn_held_seconds";
 /// they come back with the next reconciliation).
 pub(crate) const TXN_HOLDS: &str = "archipelago_txn_holds_total";
 
+/// Ops on bounded counters by how they were served: `local` (with this
+/// site's rights), `transfer` (after a peer's grant), `refused` (no rights
+/// in time).
+pub(crate) const ESCROW_OPS: &str = "archipelago_escrow_ops_total";
+/// Requests for rights this site sent to peers.
+pub(crate) const ESCROW_REQUESTS: &str = "archipelago_escrow_requests_total";
+/// Grants this site committed for peers.
+pub(crate) const ESCROW_GRANTS: &str = "archipelago_escrow_grants_total";
+/// Ops waiting for rights now.
+pub(crate) const ESCROW_WAITING: &str = "archipelago_escrow_waiting";
+/// From an op's first request for rights to its commit with the grant.
+pub(crate) const ESCROW_TRANSFER_SECONDS: &str = "archipelago_escrow_transfer_seconds";
+
 /// Histogram buckets for how long received transactions wait, in seconds:
 /// from a frame apart to a long partition.
 const TXN_HELD_BUCKETS_SECONDS: &[f64] = &[
@@ -204,6 +217,25 @@ pub(crate) fn record_txn(replica: &archipelago::Replica) {
     }
 }
 
+/// Records what the escrow layer has done, and the transfer times since
+/// the last call.
+pub(crate) fn record_escrow(replica: &archipelago::Replica) {
+    let stats = replica.escrow_stats();
+    for (served, count) in [
+        ("local", stats.served_locally),
+        ("transfer", stats.served_after_transfer),
+        ("refused", stats.refused),
+    ] {
+        metrics::counter!(ESCROW_OPS, "served" => served).absolute(count);
+    }
+    metrics::counter!(ESCROW_REQUESTS).absolute(stats.asked);
+    metrics::counter!(ESCROW_GRANTS).absolute(stats.granted);
+    metrics::gauge!(ESCROW_WAITING).set(stats.waiting as f64);
+    for seconds in replica.take_transfer_times() {
+        metrics::histogram!(ESCROW_TRANSFER_SECONDS).record(seconds);
+    }
+}
+
 /// Records a backup's copy: whether it was written, how long it took and,
 /// when written, its size.
 pub(crate) fn record_backup(written: Option<u64>, elapsed: Duration) {
@@ -304,6 +336,7 @@ pub(crate) fn record_conflicts_open(open: &[Conflict]) {
 pub(crate) async fn render(State(state): State<ApiState>) -> Response {
     record_docs(&state);
     record_txn(&state.replica);
+    record_escrow(&state.replica);
     // A store failure is logged where it is mapped to an error and leaves
     // the open-conflict gauges as they were; the other metrics still go out.
     let _ = super::conflicts::open_count(&state).await;

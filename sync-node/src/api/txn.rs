@@ -12,7 +12,7 @@ use archipelago::doc::Op;
 use archipelago::txn::{Txn, TxnDoc, TXN_DOCS_MAX};
 use archipelago::{DocId, READ_DOCS_MAX};
 
-use super::docs::{blocking, check_message, committed, precondition};
+use super::docs::{blocking, check_message, committed, precondition, wait_for_rights};
 use super::error::ApiError;
 use super::extract::JsonBody;
 use super::telemetry::TXN_COMMITS;
@@ -39,6 +39,10 @@ pub(crate) struct TxnBody {
     docs: Vec<TxnDocBody>,
     #[serde(default)]
     message: Option<String>,
+    /// How long a decrement of a bounded counter short of rights waits for
+    /// a peer's grant.
+    #[serde(default)]
+    wait_ms: Option<u64>,
 }
 
 /// `POST /v1/txn`: applies ops to several documents as one transaction,
@@ -72,13 +76,24 @@ pub(crate) async fn commit(
             })
         })
         .collect::<Result<Vec<_>, ApiError>>()?;
+    let wait = wait_for_rights(body.wait_ms)?;
+    let first = docs.first().map(|d| d.id.clone());
     let txn = Txn {
         docs,
         message: body.message,
     };
     let replica = state.replica.clone();
     let started = Instant::now();
-    let commit = blocking(move || Ok(replica.commit_txn(&txn)?)).await?;
+    let commit = blocking(move || {
+        Ok(match first {
+            // Errors of a transaction name their document; the hint is unused.
+            Some(first) => replica.with_rights(&first, wait, || replica.commit_txn(&txn))?,
+            None => replica.commit_txn(&txn)?,
+        })
+    })
+    .await;
+    super::telemetry::record_escrow(&state.replica);
+    let commit = commit?;
     metrics::counter!(TXN_COMMITS).increment(1);
     let docs: Vec<Value> = commit
         .docs
