@@ -1,167 +1,166 @@
-//! Flight seats: two booking sites sell seat 12A of the same flight to two
-//! different passengers at the same moment. Each booking is a new entry, so
-//! the CRDT merge keeps both without complaint, and the flight now has two
-//! passengers in one seat. The rule `one-passenger-per-seat` reports it at
-//! both sites with the same id; its policy is manual, so a gate agent at
-//! one site resolves it by moving one passenger to 12B, and the move and
-//! the closing of the report replicate together.
+//! Flight seats: two booking sites try to sell seat 12A of the same flight
+//! to two different passengers at the same moment, cut off from each
+//! other. Each seat is a bounded counter of 1 (min 0) whose one right sits
+//! with the site selling it, and a booking is one transaction that takes
+//! the seat and writes the booking document. The site holding 12A's right
+//! books it; the other site is refused at once (`insufficient_rights`) and
+//! nothing of its booking is applied, so it books another seat. After the
+//! sites exchange changes no seat has two passengers and no conflict is
+//! reported: the double booking was prevented, not repaired.
 //!
 //! Run: `cargo run --example seat_double_booking`
 
 use std::sync::Arc;
 
-use archipelago::conflict::{Check, Conflict, ConflictConfig, Filter, Kind, Rule, Status};
 use archipelago::doc::Op;
+use archipelago::escrow::PoolKind;
 use archipelago::store::Sqlite;
-use archipelago::{DocId, Origin, Replica, ReplicaOptions};
+use archipelago::txn::{Precondition, Txn, TxnDoc};
+use archipelago::{DocId, Error, Origin, Replica, ReplicaOptions};
 use serde_json::json;
 
-/// Ships every change each site has to the others until all hold the same
-/// heads (`sync-node` does this over QUIC; here it is done by hand).
-fn exchange(sites: &[&Replica], doc: &DocId) -> anyhow::Result<()> {
+/// Ships every change each site has of `docs` to the others until all
+/// hold the same heads (`sync-node` does this over QUIC; here it is done by
+/// hand). A transaction's changes wait at the receiver until all its
+/// documents arrived, so they travel together.
+fn exchange(sites: &[&Replica], docs: &[&DocId]) -> anyhow::Result<()> {
     for _ in 0..6 {
         for from in sites {
-            let Some(changes) = from.changes_after(doc, &[])? else {
-                continue;
-            };
-            for to in sites.iter().filter(|to| to.site() != from.site()) {
-                to.apply_changes(doc, &changes, Origin::Peer(from.site().clone()))?;
+            for doc in docs {
+                let Some(changes) = from.changes_after(doc, &[])? else {
+                    continue;
+                };
+                for to in sites.iter().filter(|to| to.site() != from.site()) {
+                    to.apply_changes(doc, &changes, Origin::Peer(from.site().clone()))?;
+                }
             }
         }
-        if sites.windows(2).all(|w| w[0].heads(doc) == w[1].heads(doc)) {
+        if docs
+            .iter()
+            .all(|doc| sites.windows(2).all(|w| w[0].heads(doc) == w[1].heads(doc)))
+        {
             return Ok(());
         }
     }
-    anyhow::bail!("sites did not converge on {doc}")
+    anyhow::bail!("sites did not converge on {docs:?}")
 }
 
 fn ops(value: serde_json::Value) -> anyhow::Result<Vec<Op>> {
     Ok(serde_json::from_value(value)?)
 }
 
-/// "SEAT passenger" for every booking, sorted.
-fn seats(site: &Replica, flight: &DocId) -> anyhow::Result<Vec<String>> {
-    let doc = site.read_json(flight, None)?.expect("exists").value;
-    let bookings = doc["bookings"].as_object().cloned().unwrap_or_default();
-    let mut seats: Vec<String> = bookings
-        .values()
-        .map(|b| {
-            format!(
-                "{} {}",
-                b["seat"].as_str().unwrap_or("?"),
-                b["passenger"].as_str().unwrap_or("?")
-            )
-        })
-        .collect();
-    seats.sort();
-    Ok(seats)
+/// Books `seat` for `passenger` at `site`: one transaction taking the seat
+/// and creating the booking document.
+fn book(site: &Replica, flight: &DocId, seat: &str, passenger: &str) -> Result<DocId, Error> {
+    let booking: DocId = format!("bookings/{}", passenger.to_lowercase().replace(' ', "-"))
+        .parse()
+        .expect("a valid id");
+    let txn = Txn {
+        docs: vec![
+            TxnDoc {
+                id: flight.clone(),
+                ops: ops(json!([{"op": "inc", "path": format!("/seats/{seat}"), "by": -1}]))
+                    .expect("valid ops"),
+                precondition: Precondition::none(),
+            },
+            TxnDoc {
+                id: booking.clone(),
+                ops: ops(json!([
+                    {"op": "set", "path": "/passenger", "value": passenger},
+                    {"op": "set", "path": "/flight", "value": flight.as_str()},
+                    {"op": "set", "path": "/seat", "value": seat},
+                ]))
+                .expect("valid ops"),
+                precondition: Precondition {
+                    if_absent: true,
+                    ..Precondition::default()
+                },
+            },
+        ],
+        message: Some(format!("book {seat}")),
+    };
+    site.commit_txn(&txn).map(|_| booking)
 }
 
-fn status(c: &Conflict) -> String {
-    let rule = c.rule.as_deref().unwrap_or("-");
-    let mut line = format!(
-        "{} {} {rule} {}: {:?}",
-        c.kind.as_str(),
-        c.id,
-        c.path,
-        c.status
-    );
-    if let Some(by) = &c.resolved_by {
-        line += &format!(" by {by}, note {:?}", c.note.as_deref().unwrap_or(""));
-    }
-    line
+/// Free seats at `site`: each seat's counter (1 free, 0 taken).
+fn seats(site: &Replica, flight: &DocId) -> anyhow::Result<serde_json::Value> {
+    Ok(site.read_json(flight, None)?.expect("exists").value["seats"].clone())
 }
 
 fn main() -> anyhow::Result<()> {
-    let rule = Rule::new(
-        "one-passenger-per-seat",
-        "flights/*",
-        "/bookings",
-        Check::Unique("seat".into()),
-    )?;
-    let config = Arc::new(ConflictConfig::default().with_rule(rule)?);
-
     let dir = tempfile::tempdir()?;
     let open = |site: &str| -> anyhow::Result<Replica> {
-        let mut options = ReplicaOptions::new(site.parse()?);
-        options.conflicts = config.clone();
         let store = Sqlite::open(dir.path().join(format!("{site}.db")))?;
-        Ok(Replica::open(options, Arc::new(store))?)
+        Ok(Replica::open(
+            ReplicaOptions::new(site.parse()?),
+            Arc::new(store),
+        )?)
     };
     let paris = open("eu-west")?;
     let boston = open("us-east")?;
     let sites = [&paris, &boston];
     let flight: DocId = "flights/AF-334-2025-06-01".parse()?;
 
+    // All seats are created at one site, in one map, before the document is
+    // shared (maps created concurrently at two sites would hide each other).
+    let mut create = vec![
+        json!({"op": "set", "path": "/route", "value": "CDG-BOS"}),
+        json!({"op": "set", "path": "/seats", "value": {}}),
+    ];
+    for seat in ["12A", "12B", "14C", "14D"] {
+        create.push(json!({"op": "set", "path": format!("/seats/{seat}"), "value": 1, "as": "bounded", "min": 0}));
+    }
     paris.apply_ops(
         &flight,
-        &ops(json!([
-            {"op": "set", "path": "/route", "value": "CDG-BOS"},
-            {"op": "set", "path": "/bookings", "value": {}},
-        ]))?,
+        &ops(json!(create))?,
         Some("open flight for booking"),
     )?;
-    exchange(&sites, &flight)?;
-    println!("1. flight {flight} open for booking at both sites");
+    for seat in ["12B", "14D"] {
+        paris.escrow_transfer(
+            &flight,
+            &format!("/seats/{seat}"),
+            PoolKind::Down,
+            boston.site(),
+            1,
+            Some("seats sold from Boston"),
+        )?;
+    }
+    exchange(&sites, &[&flight])?;
+    println!("1. flight {flight} open: Paris sells 12A and 14C, Boston 12B and 14D");
+    println!("   seats (1 = free): {}", seats(&paris, &flight)?);
 
-    println!("2. at the same moment, each site books seat 12A");
-    paris.apply_ops(
-        &flight,
-        &ops(json!([{"op": "set", "path": "/bookings/bk-paris-1",
-                     "value": {"passenger": "Camille Martin", "seat": "12A"}}]))?,
-        Some("book 12A"),
-    )?;
-    boston.apply_ops(
-        &flight,
-        &ops(json!([{"op": "set", "path": "/bookings/bk-boston-1",
-                     "value": {"passenger": "Jordan Smith", "seat": "12A"}}]))?,
-        Some("book 12A"),
-    )?;
+    println!("2. cut off from each other, both sites try to book 12A");
+    let camille = book(&paris, &flight, "12A", "Camille Martin")?;
+    println!("   at eu-west: 12A booked for Camille Martin ({camille})");
+    let refused = book(&boston, &flight, "12A", "Jordan Smith");
+    match &refused {
+        Err(Error::TxnOp { doc, source }) if source.code() == "insufficient_rights" => {
+            println!(
+                "   at us-east: refused, {} in {doc}: {source}",
+                source.code()
+            );
+        }
+        other => anyhow::bail!("Boston's booking of 12A was not refused: {other:?}"),
+    }
+    let jordan: DocId = "bookings/jordan-smith".parse()?;
+    assert!(
+        boston.heads(&jordan).is_none(),
+        "nothing of the refused booking applied"
+    );
+    let jordan = book(&boston, &flight, "12B", "Jordan Smith")?;
+    println!("   at us-east: Jordan Smith takes 12B instead ({jordan})");
 
     println!("3. the sites exchange changes");
-    exchange(&sites, &flight)?;
-    let open_only = Filter {
-        status: Some(Status::Open),
-        ..Filter::default()
-    };
-    let mut open_reports = Vec::new();
+    exchange(&sites, &[&flight, &camille, &jordan])?;
     for site in sites {
-        let reports = site.conflicts(&open_only)?;
-        for c in &reports {
-            println!("   at {}: {}", site.site(), status(c));
+        let seats = seats(site, &flight)?;
+        println!("   at {}: seats {seats}, no conflict report", site.site());
+        assert_eq!(seats, json!({"12A": 0, "12B": 0, "14C": 1, "14D": 1}));
+        assert!(site.conflicts(&Default::default())?.is_empty());
+        for booking in [&camille, &jordan] {
+            assert!(site.heads(booking).is_some());
         }
-        println!("   at {}: seats {:?}", site.site(), seats(site, &flight)?);
-        open_reports.push(reports);
     }
-    anyhow::ensure!(open_reports[0].len() == 1, "{:#?}", open_reports[0]);
-    anyhow::ensure!(open_reports[0] == open_reports[1], "sites disagree");
-    let report = open_reports[0][0].clone();
-    assert_eq!(report.kind, Kind::Invariant);
-    assert_eq!(report.rule.as_deref(), Some("one-passenger-per-seat"));
-
-    println!("4. a gate agent in Boston moves Jordan Smith to 12B");
-    let resolved = boston.resolve_conflict(
-        &report.id,
-        &ops(json!([{"op": "set", "path": "/bookings/bk-boston-1/seat", "value": "12B"}]))?,
-        Some("moved to 12B"),
-    )?;
-    println!("   at us-east: {}", status(&resolved));
-
-    println!("5. the sites exchange changes again");
-    exchange(&sites, &flight)?;
-    for site in sites {
-        let seen = site.conflict(&report.id)?.expect("known at every site");
-        println!("   at {}: {}", site.site(), status(&seen));
-        println!("   at {}: seats {:?}", site.site(), seats(site, &flight)?);
-        assert_eq!(seen, resolved);
-        assert_eq!(
-            seats(site, &flight)?,
-            ["12A Camille Martin", "12B Jordan Smith"]
-        );
-        assert!(site.conflicts(&open_only)?.is_empty());
-    }
-    assert_eq!(resolved.status, Status::Resolved);
-    assert_eq!(resolved.resolved_by, Some("us-east".parse()?));
-    println!("ok: one report at both sites, resolved once, every seat has one passenger");
+    println!("ok: every seat sold once, the double booking prevented rather than reported");
     Ok(())
 }
