@@ -6,6 +6,7 @@
 //! ```
 
 mod conflicts;
+mod escrow;
 mod samod_side;
 mod scenarios;
 mod sync_core;

@@ -24,6 +24,7 @@ pub(crate) const NAMES: &[&str] = &[
     "sync_reconcile",
     "sync_catchup",
     "txn",
+    "escrow",
 ];
 
 pub(crate) fn run(name: &str, quick: bool) -> anyhow::Result<Map<String, Value>> {
@@ -40,6 +41,7 @@ pub(crate) fn run(name: &str, quick: bool) -> anyhow::Result<Map<String, Value>>
         "sync_catchup" => crate::sync_core::catchup(quick),
         "conflict_overhead" => crate::conflicts::overhead(quick),
         "txn" => crate::txn::txn(quick),
+        "escrow" => crate::escrow::escrow(quick),
         other => anyhow::bail!("unknown scenario {other}"),
     }
 }
