@@ -750,35 +750,36 @@ pub fn decrement<T: Transactable>(
     let pointer = parse_pointer(pointer)?;
     let p = pointer.as_str();
     positive(amount)?;
-    let found = locate_existing(tx, &pointer)?;
-    let state = &found.state;
     let s = site.as_str();
+    let found = locate_for(tx, &pointer, Some(s))?.ok_or_else(|| EscrowError::NotBounded {
+        pointer: p.to_owned(),
+    })?;
+    let state = &found.state;
     let here = state.down.rights(site);
     if here < amount {
+        // The refusal names what all sites hold: read the whole pool.
+        let total = locate_existing(tx, &pointer)?.state.down.total();
         return Err(EscrowError::Insufficient {
             pointer: p.to_owned(),
             pool: PoolKind::Down,
             wanted: amount,
             available_here: here,
-            available_total: state.down.total(),
+            available_total: total,
         });
     }
-    let new_value = state.value.checked_sub(amount).ok_or_else(|| overflow(p))?;
-    let new_spent = spent_of(&state.down, s)
+    // rights ≤ value − min, so the value stays ≥ min and fits.
+    spent_of(&state.down, s)
         .checked_add(amount)
         .ok_or_else(|| overflow(p))?;
-    let new_up_grant = match &state.up {
-        Some(up) => Some(
-            up.entry(s, s)
-                .checked_add(amount)
-                .ok_or_else(|| overflow(p))?,
-        ),
-        None => None,
-    };
-    let _ = (new_value, new_spent, new_up_grant);
 
     tx.increment(&found.value_parent, found.value_key.as_str(), -amount)?;
-    add_to(tx, &found.down.spent, s, amount)?;
+    // Known from the read: no second read of the counter (each read sums
+    // its whole history).
+    if state.down.spent.contains_key(s) {
+        tx.increment(&found.down.spent, s, amount)?;
+    } else {
+        tx.put(&found.down.spent, s, ScalarValue::counter(amount))?;
+    }
     if let Some(up) = &found.up {
         let own = own_grants(tx, up, site)?;
         add_to(tx, &own, s, amount)?;
@@ -1191,6 +1192,18 @@ fn locate_existing<D: ReadDoc>(doc: &D, pointer: &Pointer) -> Result<Located, Es
 }
 
 fn locate<D: ReadDoc>(doc: &D, pointer: &Pointer) -> Result<Option<Located>, EscrowError> {
+    locate_for(doc, pointer, None)
+}
+
+/// [`locate`], reading with `focus` only what a spend by that site needs:
+/// the pool entries naming it, and not the value. Reading a counter sums
+/// every increment it ever had, so a spend reads no more counters than it
+/// must; the state it returns has `value` 0 and partial pools.
+fn locate_for<D: ReadDoc>(
+    doc: &D,
+    pointer: &Pointer,
+    focus: Option<&str>,
+) -> Result<Option<Located>, EscrowError> {
     let p = pointer.as_str();
     let state_obj = match doc.get(ROOT, state_key(p).as_str())? {
         None => return Ok(None),
@@ -1199,9 +1212,9 @@ fn locate<D: ReadDoc>(doc: &D, pointer: &Pointer) -> Result<Option<Located>, Esc
     };
     let min = read_int(doc, &state_obj, MIN_KEY, p)?.ok_or_else(|| malformed(p, "no min"))?;
     let max = read_int(doc, &state_obj, MAX_KEY, p)?;
-    let (down, down_objs) = read_pool(doc, &state_obj, PoolKind::Down.key(), p)?
+    let (down, down_objs) = read_pool(doc, &state_obj, PoolKind::Down.key(), p, focus)?
         .ok_or_else(|| malformed(p, "no down pool"))?;
-    let up = read_pool(doc, &state_obj, PoolKind::Up.key(), p)?;
+    let up = read_pool(doc, &state_obj, PoolKind::Up.key(), p, focus)?;
     if max.is_some() != up.is_some() {
         return Err(malformed(
             p,
@@ -1212,6 +1225,7 @@ fn locate<D: ReadDoc>(doc: &D, pointer: &Pointer) -> Result<Option<Located>, Esc
 
     let (value_parent, value_key) = value_slot(doc, pointer)?;
     let value = match doc.get(&value_parent, value_key.as_str())? {
+        Some((Value::Scalar(_), _)) if focus.is_some() => 0,
         Some((Value::Scalar(s), _)) => match s.as_ref() {
             ScalarValue::Counter(c) => i64::from(c),
             _ => return Err(malformed(p, "the value is not a counter")),
@@ -1311,11 +1325,13 @@ fn site_key(key: &str, p: &str) -> Result<String, EscrowError> {
         .map_err(|_| malformed(p, format!("{key:?} is not a site name")))
 }
 
+/// A pool's entries; with `focus`, only those naming that site.
 fn read_pool<D: ReadDoc>(
     doc: &D,
     state: &ObjId,
     key: &str,
     p: &str,
+    focus: Option<&str>,
 ) -> Result<Option<(Pool, PoolObjs)>, EscrowError> {
     let Some(pool_obj) = read_map(doc, state, key, p)? else {
         return Ok(None);
@@ -1331,6 +1347,9 @@ fn read_pool<D: ReadDoc>(
         let mut row = BTreeMap::new();
         for to in doc.keys(&row_obj) {
             let to = site_key(&to, p)?;
+            if focus.is_some_and(|f| f != from && f != to) {
+                continue;
+            }
             let n = read_counter(doc, &row_obj, &to, p)?;
             row.insert(to, n);
         }
@@ -1338,6 +1357,9 @@ fn read_pool<D: ReadDoc>(
     }
     for site in doc.keys(&spent_obj) {
         let site = site_key(&site, p)?;
+        if focus.is_some_and(|f| f != site) {
+            continue;
+        }
         let n = read_counter(doc, &spent_obj, &site, p)?;
         pool.spent.insert(site, n);
     }
