@@ -79,9 +79,13 @@ fn main() -> anyhow::Result<()> {
     for site in sites {
         let mut sold = 0;
         let refusal = loop {
+            let heads = site.heads(&sku);
             match site.apply_ops(&sku, &sell, Some("sell 1")) {
                 Ok(_) => sold += 1,
-                Err(Error::Op(op)) => break *op,
+                Err(Error::Op(op)) => {
+                    assert_eq!(site.heads(&sku), heads, "a refused sale applies nothing");
+                    break *op;
+                }
                 Err(e) => return Err(e.into()),
             }
             assert!(sold <= 10, "{} sold more than there was", site.site());
@@ -97,7 +101,7 @@ fn main() -> anyhow::Result<()> {
         assert_eq!(*available_here, 0);
         println!(
             "  {:<8} sells {sold}, then its next sale is refused: {} \
-             ({available_here} rights here, {available_total} as far as it knows elsewhere)",
+             ({available_here} rights here, {available_total} in total as far as it knows)",
             site.site(),
             refusal.code()
         );
@@ -105,16 +109,20 @@ fn main() -> anyhow::Result<()> {
     }
     assert_eq!(sold_total, 10);
 
-    println!("healed:");
+    println!("healed: the regions exchange all their changes");
     exchange(&sites, &sku)?;
     for site in sites {
         let view = site.read_json(&sku, None)?.expect("replicated");
-        assert_eq!(view.value["stock"], 0);
+        let state = site.escrow(&sku, "/stock")?.expect("a bounded counter");
+        assert_eq!(view.value["stock"], json!(state.value));
+        assert_eq!(state.value, 0, "the same value everywhere, never below min");
+        assert!(state.rights_all().values().all(|n| *n == 0));
         assert!(site.conflicts(&Default::default())?.is_empty());
         println!(
-            "  {:<8} sees stock {} and no conflict report",
+            "  {:<8} sees stock {}, no conflict report, rights {:?}",
             site.site(),
-            view.value["stock"]
+            state.value,
+            state.rights_all()
         );
     }
 
@@ -127,6 +135,12 @@ fn main() -> anyhow::Result<()> {
         Some("restock 4"),
     )?;
     exchange(&sites, &sku)?;
+    let state = west.escrow(&sku, "/stock")?.expect("a bounded counter");
+    println!(
+        "us-east restocks 4 and holds their rights: {:?}",
+        state.rights_all()
+    );
+    assert_eq!(state.rights(west.site()), 0);
     let mut wanted = west.subscribe_rights_wanted();
     let (holder, asker, doc) = (east.clone(), west.clone(), sku.clone());
     let connection = std::thread::spawn(move || -> anyhow::Result<()> {
@@ -135,6 +149,7 @@ fn main() -> anyhow::Result<()> {
             .build()?;
         runtime.block_on(async {
             let want = tokio::time::timeout(Duration::from_secs(5), wanted.recv()).await??;
+            assert_eq!(want.ask.as_ref(), Some(holder.site()), "asks the holder");
             println!(
                 "  eu-west asks {} for {} right(s) of {}",
                 want.ask
@@ -143,22 +158,33 @@ fn main() -> anyhow::Result<()> {
                 want.amount,
                 want.pointer
             );
-            holder.grant_rights(&doc, &want.pointer, want.pool, asker.site(), want.amount)?;
+            holder
+                .grant_rights(&doc, &want.pointer, want.pool, asker.site(), want.amount)?
+                .expect("us-east has rights to spare");
+            println!("  us-east grants, and its change is shipped to eu-west");
             exchange(&[&holder, &asker], &doc)?;
             anyhow::Ok(())
         })
     });
-    west.with_rights(&sku, Some(Duration::from_secs(5)), || {
+    println!("eu-west, with no rights, sells one and waits up to 5 s for a grant");
+    let sold = west.with_rights(&sku, Some(Duration::from_secs(5)), || {
         west.apply_ops(&sku, &sell, Some("sell 1"))
-    })?;
+    });
     connection.join().expect("the stand-in connection")?;
+    sold?;
+    assert_eq!(west.escrow_stats().served_after_transfer, 1);
     exchange(&sites, &sku)?;
+    for site in sites {
+        let state = site.escrow(&sku, "/stock")?.expect("a bounded counter");
+        assert_eq!(state.value, 3);
+        assert!(site.conflicts(&Default::default())?.is_empty());
+    }
     let state = west.escrow(&sku, "/stock")?.expect("a bounded counter");
-    assert_eq!(state.value, 3);
     println!(
         "  eu-west sold one once the grant arrived; stock {} everywhere, rights {:?}",
         state.value,
         state.rights_all()
     );
+    println!("ok: 10 sold during the partition and no more, no report, stock never below 0");
     Ok(())
 }

@@ -132,6 +132,7 @@ fn main() -> anyhow::Result<()> {
     println!("2. cut off from each other, both sites try to book 12A");
     let camille = book(&paris, &flight, "12A", "Camille Martin")?;
     println!("   at eu-west: 12A booked for Camille Martin ({camille})");
+    let flight_heads = boston.heads(&flight);
     let refused = book(&boston, &flight, "12A", "Jordan Smith");
     match &refused {
         Err(Error::TxnOp { doc, source }) if source.code() == "insufficient_rights" => {
@@ -144,7 +145,7 @@ fn main() -> anyhow::Result<()> {
     }
     let jordan: DocId = "bookings/jordan-smith".parse()?;
     assert!(
-        boston.heads(&jordan).is_none(),
+        boston.heads(&jordan).is_none() && boston.heads(&flight) == flight_heads,
         "nothing of the refused booking applied"
     );
     let jordan = book(&boston, &flight, "12B", "Jordan Smith")?;
@@ -157,9 +158,17 @@ fn main() -> anyhow::Result<()> {
         println!("   at {}: seats {seats}, no conflict report", site.site());
         assert_eq!(seats, json!({"12A": 0, "12B": 0, "14C": 1, "14D": 1}));
         assert!(site.conflicts(&Default::default())?.is_empty());
-        for booking in [&camille, &jordan] {
-            assert!(site.heads(booking).is_some());
+        let counters = site.escrow_list(&flight)?;
+        assert_eq!(counters.len(), 4, "every seat is a bounded counter");
+        for (pointer, seat) in counters {
+            assert!(seat.value >= seat.min, "{pointer} below 0");
         }
+        let mut booked = Vec::new();
+        for booking in [&camille, &jordan] {
+            let view = site.read_json(booking, None)?.expect("replicated");
+            booked.push(view.value["seat"].clone());
+        }
+        assert_eq!(booked, [json!("12A"), json!("12B")], "each seat sold once");
     }
     println!("ok: every seat sold once, the double booking prevented rather than reported");
     Ok(())

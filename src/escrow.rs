@@ -82,7 +82,7 @@ pub enum EscrowError {
         pointer: String,
     },
     /// The site does not hold enough rights.
-    #[error("{pointer}: insufficient rights ({available_here} here, {available_total} in total)")]
+    #[error("{pointer}: insufficient rights ({available_here} here, {available_total} at all sites as far as this site knows)")]
     Insufficient {
         /// The counter.
         pointer: String,

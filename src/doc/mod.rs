@@ -47,7 +47,7 @@ pub enum OpError {
     },
     /// A decrement of a bounded counter (or an increment below its `max`)
     /// beyond the rights this site holds: see [`crate::escrow`].
-    #[error("{path}: insufficient rights ({available_here} here, {available_total} at all sites)")]
+    #[error("{path}: insufficient rights ({available_here} here, {available_total} at all sites as far as this site knows)")]
     InsufficientRights {
         /// The bounded counter.
         path: String,
