@@ -758,20 +758,7 @@ impl Replica {
         ops: &[Op],
         message: Option<&str>,
     ) -> Result<Commit, Error> {
-        if ops.is_empty() {
-            return Err(doc::OpError::BadValue("no ops given".to_owned()).into());
-        }
-        let (commit, spent) = self.transact_checked(id, message, None, |tx| {
-            crate::escrow::apply_ops(tx, ops, self.site(), self.resolutions_held())
-                .map_err(Error::from)
-        })?;
-        self.after_escrow_ops(
-            &spent
-                .into_iter()
-                .map(|s| (id.clone(), s))
-                .collect::<Vec<_>>(),
-        );
-        Ok(commit)
+        self.apply_ops_if(id, ops, message, &crate::txn::Precondition::none())
     }
 
     /// Makes the document equal `value` (a JSON object), changing only the
