@@ -214,15 +214,26 @@ async fn restarted_endpoint_catches_up_on_the_same_replica() {
         let ca = CertificateAuthority::generate("test cluster").unwrap();
         let (a, b) = (replica("site-a"), replica("site-b"));
         write(&a, "x/1", 1);
+        // Rebinding the address a shut-down endpoint held can briefly find
+        // it still in use on a loaded machine: retry for a bounded time.
         let bind_b = |addr: SocketAddr| {
-            SyncEndpoint::bind(
-                addr,
-                ca.issue_site(&site("site-b")).unwrap(),
-                ca.cert_der(),
-                vec![(site("site-a"), nowhere())],
-                b.clone(),
-            )
-            .unwrap()
+            let started = Instant::now();
+            loop {
+                match SyncEndpoint::bind(
+                    addr,
+                    ca.issue_site(&site("site-b")).unwrap(),
+                    ca.cert_der(),
+                    vec![(site("site-a"), nowhere())],
+                    b.clone(),
+                ) {
+                    Ok(endpoint) => return endpoint,
+                    Err(e) if started.elapsed() < Duration::from_secs(5) => {
+                        eprintln!("rebinding {addr}: {e}; retrying");
+                        std::thread::sleep(Duration::from_millis(50));
+                    }
+                    Err(e) => panic!("cannot bind {addr}: {e}"),
+                }
+            }
         };
         let east = bind_b(loopback());
         let east_addr = east.local_addr().unwrap();
