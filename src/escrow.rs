@@ -21,19 +21,23 @@
 //!   "down": POOL, "up": POOL (only with max)}`. It is one root key per
 //!   counter, so sites creating different counters concurrently never write
 //!   the same key, and it is under the reserved prefix, so JSON reads hide it,
-//!   whole-value writes keep it and ops cannot address it, and a pool is `{"grants": {FROM: {TO: Counter}}, "spent": {SITE:
-//!   Counter}}`. `grants[s][s]` counts rights created at `s`, `grants[s][t]`
-//!   rights `s` gave `t`, `spent[s]` rights `s` used up, so
+//!   whole-value writes keep it and ops cannot address it, and a pool is
+//!   `{"grants": {FROM: {TO: Counter}}, "spent": {SITE: Int}}`.
+//!   `grants[s][s]` counts rights created at `s`, `grants[s][t]` rights `s`
+//!   gave `t`, `spent[s]` rights `s` used up, so
 //!   `rights(s) = grants[s][s] + Σ grants[t][s] − Σ grants[s][t] − spent[s]`
 //!   (sums over `t ≠ s`). The rights of a pool add up to `value − min`
 //!   (down) or `max − value` (up).
 //!
 //! # Why a merge cannot double-spend
 //!
-//! Every entry under `grants[s]` and `spent[s]` is written by site `s` only,
-//! and every entry is a counter. Concurrent changes of different sites
-//! therefore touch different keys, or add to counters, and a merge loses
-//! nothing. The entries that lower `rights(s)` (`grants[s][t]`, `spent[s]`)
+//! Every entry under `grants[s]` and `spent[s]` is written by site `s` only.
+//! Grants are counters; `spent[s]` is the total `s` has used, which `s`
+//! rewrites whole at each spend (documents written before hold a counter
+//! there, read the same way): a register costs the same at every spend,
+//! where a counter's every increment stays in its history and makes the
+//! next one slower. Concurrent changes of different sites therefore touch
+//! different keys, or add to counters, and a merge loses nothing. The entries that lower `rights(s)` (`grants[s][t]`, `spent[s]`)
 //! are exactly the ones `s` writes itself; what other sites write about `s`
 //! (`grants[t][s]`) only raises it. So when `s` checks `rights(s) ≥ amount`
 //! before spending, it sees every change that could lower its rights, and
@@ -244,6 +248,20 @@ pub fn apply_ops<T: Transactable>(
     site: &SiteName,
     held: bool,
 ) -> Result<Vec<Spent>, OpError> {
+    apply_ops_known(tx, ops, site, held, &mut Known::default())
+}
+
+/// [`apply_ops`], with what `known` holds of the counters' state instead of
+/// reading it again, and leaving in `known` what the decrements made of
+/// it. `known` must have been taken at the document state `tx` starts
+/// from (and, on an error, be dropped with the rolled back transaction).
+pub fn apply_ops_known<T: Transactable>(
+    tx: &mut T,
+    ops: &[Op],
+    site: &SiteName,
+    held: bool,
+    known: &mut Known,
+) -> Result<Vec<Spent>, OpError> {
     if ops.len() > crate::doc::ops::OPS_PER_BATCH_MAX {
         return Err(OpError::BadValue(format!(
             "more than {} ops in one batch",
@@ -273,6 +291,7 @@ pub fn apply_ops<T: Transactable>(
                 if bounded {
                     refuse_overwrite(tx, path, true)?;
                 }
+                known.counters.clear();
                 create(tx, path, value, min, *max, site)?;
                 bounded = true;
             }
@@ -292,7 +311,7 @@ pub fn apply_ops<T: Transactable>(
                         let amount = by.checked_neg().ok_or_else(|| {
                             OpError::BadValue(format!("{path}: inc by {by} does not fit"))
                         })?;
-                        let left = decrement(tx, path, site, amount)?;
+                        let left = decrement_known(tx, path, site, amount, known)?;
                         spent.push(Spent {
                             pointer: canonical,
                             pool: PoolKind::Down,
@@ -300,6 +319,7 @@ pub fn apply_ops<T: Transactable>(
                         });
                     }
                     1 => {
+                        known.counters.remove(&canonical);
                         if let Some(left) = increment(tx, path, site, *by)? {
                             spent.push(Spent {
                                 pointer: canonical,
@@ -747,13 +767,28 @@ pub fn decrement<T: Transactable>(
     site: &SiteName,
     amount: i64,
 ) -> Result<i64, EscrowError> {
+    decrement_known(tx, pointer, site, amount, &mut Known::default())
+}
+
+/// [`decrement`], taking the counter's state from `known` when it is there
+/// (see [`apply_ops_known`]) and leaving there what the spend made of it.
+fn decrement_known<T: Transactable>(
+    tx: &mut T,
+    pointer: &str,
+    site: &SiteName,
+    amount: i64,
+    known: &mut Known,
+) -> Result<i64, EscrowError> {
     let pointer = parse_pointer(pointer)?;
     let p = pointer.as_str();
     positive(amount)?;
     let s = site.as_str();
-    let found = locate_for(tx, &pointer, Some(s))?.ok_or_else(|| EscrowError::NotBounded {
-        pointer: p.to_owned(),
-    })?;
+    let mut found = match known.counters.remove(p) {
+        Some(found) => found,
+        None => locate_for(tx, &pointer, Some(s))?.ok_or_else(|| EscrowError::NotBounded {
+            pointer: p.to_owned(),
+        })?,
+    };
     let state = &found.state;
     let here = state.down.rights(site);
     if here < amount {
@@ -768,22 +803,27 @@ pub fn decrement<T: Transactable>(
         });
     }
     // rights ≤ value − min, so the value stays ≥ min and fits.
-    spent_of(&state.down, s)
+    let spent = spent_of(&state.down, s)
         .checked_add(amount)
         .ok_or_else(|| overflow(p))?;
 
     tx.increment(&found.value_parent, found.value_key.as_str(), -amount)?;
-    // Known from the read: no second read of the counter (each read sums
-    // its whole history).
-    if state.down.spent.contains_key(s) {
-        tx.increment(&found.down.spent, s, amount)?;
-    } else {
-        tx.put(&found.down.spent, s, ScalarValue::counter(amount))?;
-    }
+    tx.put(&found.down.spent, s, ScalarValue::Int(spent))?;
+    found.state.down.spent.insert(s.to_owned(), spent);
     if let Some(up) = &found.up {
         let own = own_grants(tx, up, site)?;
         add_to(tx, &own, s, amount)?;
+        if let Some(pool) = found.state.up.as_mut() {
+            let entry = pool
+                .grants
+                .entry(s.to_owned())
+                .or_default()
+                .entry(s.to_owned())
+                .or_default();
+            *entry = entry.saturating_add(amount);
+        }
     }
+    known.counters.insert(p.to_owned(), found);
     Ok(here - amount)
 }
 
@@ -839,8 +879,9 @@ pub fn increment<T: Transactable>(
     tx.increment(&found.value_parent, found.value_key.as_str(), amount)?;
     let own = own_grants(tx, &found.down, site)?;
     add_to(tx, &own, s, amount)?;
-    if let Some(up) = &found.up {
-        add_to(tx, &up.spent, s, amount)?;
+    if let (Some(up), Some(pool)) = (&found.up, &state.up) {
+        // Checked above to fit.
+        tx.put(&up.spent, s, ScalarValue::Int(spent_of(pool, s) + amount))?;
     }
     Ok(state.up.as_ref().map(|up| up.rights(site) - amount))
 }
@@ -1108,6 +1149,27 @@ struct PoolObjs {
     spent: ObjId,
 }
 
+/// What this site's own decrements in one document left of its counters'
+/// state (the entries naming this site, and where they live), so that the
+/// next decrement there need not read it again: reading the state is most
+/// of what a decrement costs beyond the plain counter's increment.
+///
+/// It describes one document state only. A [`crate::Replica`] keeps it
+/// with the heads its commit produced and passes it on only while the
+/// document is still at exactly those heads: any other change, local or
+/// merged, moves the heads and the state is read again.
+#[derive(Debug, Default, Clone)]
+pub struct Known {
+    counters: BTreeMap<String, Located>,
+}
+
+impl Known {
+    /// Whether it holds nothing.
+    pub fn is_empty(&self) -> bool {
+        self.counters.is_empty()
+    }
+}
+
 /// A bounded counter read from a document, with the objects an op writes.
 #[derive(Debug, Clone)]
 struct Located {
@@ -1300,9 +1362,10 @@ fn read_counter<D: ReadDoc>(doc: &D, obj: &ObjId, key: &str, p: &str) -> Result<
     match doc.get(obj, key)? {
         Some((Value::Scalar(s), _)) => match s.as_ref() {
             ScalarValue::Counter(c) => Ok(i64::from(c)),
-            _ => Err(malformed(p, format!("entry {key:?} is not a counter"))),
+            ScalarValue::Int(n) => Ok(*n),
+            _ => Err(malformed(p, format!("entry {key:?} is not a number"))),
         },
-        _ => Err(malformed(p, format!("entry {key:?} is not a counter"))),
+        _ => Err(malformed(p, format!("entry {key:?} is not a number"))),
     }
 }
 

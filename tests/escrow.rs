@@ -115,6 +115,127 @@ fn a_bounded_counter_spends_only_the_rights_its_site_holds() {
     assert_consistent(&east, &doc);
 }
 
+/// A decrement reuses the counter's state its site's previous decrement
+/// left, but only while the document is exactly as that left it: a
+/// transfer away, a grant merged in and a restock each change what the
+/// next decrement may spend.
+#[test]
+fn a_decrement_sees_every_change_since_the_last_one() {
+    let east = replica("us-east");
+    let west = replica("us-west");
+    let doc = id("inventory/sku-1");
+    let dec = |site: &Replica, by: i64| {
+        site.apply_ops(
+            &doc,
+            &ops(json!([{"op": "inc", "path": "/stock", "by": -by}])),
+            None,
+        )
+    };
+    east.apply_ops(
+        &doc,
+        &ops(json!([{"op": "set", "path": "/stock", "value": 10, "as": "bounded", "min": 0}])),
+        None,
+    )
+    .unwrap();
+    dec(&east, 1).unwrap();
+    dec(&east, 1).unwrap();
+    // Given away after the last decrement: not there to spend any more.
+    east.escrow_transfer(
+        &doc,
+        "/stock",
+        PoolKind::Down,
+        &"us-west".parse().unwrap(),
+        7,
+        None,
+    )
+    .unwrap();
+    assert_eq!(insufficient(dec(&east, 2)), (1, 8));
+    dec(&east, 1).unwrap();
+    assert_eq!(insufficient(dec(&east, 1)), (0, 7));
+
+    // Given back by a peer, merged in: there to spend.
+    ship(&east, &west, &doc);
+    west.escrow_transfer(
+        &doc,
+        "/stock",
+        PoolKind::Down,
+        &"us-east".parse().unwrap(),
+        3,
+        None,
+    )
+    .unwrap();
+    ship(&west, &east, &doc);
+    dec(&east, 3).unwrap();
+    assert_eq!(insufficient(dec(&east, 1)), (0, 4));
+
+    // Restocked here: there to spend.
+    east.apply_ops(
+        &doc,
+        &ops(json!([{"op": "inc", "path": "/stock", "by": 2}])),
+        None,
+    )
+    .unwrap();
+    dec(&east, 2).unwrap();
+    assert_eq!(insufficient(dec(&east, 1)), (0, 4));
+    assert_eq!(value(&east, &doc), json!({"stock": 4}));
+    assert_consistent(&east, &doc);
+}
+
+/// Documents written before `spent` became a plain integer hold a counter
+/// there: they read and spend the same.
+#[test]
+fn a_counter_in_spent_from_an_older_document_still_counts() {
+    let east = replica("us-east");
+    let doc = id("inventory/sku-1");
+    east.apply_ops(
+        &doc,
+        &ops(json!([{"op": "set", "path": "/stock", "value": 10, "as": "bounded", "min": 0}])),
+        None,
+    )
+    .unwrap();
+    // As an older version wrote a decrement of 4.
+    let older = replica("us-west");
+    let mut am = automerge::AutoCommit::new();
+    let changes = east.changes_after(&doc, &[]).unwrap().unwrap();
+    am.load_incremental(&changes.concat()).unwrap();
+    {
+        use automerge::{transaction::Transactable, ReadDoc, ScalarValue, ROOT};
+        let state = am
+            .get(ROOT, escrow::state_key("/stock").as_str())
+            .unwrap()
+            .unwrap()
+            .1;
+        let down = am.get(&state, "down").unwrap().unwrap().1;
+        let spent = am.get(&down, "spent").unwrap().unwrap().1;
+        am.put(&spent, "us-east", ScalarValue::counter(4)).unwrap();
+        am.increment(ROOT, "stock", -4).unwrap();
+    }
+    let latest = am.get_last_local_change().unwrap();
+    east.apply_changes(
+        &doc,
+        &[latest.raw_bytes().to_vec()],
+        Origin::Peer(older.site().clone()),
+    )
+    .unwrap();
+    assert_eq!(rights(&east, &doc, "us-east"), 6);
+    east.apply_ops(
+        &doc,
+        &ops(json!([{"op": "inc", "path": "/stock", "by": -6}])),
+        None,
+    )
+    .unwrap();
+    assert_eq!(
+        insufficient(east.apply_ops(
+            &doc,
+            &ops(json!([{"op": "inc", "path": "/stock", "by": -1}])),
+            None,
+        )),
+        (0, 0)
+    );
+    assert_eq!(value(&east, &doc), json!({"stock": 0}));
+    assert_consistent(&east, &doc);
+}
+
 #[test]
 fn split_rights_let_each_side_of_a_partition_sell_its_share_and_no_more() {
     let east = replica("us-east");

@@ -414,6 +414,10 @@ struct Loaded {
     /// (a transaction): they are written again only together with them
     /// ([`Replica::save_unsaved_groups`]), never alone.
     grouped: bool,
+    /// What this site's last decrements left of the document's bounded
+    /// counters, valid while the document is at these heads
+    /// ([`crate::escrow::Known`]).
+    escrow_known: Option<(Vec<ChangeHash>, crate::escrow::Known)>,
 }
 
 /// Changes from a peer being merged into a loaded document.
@@ -841,6 +845,22 @@ impl Replica {
         precondition: Option<&crate::txn::Precondition>,
         f: impl FnOnce(&mut Transaction<'_>) -> Result<R, Error>,
     ) -> Result<(Commit, R), Error> {
+        self.transact_known(id, message, precondition, false, |tx, _| f(tx))
+    }
+
+    /// [`Replica::transact_checked`], passing `f` what the document's last
+    /// decrements left of its bounded counters when it is still at the
+    /// heads they produced (empty otherwise). With `keep`, `f` keeps that
+    /// up to date with what it writes, and it is kept with the heads of the
+    /// commit; without, it is dropped.
+    fn transact_known<R>(
+        &self,
+        id: &DocId,
+        message: Option<&str>,
+        precondition: Option<&crate::txn::Precondition>,
+        keep: bool,
+        f: impl FnOnce(&mut Transaction<'_>, &mut crate::escrow::Known) -> Result<R, Error>,
+    ) -> Result<(Commit, R), Error> {
         crate::txn::check_message(message)?;
         let slot = self.slot(id);
         let mut guard = lock(&slot.loaded);
@@ -853,8 +873,12 @@ impl Replica {
                 reason,
             });
         }
+        let mut known = match loaded.escrow_known.take() {
+            Some((heads, known)) if keep && heads == loaded.doc.get_heads() => known,
+            _ => crate::escrow::Known::default(),
+        };
         let mut tx = loaded.doc.transaction();
-        let result = match f(&mut tx) {
+        let result = match f(&mut tx, &mut known) {
             Ok(result) => result,
             Err(e) => {
                 tx.rollback();
@@ -876,6 +900,9 @@ impl Replica {
             None if loaded.doc.get_heads().is_empty() => loaded.doc.empty_commit(options()),
             None => {
                 let heads = loaded.doc.get_heads();
+                if keep && !known.is_empty() {
+                    loaded.escrow_known = Some((heads.clone(), known));
+                }
                 self.save_unsaved(id, &mut guard)?;
                 return Ok((
                     Commit {
@@ -889,6 +916,12 @@ impl Replica {
         let change = committed_bytes(&loaded.doc, &hash);
         let committed =
             self.persist(id, &mut guard, vec![Part::local(change, hash)], Vec::new())?;
+        if keep && !known.is_empty() {
+            // A failed write drops the loaded document, and this with it.
+            if let Some(loaded) = guard.as_mut() {
+                loaded.escrow_known = Some((committed.clone(), known));
+            }
+        }
         Ok((
             Commit {
                 heads: committed,
@@ -1871,6 +1904,7 @@ impl Replica {
                     snapshot_bytes: 0,
                     unsaved: false,
                     grouped: false,
+                    escrow_known: None,
                 },
             });
         }
@@ -1890,6 +1924,7 @@ impl Replica {
             snapshot_bytes: stored.snapshot.as_ref().map_or(0, Vec::len),
             unsaved: false,
             grouped: false,
+            escrow_known: None,
         })
     }
 }

@@ -294,10 +294,11 @@ impl Replica {
         if ops.is_empty() {
             return Err(doc::OpError::BadValue("no ops given".to_owned()).into());
         }
-        let (commit, spent) = self.transact_if(id, message, precondition, |tx| {
-            crate::escrow::apply_ops(tx, ops, self.site(), self.resolutions_held())
-                .map_err(Error::from)
-        })?;
+        let (commit, spent) =
+            self.transact_known(id, message, Some(precondition), true, |tx, known| {
+                crate::escrow::apply_ops_known(tx, ops, self.site(), self.resolutions_held(), known)
+                    .map_err(Error::from)
+            })?;
         self.after_escrow_ops(
             &spent
                 .into_iter()
