@@ -277,6 +277,9 @@ pub struct Session {
     peer_escrow: bool,
     /// Transactions this side asked the peer about.
     txn_asked: HashSet<TxnId>,
+    /// Changes were held back in this turn: once the turn's frames are all
+    /// applied, ask about what is still held ([`Session::ask_about_held`]).
+    held_this_turn: bool,
     events: VecDeque<Event>,
     stats: SessionStats,
     // Reconciliation.
@@ -332,6 +335,7 @@ impl Session {
             peer_txn_ask: false,
             peer_escrow: false,
             txn_asked: HashSet::new(),
+            held_this_turn: false,
             events: VecDeque::new(),
             stats: SessionStats::default(),
             items: None,
@@ -484,6 +488,9 @@ impl Session {
     pub fn handle_bytes(&mut self, now: Instant, host: &dyn Host, bytes: &[u8]) {
         self.handle_bytes_unflushed(now, host, bytes);
         host.flush();
+        if std::mem::take(&mut self.held_this_turn) {
+            self.ask_about_held(host);
+        }
     }
 
     fn handle_bytes_unflushed(&mut self, _now: Instant, host: &dyn Host, bytes: &[u8]) {
@@ -520,6 +527,12 @@ impl Session {
     pub fn handle_frames<P: AsRef<[u8]>>(&mut self, now: Instant, host: &dyn Host, payloads: &[P]) {
         self.handle_frames_unflushed(now, host, payloads);
         host.flush();
+        // The other members of a transaction usually come in the same
+        // turn: only those still missing once it is applied are worth a
+        // question.
+        if std::mem::take(&mut self.held_this_turn) {
+            self.ask_about_held(host);
+        }
     }
 
     fn handle_frames_unflushed<P: AsRef<[u8]>>(
@@ -1012,7 +1025,7 @@ impl Session {
                         self.received.clear();
                     }
                     self.received.extend(applied.held.iter().copied());
-                    self.ask_about_held(host);
+                    self.held_this_turn = true;
                 }
                 if !applied.applied.is_empty() {
                     if self.received.len() + applied.applied.len() > RECEIVED_MAX {

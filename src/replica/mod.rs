@@ -87,7 +87,9 @@ pub struct ReplicaOptions {
     /// seconds).
     pub cache_idle: std::time::Duration,
     /// Appended changes after which a document is compacted into a snapshot
-    /// (once they also weigh a quarter of the snapshot).
+    /// (once they also weigh as much as the snapshot: rewriting a document
+    /// costs it all, so it is done when that at most doubles what was
+    /// written).
     pub compact_changes_min: usize,
     /// Appended changes after which a document is compacted regardless.
     pub compact_changes_max: usize,
@@ -1409,7 +1411,7 @@ impl Replica {
             let compact = loaded.unsaved
                 || appended_changes >= options.compact_changes_max
                 || (appended_changes >= options.compact_changes_min
-                    && appended_bytes * 4 >= loaded.snapshot_bytes);
+                    && appended_bytes >= loaded.snapshot_bytes);
             // After a failed write the report index may lag the reports in
             // the document: rewrite what differs.
             if loaded.unsaved {

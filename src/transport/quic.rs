@@ -1056,7 +1056,25 @@ impl SessionDriver {
                         entry.last_seen = Some(SystemTime::now());
                     });
                 }
-                Input::Committed(committed) => session.handle_committed(&replica, &committed),
+                Input::Committed(committed) => {
+                    session.handle_committed(&replica, &committed);
+                    // Commits published together (the members of a
+                    // transaction) leave together: their frames reach the
+                    // writer in one turn, so the peer receives them at
+                    // once and holds none back waiting for the next.
+                    for _ in 1..FRAMES_PER_TURN_MAX {
+                        match feed.try_commit() {
+                            Some(Input::Committed(committed)) => {
+                                session.handle_committed(&replica, &committed);
+                            }
+                            Some(other) => {
+                                next = Some(other);
+                                break;
+                            }
+                            None => break,
+                        }
+                    }
+                }
                 Input::Lagged(missed) => session.close(
                     close_code::INTERNAL,
                     &format!("missed {missed} local commits; reconnecting to reconcile"),
