@@ -46,6 +46,7 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+pub mod clients;
 pub mod conflict;
 pub mod doc;
 mod error;

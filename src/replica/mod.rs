@@ -22,6 +22,7 @@ use automerge::{ActorId, Automerge, Change, ChangeHash, PatchLog, ReadDoc};
 use sha2::{Digest as _, Sha256};
 use tokio::sync::broadcast;
 
+mod clients;
 mod conflicts;
 mod escrow;
 mod holdback;

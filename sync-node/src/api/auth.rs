@@ -89,11 +89,17 @@ pub(crate) async fn require_token(
     if request.uri().path() == HEALTH_PATH {
         return next.run(request).await;
     }
+    let from_query = (request.uri().path() == super::clients::PATH)
+        .then(|| request.uri().query().and_then(query_token))
+        .flatten();
     let presented = request
         .headers()
         .get(AUTHORIZATION)
         .map(|value| value.as_bytes())
-        .and_then(bearer);
+        .and_then(bearer)
+        .map(<[u8]>::to_vec)
+        .or(from_query);
+    let presented = presented.as_deref();
     match presented {
         Some(token) if state.token.matches(token) => next.run(request).await,
         Some(_) => ApiError::unauthorized("the bearer token is wrong").into_response(),
@@ -101,6 +107,16 @@ pub(crate) async fn require_token(
             ApiError::unauthorized("an Authorization: Bearer token is required").into_response()
         }
     }
+}
+
+/// The `token` parameter of a query string, decoded: browsers cannot set
+/// headers on a WebSocket, so its route also takes the token there.
+fn query_token(query: &str) -> Option<Vec<u8>> {
+    query.split('&').find_map(|pair| {
+        let value = pair.strip_prefix("token=")?;
+        let decoded: Vec<u8> = percent_encoding::percent_decode_str(value).collect();
+        (decoded.len() <= TOKEN_BYTES_MAX).then_some(decoded)
+    })
 }
 
 /// The credentials of an `Authorization: Bearer ...` header value.

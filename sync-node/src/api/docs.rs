@@ -124,17 +124,23 @@ fn parse_heads(text: &str) -> Result<Vec<ChangeHash>, ApiError> {
     Ok(heads)
 }
 
-/// `GET /v1/docs/{id}[?at=HEAD,HEAD]`.
+/// `GET /v1/docs/{id}[?at=HEAD,HEAD]`: the view (`id`, `heads`, `value`)
+/// and the document's automerge URL, `url`, which opens it from any site
+/// (see [`super::clients`]).
 pub(crate) async fn read(
     State(state): State<ApiState>,
     DocPath(id): DocPath,
     ApiQuery(query): ApiQuery<ReadQuery>,
-) -> Result<Json<DocView>, ApiError> {
+) -> Result<Json<Value>, ApiError> {
     let at = query.at.as_deref().map(parse_heads).transpose()?;
     let replica = state.replica.clone();
     let doc = id.clone();
-    let view = blocking(move || Ok(replica.read_json(&doc, at.as_deref())?)).await?;
-    view.map(Json).ok_or_else(|| doc_not_found(&id))
+    let view: Option<DocView> =
+        blocking(move || Ok(replica.read_json(&doc, at.as_deref())?)).await?;
+    let view = view.ok_or_else(|| doc_not_found(&id))?;
+    let mut body = serde_json::to_value(&view).map_err(|e| ApiError::internal(e.to_string()))?;
+    body["url"] = Value::String(state.clients.url(&id));
+    Ok(Json(body))
 }
 
 /// Body of `PUT /v1/docs/{id}`.

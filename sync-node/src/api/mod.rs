@@ -15,6 +15,7 @@
 
 mod auth;
 pub mod backup;
+pub mod clients;
 mod conflicts;
 pub mod cors;
 mod docs;
@@ -44,6 +45,10 @@ pub use cors::CorsOrigins;
 
 use error::ApiError;
 
+/// Where documents that automerge-repo clients create are stored, unless
+/// configured otherwise.
+pub const DEFAULT_CLIENT_NAMESPACE: &str = "repo";
+
 /// Largest accepted request body, in bytes; larger bodies get 413.
 pub const BODY_BYTES_MAX: usize = 16 << 20;
 
@@ -56,6 +61,8 @@ pub struct ApiState {
     events: Option<Arc<EventLog>>,
     backups: Option<Arc<Backups>>,
     cors: CorsOrigins,
+    clients: Arc<archipelago::clients::ReplicaClients>,
+    client_counts: Arc<clients::ClientCounts>,
 }
 
 impl ApiState {
@@ -63,13 +70,28 @@ impl ApiState {
     /// and no event stream (`/v1/events` answers 404 `events_off`).
     pub fn new(replica: Replica, token: ApiToken) -> ApiState {
         ApiState {
+            clients: Arc::new(archipelago::clients::ReplicaClients::new(
+                replica.clone(),
+                DEFAULT_CLIENT_NAMESPACE,
+            )),
             replica,
             token,
             sync: None,
             events: None,
             backups: None,
             cors: CorsOrigins::default(),
+            client_counts: Arc::default(),
         }
+    }
+
+    /// Stores documents that automerge-repo clients create under
+    /// `namespace` (`repo` by default): `NAMESPACE/ID`.
+    pub fn with_client_namespace(mut self, namespace: &str) -> ApiState {
+        self.clients = Arc::new(archipelago::clients::ReplicaClients::new(
+            self.replica.clone(),
+            namespace,
+        ));
+        self
     }
 
     /// Reports the peers of `sync` in `/v1/status`.
@@ -123,6 +145,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/resolutions/release", post(conflicts::release))
         .route("/v1/events", get(events::stream))
         .route("/v1/backup", get(backup::download))
+        .route(clients::PATH, get(clients::connect))
         .route("/metrics", get(telemetry::render))
         .method_not_allowed_fallback(method_not_allowed)
         .fallback(route_not_found)
@@ -165,6 +188,7 @@ async fn status(State(state): State<ApiState>) -> Result<Json<Value>, ApiError> 
         "conflicts_open": conflicts_open,
         "resolutions_held": state.replica.resolutions_held(),
         "loaded_docs": stats.loaded_docs,
+        "clients": {"connected": state.client_counts.open()},
         "version": env!("CARGO_PKG_VERSION"),
     })))
 }
