@@ -289,3 +289,65 @@ async fn js_clients_at_two_sites_share_documents_live_changes_and_conflicts() {
     assert_eq!(report["path"], "/owner");
     assert_eq!(report["kind"], "concurrent_write");
 }
+
+/// The README's example client (`examples/js`), run as written: once to
+/// create a document, once to add to it by its URL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_readme_example_client_runs() {
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/js");
+    let output = Command::new("npm")
+        .args(["install", "--no-audit", "--no-fund", "--loglevel=error"])
+        .current_dir(&example)
+        .output()
+        .expect("npm is needed for the JavaScript client tests (node 20 and npm)");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let root = tempfile::tempdir().unwrap();
+    let path = |p: &str| root.path().join(p).to_str().unwrap().to_owned();
+    cli(&["ca", "init", "--dir", &path("ca")]);
+    cli(&[
+        "init",
+        "--site",
+        "us-east",
+        "--dir",
+        &path("us"),
+        "--ca-dir",
+        &path("ca"),
+        "--api",
+        "127.0.0.1:0",
+        "--listen",
+        "127.0.0.1:0",
+        "--peer",
+        "eu-west=127.0.0.1:9",
+    ]);
+    let site = Site::start(&root.path().join("us"));
+    let hello = |url: Option<&str>| {
+        let mut command = Command::new("node");
+        command
+            .arg("hello.mjs")
+            .arg(site.ws())
+            .args(url)
+            .current_dir(&example);
+        let output = command.output().unwrap();
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8(output.stdout).unwrap()
+    };
+    let first = hello(None);
+    let url = first.split_whitespace().next().unwrap().to_owned();
+    hello(Some(&url));
+    let stored = format!("repo/{}", url.strip_prefix("automerge:").unwrap());
+    let doc = site.doc(&stored).await.unwrap();
+    assert_eq!(
+        doc["value"]["greetings"].as_array().unwrap().len(),
+        2,
+        "{doc}"
+    );
+    assert_eq!(doc["url"], url.as_str());
+}

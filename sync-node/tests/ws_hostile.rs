@@ -217,6 +217,38 @@ async fn hostile_connections_close_alone_and_change_nothing() {
         "still open"
     );
 
+    // Status lists the open connection; the metrics count the traffic.
+    let status: serde_json::Value = http
+        .get(format!("{api}/v1/status"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let clients = status["clients"].as_array().unwrap();
+    assert_eq!(clients.len(), 1, "{status}");
+    assert_eq!(clients[0]["peer_id"], "h");
+    assert_eq!(clients[0]["token"], "admin");
+    assert_eq!(clients[0]["messages_in"], 2);
+    let metrics = http
+        .get(format!("{api}/metrics"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for line in [
+        "archipelago_clients_connected{token=\"admin\"} 1",
+        "archipelago_client_messages_total{direction=\"in\"}",
+        "archipelago_client_bytes_total{direction=\"out\"}",
+    ] {
+        assert!(metrics.contains(line), "no {line} in\n{metrics}");
+    }
+
     // Nothing was applied: one document, at the same heads.
     let list: serde_json::Value = http
         .get(format!("{api}/v1/docs"))

@@ -6,8 +6,9 @@
 //! replica's commits in, the session's messages out. The token was checked
 //! before the upgrade (header or `token` query parameter).
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use axum::extract::ws::{Message as WsMessage, WebSocket, WebSocketUpgrade};
@@ -16,8 +17,9 @@ use axum::response::Response;
 use futures_util::{SinkExt, StreamExt};
 use tokio::sync::broadcast::error::RecvError;
 
-use archipelago::clients::{ClientConfig, ClientSession, ReplicaClients};
+use archipelago::clients::{ClientConfig, ClientSession, ClientStats, ReplicaClients};
 
+use super::telemetry::{CLIENTS_CONNECTED, CLIENT_BYTES, CLIENT_MESSAGES};
 use super::ApiState;
 
 /// The route.
@@ -26,17 +28,49 @@ pub const PATH: &str = "/v1/automerge-repo";
 /// The largest WebSocket message a client may send, in bytes.
 pub const CLIENT_MESSAGE_BYTES_MAX: usize = 16 << 20;
 
-/// Client connections open now, and ever.
+/// The client connections open now, for `/v1/status`.
 #[derive(Debug, Default)]
-pub struct ClientCounts {
-    open: AtomicU64,
-    total: AtomicU64,
+pub struct ClientRegistry {
+    next: AtomicU64,
+    open: Mutex<BTreeMap<u64, ClientView>>,
 }
 
-impl ClientCounts {
+/// One open client connection as `/v1/status` lists it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ClientView {
+    /// Its number at this node, from 0.
+    pub connection: u64,
+    /// The client's peer id, once it joined.
+    pub peer_id: Option<String>,
+    /// The name of the token it presented (`admin` for the node's token).
+    pub token: String,
+    /// When it connected (RFC 3339).
+    pub since: String,
+    /// Documents it syncs.
+    pub docs: usize,
+    /// Counts of its session.
+    pub messages_in: u64,
+    /// Messages sent to it.
+    pub messages_out: u64,
+    /// Bytes received from it.
+    pub bytes_in: u64,
+    /// Bytes sent to it.
+    pub bytes_out: u64,
+}
+
+impl ClientRegistry {
     /// Connections open now.
-    pub fn open(&self) -> u64 {
-        self.open.load(Ordering::Relaxed)
+    pub fn open(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// The open connections, oldest first.
+    pub fn list(&self) -> Vec<ClientView> {
+        self.lock().values().cloned().collect()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<u64, ClientView>> {
+        self.open.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
@@ -47,17 +81,70 @@ pub(super) async fn connect(State(state): State<ApiState>, ws: WebSocketUpgrade)
 }
 
 async fn serve(socket: WebSocket, state: ApiState) {
-    let counts = state.client_counts.clone();
-    counts.open.fetch_add(1, Ordering::Relaxed);
-    let number = counts.total.fetch_add(1, Ordering::Relaxed);
-    let reason = run(socket, &state).await;
-    counts.open.fetch_sub(1, Ordering::Relaxed);
+    let registry = state.client_registry.clone();
+    let number = registry.next.fetch_add(1, Ordering::Relaxed);
+    let token = "admin".to_owned();
+    let since = time::OffsetDateTime::now_utc()
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default();
+    registry.lock().insert(
+        number,
+        ClientView {
+            connection: number,
+            peer_id: None,
+            token: token.clone(),
+            since,
+            docs: 0,
+            messages_in: 0,
+            messages_out: 0,
+            bytes_in: 0,
+            bytes_out: 0,
+        },
+    );
+    metrics::gauge!(CLIENTS_CONNECTED, "token" => token.clone()).increment(1.0);
+    let reason = run(socket, &state, number).await;
+    metrics::gauge!(CLIENTS_CONNECTED, "token" => token).decrement(1.0);
+    registry.lock().remove(&number);
     tracing::info!(connection = number, %reason, "automerge-repo client disconnected");
+}
+
+/// Brings the connection's line in `/v1/status` and the metrics up to date
+/// with its session.
+fn record(state: &ApiState, number: u64, session: &ClientSession, before: &mut ClientStats) {
+    let stats = session.stats();
+    let counts = [
+        (
+            CLIENT_MESSAGES,
+            "in",
+            stats.messages_in - before.messages_in,
+        ),
+        (
+            CLIENT_MESSAGES,
+            "out",
+            stats.messages_out - before.messages_out,
+        ),
+        (CLIENT_BYTES, "in", stats.bytes_in - before.bytes_in),
+        (CLIENT_BYTES, "out", stats.bytes_out - before.bytes_out),
+    ];
+    for (name, direction, delta) in counts {
+        if delta > 0 {
+            metrics::counter!(name, "direction" => direction).increment(delta);
+        }
+    }
+    *before = stats;
+    if let Some(view) = state.client_registry.lock().get_mut(&number) {
+        view.peer_id = session.client().map(str::to_owned);
+        view.docs = session.docs();
+        view.messages_in = stats.messages_in;
+        view.messages_out = stats.messages_out;
+        view.bytes_in = stats.bytes_in;
+        view.bytes_out = stats.bytes_out;
+    }
 }
 
 /// Serves one client until it or the node ends the conversation; returns
 /// why it ended.
-async fn run(socket: WebSocket, state: &ApiState) -> String {
+async fn run(socket: WebSocket, state: &ApiState, number: u64) -> String {
     let clients: Arc<ReplicaClients> = state.clients.clone();
     // Subscribed before the first message, so no commit falls between.
     let mut commits = state.replica.subscribe();
@@ -65,6 +152,7 @@ async fn run(socket: WebSocket, state: &ApiState) -> String {
     config.namespace = clients.namespace().to_owned();
     config.message_bytes_max = CLIENT_MESSAGE_BYTES_MAX;
     let mut session = Some(ClientSession::new(config));
+    let mut recorded = ClientStats::default();
     let (mut sink, mut stream) = socket.split();
     loop {
         // What to feed the session: a message, or changed documents.
@@ -108,6 +196,7 @@ async fn run(socket: WebSocket, state: &ApiState) -> String {
             Ok(current) => session.insert(current),
             Err(_) => return "the session failed".to_owned(),
         };
+        record(state, number, current, &mut recorded);
         if let Err(e) = flush(current, &mut sink).await {
             return format!("sending failed: {e}");
         }

@@ -62,7 +62,7 @@ pub struct ApiState {
     backups: Option<Arc<Backups>>,
     cors: CorsOrigins,
     clients: Arc<archipelago::clients::ReplicaClients>,
-    client_counts: Arc<clients::ClientCounts>,
+    client_registry: Arc<clients::ClientRegistry>,
 }
 
 impl ApiState {
@@ -80,7 +80,7 @@ impl ApiState {
             events: None,
             backups: None,
             cors: CorsOrigins::default(),
-            client_counts: Arc::default(),
+            client_registry: Arc::default(),
         }
     }
 
@@ -188,7 +188,7 @@ async fn status(State(state): State<ApiState>) -> Result<Json<Value>, ApiError> 
         "conflicts_open": conflicts_open,
         "resolutions_held": state.replica.resolutions_held(),
         "loaded_docs": stats.loaded_docs,
-        "clients": {"connected": state.client_counts.open()},
+        "clients": state.client_registry.list(),
         "version": env!("CARGO_PKG_VERSION"),
     })))
 }

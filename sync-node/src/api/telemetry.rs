@@ -70,6 +70,13 @@ pub(crate) const BACKUP_SECONDS: &str = "archipelago_backup_seconds";
 /// Size of the latest backup, in bytes.
 pub(crate) const BACKUP_BYTES: &str = "archipelago_backup_bytes";
 
+/// automerge-repo client connections open, by token name.
+pub(crate) const CLIENTS_CONNECTED: &str = "archipelago_clients_connected";
+/// Protocol messages exchanged with automerge-repo clients, by direction.
+pub(crate) const CLIENT_MESSAGES: &str = "archipelago_client_messages_total";
+/// Bytes of those messages, by direction.
+pub(crate) const CLIENT_BYTES: &str = "archipelago_client_bytes_total";
+
 /// Transactions committed through the API.
 pub(crate) const TXN_COMMITS: &str = "archipelago_txn_commits_total";
 /// Transactions received from peers waiting for members.
