@@ -55,6 +55,10 @@ enum Command {
     /// node.
     #[command(subcommand)]
     Conflicts(ConflictsCommand),
+    /// Create, list and revoke a running node's scoped client tokens (the
+    /// node's admin token, from --config, is needed).
+    #[command(subcommand)]
+    Token(TokenCommand),
     /// Commit a transaction across documents on a running node: the body
     /// of `POST /v1/txn` (`{"docs": [{"id", "ops", "if_heads"?,
     /// "if_absent"?}], "message"?}`) from a file, or `-` for stdin.
@@ -215,6 +219,62 @@ struct ClientArgs {
     /// The config file of the node to talk to.
     #[arg(long, value_name = "FILE")]
     config: PathBuf,
+}
+
+#[derive(Debug, Subcommand)]
+enum TokenCommand {
+    /// Make a token that opens only documents under the prefixes; prints it
+    /// once (the node keeps only its hash).
+    Create {
+        #[command(flatten)]
+        client: ClientArgs,
+        /// Its name, unique at the node.
+        #[arg(long)]
+        name: String,
+        /// A document id prefix it opens (repeat for more).
+        #[arg(long = "prefix", value_name = "P", required = true)]
+        prefixes: Vec<String>,
+        /// Reads only: no writes through the API, no changes from clients.
+        #[arg(long)]
+        read_only: bool,
+        /// It stops working after this long: `30d`, `12h`, `15m`, `90s`.
+        #[arg(long, value_name = "DURATION", value_parser = parse_duration_s)]
+        expires_in: Option<u64>,
+    },
+    /// List the tokens (never their secrets).
+    List {
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Revoke a token: it stops working at once, and its open WebSockets
+    /// close within seconds.
+    Revoke {
+        #[command(flatten)]
+        client: ClientArgs,
+        /// The token's name.
+        name: String,
+    },
+}
+
+/// `30d`, `12h`, `15m` or `90s`, in seconds.
+fn parse_duration_s(text: &str) -> Result<u64, String> {
+    let split = text.len().saturating_sub(1);
+    let (number, unit) = text.split_at(split);
+    let scale = match unit {
+        "d" => 86_400,
+        "h" => 3_600,
+        "m" => 60,
+        "s" => 1,
+        _ => return Err("give a number and a unit: d, h, m or s (30d, 12h, 15m, 90s)".to_owned()),
+    };
+    let number: u64 = number
+        .parse()
+        .map_err(|_| format!("{number:?} is not a whole number"))?;
+    match number.checked_mul(scale) {
+        Some(0) => Err("the duration must be positive".to_owned()),
+        Some(seconds) => Ok(seconds),
+        None => Err("the duration is too long".to_owned()),
+    }
 }
 
 #[derive(Debug, Args)]
@@ -429,6 +489,7 @@ fn run_command(command: Command) -> anyhow::Result<()> {
         Command::Status(args) => status(&args),
         Command::Doc(doc) => doc_command(doc),
         Command::Conflicts(conflicts) => conflicts_command(conflicts),
+        Command::Token(command) => token_command(command),
         Command::Txn(args) => {
             let text = args.txn.trim_start();
             let body = if args.txn == "-" || text.starts_with('{') {
@@ -710,6 +771,32 @@ fn doc_command(command: DocCommand) -> anyhow::Result<()> {
 fn conflict_id(id: &str) -> anyhow::Result<ConflictId> {
     ConflictId::parse(id)
         .ok_or_else(|| UsageError(format!("{id:?} is not a conflict id (32 hex digits)")).into())
+}
+
+fn token_command(command: TokenCommand) -> anyhow::Result<()> {
+    match command {
+        TokenCommand::Create {
+            client,
+            name,
+            prefixes,
+            read_only,
+            expires_in,
+        } => {
+            let mut body = json!({"name": name, "prefixes": prefixes, "read_only": read_only});
+            if let Some(seconds) = expires_in {
+                body["expires_in_s"] = json!(seconds);
+            }
+            client_request(&client, Method::POST, "/v1/tokens", Some(&body))
+        }
+        TokenCommand::List { client } => client_request(&client, Method::GET, "/v1/tokens", None),
+        TokenCommand::Revoke { client, name } => {
+            let path = format!(
+                "/v1/tokens/{}",
+                percent_encoding::utf8_percent_encode(&name, percent_encoding::NON_ALPHANUMERIC)
+            );
+            client_request(&client, Method::DELETE, &path, None)
+        }
+    }
 }
 
 fn conflicts_command(command: ConflictsCommand) -> anyhow::Result<()> {

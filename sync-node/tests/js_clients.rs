@@ -351,3 +351,125 @@ async fn the_readme_example_client_runs() {
     );
     assert_eq!(doc["url"], url.as_str());
 }
+
+/// Scoped tokens on the WebSocket: a token for `tenant-a/` does not open
+/// `tenant-b/...`, a read-only client's change is not applied, and the
+/// node's admin token opens both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scoped_tokens_limit_js_clients() {
+    npm_install();
+    let root = tempfile::tempdir().unwrap();
+    let path = |p: &str| root.path().join(p).to_str().unwrap().to_owned();
+    cli(&["ca", "init", "--dir", &path("ca")]);
+    cli(&[
+        "init",
+        "--site",
+        "us-east",
+        "--dir",
+        &path("us"),
+        "--ca-dir",
+        &path("ca"),
+        "--api",
+        "127.0.0.1:0",
+        "--listen",
+        "127.0.0.1:0",
+        "--peer",
+        "eu-west=127.0.0.1:9",
+    ]);
+    let site = Site::start(&root.path().join("us"));
+    let mut urls = Vec::new();
+    for doc in ["tenant-a/doc", "tenant-b/doc"] {
+        site.ops(doc, json!([{"op": "set", "path": "/v", "value": "base"}]))
+            .await;
+        urls.push(
+            site.doc(doc).await.unwrap()["url"]
+                .as_str()
+                .unwrap()
+                .to_owned(),
+        );
+    }
+    let token = |name: &str, read_only: bool| {
+        let body = json!({"name": name, "prefixes": ["tenant-a/"], "read_only": read_only});
+        let (http, api, admin) = (site.http.clone(), site.api.clone(), site.token.clone());
+        async move {
+            let response = http
+                .post(format!("{api}/v1/tokens"))
+                .bearer_auth(admin)
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(response.status(), 201);
+            let created: Value = response.json().await.unwrap();
+            created["token"].as_str().unwrap().to_owned()
+        }
+    };
+    let ws_with = |token: &str| {
+        format!(
+            "{}/v1/automerge-repo?token={token}",
+            site.api.replacen("http://", "ws://", 1)
+        )
+    };
+    let tenant = ws_with(&token("tenant-a", false).await);
+    let reader = ws_with(&token("tenant-a-reader", true).await);
+
+    assert_eq!(
+        js(&["open", &tenant, &urls[0]])["value"],
+        json!({"v": "base"})
+    );
+    assert_eq!(js(&["open", &tenant, &urls[1]])["unavailable"], true);
+    assert_eq!(
+        js(&["open", &site.ws(), &urls[1]])["value"],
+        json!({"v": "base"})
+    );
+
+    let before = site.doc("tenant-a/doc").await.unwrap()["heads"].clone();
+    let tried = js(&["try-edit", &reader, &urls[0], "v", "changed by a reader"]);
+    assert_ne!(tried["heads"], before, "the client made its change locally");
+    let after = site.doc("tenant-a/doc").await.unwrap();
+    assert_eq!(after["heads"], before, "the node did not apply it");
+    assert_eq!(after["value"], json!({"v": "base"}));
+
+    // A revoked token's client is cut off within 5 s, and stays off.
+    let mut watcher = js_command(&["watch", &tenant, &urls[0], "v", "never"])
+        .spawn()
+        .unwrap();
+    {
+        use std::io::{BufRead, BufReader};
+        let mut lines = BufReader::new(watcher.stderr.take().unwrap()).lines();
+        assert!(lines.any(|l| l.is_ok_and(|l| l == "watching")));
+    }
+    let connected = |name: &'static str| {
+        let site = &site;
+        async move {
+            site.get("/v1/status").await.1["clients"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|c| c["token"] == name)
+                .count()
+        }
+    };
+    assert_eq!(connected("tenant-a").await, 1);
+    let response = site
+        .http
+        .delete(format!("{}/v1/tokens/tenant-a", site.api))
+        .bearer_auth(&site.token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let revoked = Instant::now();
+    while connected("tenant-a").await > 0 {
+        assert!(
+            revoked.elapsed() < Duration::from_secs(5),
+            "the client was still connected 5 s after the revocation"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // It keeps trying to reconnect (every 500 ms) and is refused.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert_eq!(connected("tenant-a").await, 0);
+    let _ = watcher.kill();
+    let _ = watcher.wait();
+}

@@ -5,13 +5,17 @@
 //! reveal how much of a guess was right.
 
 use std::fmt;
+use std::sync::Arc;
 
 use axum::extract::{Request, State};
 use axum::http::header::AUTHORIZATION;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
+use archipelago::DocId;
+
 use super::error::ApiError;
+use super::tokens::ScopedToken;
 use super::ApiState;
 
 /// Longest accepted token, in bytes.
@@ -100,13 +104,102 @@ pub(crate) async fn require_token(
         .map(<[u8]>::to_vec)
         .or(from_query);
     let presented = presented.as_deref();
+    let mut request = request;
     match presented {
-        Some(token) if state.token.matches(token) => next.run(request).await,
-        Some(_) => ApiError::unauthorized("the bearer token is wrong").into_response(),
+        Some(token) if state.token.matches(token) => {
+            request.extensions_mut().insert(Principal::Admin);
+            next.run(request).await
+        }
+        Some(token) => match state.tokens.check(token) {
+            Some(scoped) => {
+                if let Err(refusal) = scoped_may(&request, &scoped) {
+                    return refusal.into_response();
+                }
+                request.extensions_mut().insert(Principal::Scoped(scoped));
+                next.run(request).await
+            }
+            None => ApiError::unauthorized("the bearer token is wrong").into_response(),
+        },
         None => {
             ApiError::unauthorized("an Authorization: Bearer token is required").into_response()
         }
     }
+}
+
+/// Who a request comes from.
+#[derive(Debug, Clone)]
+pub(crate) enum Principal {
+    /// The node's own token: everything.
+    Admin,
+    /// A scoped token: the documents under its prefixes.
+    Scoped(Arc<ScopedToken>),
+}
+
+impl Principal {
+    /// Refuses `doc` (and a write, with `writes`) outside what this may do.
+    pub(crate) fn check(&self, doc: &DocId, writes: bool) -> Result<(), ApiError> {
+        match self {
+            Principal::Admin => Ok(()),
+            Principal::Scoped(token) => scoped_doc(token, doc, writes),
+        }
+    }
+
+    /// The token's name, `admin` for the node's own.
+    pub(crate) fn name(&self) -> &str {
+        match self {
+            Principal::Admin => "admin",
+            Principal::Scoped(token) => &token.name,
+        }
+    }
+}
+
+fn forbidden(message: String) -> ApiError {
+    ApiError::new(axum::http::StatusCode::FORBIDDEN, "forbidden", message)
+}
+
+fn scoped_doc(token: &ScopedToken, doc: &DocId, writes: bool) -> Result<(), ApiError> {
+    if !token.covers(doc) {
+        return Err(forbidden(format!(
+            "token {} does not open {doc}",
+            token.name
+        )));
+    }
+    if writes && token.read_only {
+        return Err(forbidden(format!("token {} only reads", token.name)));
+    }
+    Ok(())
+}
+
+/// The routes a scoped token may use: a document's own routes (for
+/// documents under its prefixes), the document list under them,
+/// transactions and reads (checked per document by their handlers), and
+/// the automerge-repo WebSocket. Everything else is the admin's.
+fn scoped_may(request: &Request, token: &ScopedToken) -> Result<(), ApiError> {
+    let path = request.uri().path();
+    let reads = request.method() == axum::http::Method::GET;
+    if path == super::clients::PATH || (path == "/v1/read" && !reads) || path == "/v1/docs" {
+        return Ok(());
+    }
+    if path == "/v1/txn" {
+        return if token.read_only {
+            Err(forbidden(format!("token {} only reads", token.name)))
+        } else {
+            Ok(())
+        };
+    }
+    if let Some(rest) = path.strip_prefix("/v1/docs/") {
+        let segment = rest.split('/').next().unwrap_or_default();
+        let decoded = percent_encoding::percent_decode_str(segment).decode_utf8_lossy();
+        // A malformed id is the handler's to refuse (400).
+        return match decoded.parse::<DocId>() {
+            Ok(doc) => scoped_doc(token, &doc, !reads),
+            Err(_) => Ok(()),
+        };
+    }
+    Err(forbidden(format!(
+        "token {} may use only the document routes",
+        token.name
+    )))
 }
 
 /// The `token` parameter of a query string, decoded: browsers cannot set

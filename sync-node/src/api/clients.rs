@@ -14,13 +14,14 @@ use std::time::Instant;
 use axum::extract::ws::{Message as WsMessage, WebSocket, WebSocketUpgrade};
 use axum::extract::State;
 use axum::response::Response;
+use axum::Extension;
 use futures_util::{SinkExt, StreamExt};
 use tokio::sync::broadcast::error::RecvError;
 
 use archipelago::clients::{ClientConfig, ClientSession, ClientStats, ReplicaClients};
 
 use super::telemetry::{CLIENTS_CONNECTED, CLIENT_BYTES, CLIENT_MESSAGES};
-use super::ApiState;
+use super::{ApiState, Principal};
 
 /// The route.
 pub const PATH: &str = "/v1/automerge-repo";
@@ -74,16 +75,24 @@ impl ClientRegistry {
     }
 }
 
-pub(super) async fn connect(State(state): State<ApiState>, ws: WebSocketUpgrade) -> Response {
+/// How often an open connection checks that its token still works: a
+/// revoked or expired token is cut off within this.
+const TOKEN_CHECK_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
+pub(super) async fn connect(
+    State(state): State<ApiState>,
+    Extension(principal): Extension<Principal>,
+    ws: WebSocketUpgrade,
+) -> Response {
     ws.max_message_size(CLIENT_MESSAGE_BYTES_MAX)
         .max_frame_size(CLIENT_MESSAGE_BYTES_MAX)
-        .on_upgrade(move |socket| serve(socket, state))
+        .on_upgrade(move |socket| serve(socket, state, principal))
 }
 
-async fn serve(socket: WebSocket, state: ApiState) {
+async fn serve(socket: WebSocket, state: ApiState, principal: Principal) {
     let registry = state.client_registry.clone();
     let number = registry.next.fetch_add(1, Ordering::Relaxed);
-    let token = "admin".to_owned();
+    let token = principal.name().to_owned();
     let since = time::OffsetDateTime::now_utc()
         .format(&time::format_description::well_known::Rfc3339)
         .unwrap_or_default();
@@ -102,7 +111,7 @@ async fn serve(socket: WebSocket, state: ApiState) {
         },
     );
     metrics::gauge!(CLIENTS_CONNECTED, "token" => token.clone()).increment(1.0);
-    let reason = run(socket, &state, number).await;
+    let reason = run(socket, &state, number, &principal).await;
     metrics::gauge!(CLIENTS_CONNECTED, "token" => token).decrement(1.0);
     registry.lock().remove(&number);
     tracing::info!(connection = number, %reason, "automerge-repo client disconnected");
@@ -144,13 +153,18 @@ fn record(state: &ApiState, number: u64, session: &ClientSession, before: &mut C
 
 /// Serves one client until it or the node ends the conversation; returns
 /// why it ended.
-async fn run(socket: WebSocket, state: &ApiState, number: u64) -> String {
+async fn run(socket: WebSocket, state: &ApiState, number: u64, principal: &Principal) -> String {
     let clients: Arc<ReplicaClients> = state.clients.clone();
     // Subscribed before the first message, so no commit falls between.
     let mut commits = state.replica.subscribe();
     let mut config = ClientConfig::new(format!("archipelago-{}", state.replica.site()));
     config.namespace = clients.namespace().to_owned();
     config.message_bytes_max = CLIENT_MESSAGE_BYTES_MAX;
+    if let Principal::Scoped(token) = principal {
+        config.prefixes = Some(token.prefixes.clone());
+        config.read_only = token.read_only;
+    }
+    let mut token_check = tokio::time::interval(TOKEN_CHECK_EVERY);
     let mut session = Some(ClientSession::new(config));
     let mut recorded = ClientStats::default();
     let (mut sink, mut stream) = socket.split();
@@ -174,6 +188,18 @@ async fn run(socket: WebSocket, state: &ApiState, number: u64) -> String {
                 Some(Ok(WsMessage::Close(_))) | None => return "the client closed".to_owned(),
                 Some(Err(e)) => return format!("the connection failed: {e}"),
             },
+            _ = token_check.tick() => {
+                if let Principal::Scoped(token) = principal {
+                    if !state.tokens.still_valid(token) {
+                        let session = session.as_mut().expect("present between turns");
+                        session.close("the token was revoked or has expired");
+                        let _ = flush(session, &mut sink).await;
+                        let _ = sink.send(WsMessage::Close(None)).await;
+                        return format!("token {} no longer works", token.name);
+                    }
+                }
+                continue;
+            }
             committed = commits.recv() => match committed {
                 Ok(committed) => Input::Changed(committed.doc),
                 Err(RecvError::Lagged(_)) => Input::Lagged,

@@ -9,6 +9,7 @@
 use std::time::{Duration, Instant};
 
 use axum::extract::State;
+use axum::Extension;
 use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -21,7 +22,7 @@ use archipelago::{ChangeHash, Commit, DocId, DocView};
 use super::error::ApiError;
 use super::extract::{ApiQuery, DocPath, JsonBody};
 use super::telemetry::{record_docs, COMMITS, COMMIT_SECONDS};
-use super::ApiState;
+use super::{ApiState, Principal};
 
 /// Most heads accepted in `?at=`.
 const AT_HEADS_MAX: usize = 1024;
@@ -73,8 +74,25 @@ pub(crate) const LIST_LIMIT_MAX: usize = 100_000;
 /// `"next": ID` when more ids follow (pass it as `after`).
 pub(crate) async fn list(
     State(state): State<ApiState>,
+    Extension(principal): Extension<Principal>,
     ApiQuery(query): ApiQuery<ListQuery>,
-) -> Json<Value> {
+) -> Result<Json<Value>, ApiError> {
+    if let Principal::Scoped(token) = &principal {
+        if !token
+            .prefixes
+            .iter()
+            .any(|p| query.prefix.starts_with(p.as_str()))
+        {
+            return Err(ApiError::new(
+                axum::http::StatusCode::FORBIDDEN,
+                "forbidden",
+                format!(
+                    "token {} lists only under its prefixes: give ?prefix= one of {:?}",
+                    token.name, token.prefixes
+                ),
+            ));
+        }
+    }
     let limit = query
         .limit
         .unwrap_or(LIST_LIMIT_MAX)
@@ -87,9 +105,9 @@ pub(crate) async fn list(
     if ids.len() > limit {
         ids.truncate(limit);
         let next = ids.last().map(|id| id.to_string());
-        return Json(json!({ "docs": ids, "next": next }));
+        return Ok(Json(json!({ "docs": ids, "next": next })));
     }
-    Json(json!({ "docs": ids }))
+    Ok(Json(json!({ "docs": ids })))
 }
 
 /// Query of `GET /v1/docs/{id}`.

@@ -25,6 +25,7 @@ mod events;
 mod extract;
 mod heads;
 pub(crate) mod telemetry;
+pub mod tokens;
 mod txn;
 
 use std::sync::Arc;
@@ -39,6 +40,7 @@ use archipelago::Replica;
 
 use crate::events::{EventLog, SyncPeers};
 
+pub(crate) use auth::Principal;
 pub use auth::{ApiToken, InvalidToken, TOKEN_BYTES_MAX};
 pub use backup::Backups;
 pub use cors::CorsOrigins;
@@ -63,12 +65,14 @@ pub struct ApiState {
     cors: CorsOrigins,
     clients: Arc<archipelago::clients::ReplicaClients>,
     client_registry: Arc<clients::ClientRegistry>,
+    tokens: Arc<tokens::Tokens>,
 }
 
 impl ApiState {
     /// State serving `replica` to clients presenting `token`, with no peers
     /// and no event stream (`/v1/events` answers 404 `events_off`).
     pub fn new(replica: Replica, token: ApiToken) -> ApiState {
+        let replica_store = replica.store().clone();
         ApiState {
             clients: Arc::new(archipelago::clients::ReplicaClients::new(
                 replica.clone(),
@@ -81,6 +85,12 @@ impl ApiState {
             backups: None,
             cors: CorsOrigins::default(),
             client_registry: Arc::default(),
+            tokens: Arc::new(
+                tokens::Tokens::load(replica_store.clone()).unwrap_or_else(|e| {
+                    tracing::warn!(error = %e, "the stored tokens could not be read: none opens anything");
+                    tokens::Tokens::empty(replica_store)
+                }),
+            ),
         }
     }
 
@@ -146,6 +156,8 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/events", get(events::stream))
         .route("/v1/backup", get(backup::download))
         .route(clients::PATH, get(clients::connect))
+        .route("/v1/tokens", get(tokens::list).post(tokens::create))
+        .route("/v1/tokens/{name}", axum::routing::delete(tokens::revoke))
         .route("/metrics", get(telemetry::render))
         .method_not_allowed_fallback(method_not_allowed)
         .fallback(route_not_found)

@@ -4,6 +4,7 @@
 use std::time::Instant;
 
 use axum::extract::State;
+use axum::Extension;
 use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -16,7 +17,7 @@ use super::docs::{blocking, check_message, committed, precondition, wait_for_rig
 use super::error::ApiError;
 use super::extract::JsonBody;
 use super::telemetry::TXN_COMMITS;
-use super::ApiState;
+use super::{ApiState, Principal};
 
 /// One document of a `POST /v1/txn` body.
 #[derive(Debug, Deserialize)]
@@ -52,9 +53,13 @@ pub(crate) struct TxnBody {
 /// case nothing is applied.
 pub(crate) async fn commit(
     State(state): State<ApiState>,
+    Extension(principal): Extension<Principal>,
     JsonBody(body): JsonBody<TxnBody>,
 ) -> Result<Json<Value>, ApiError> {
     check_message(body.message.as_deref())?;
+    for doc in &body.docs {
+        principal.check(&doc.id, !doc.ops.is_empty())?;
+    }
     if body.docs.len() > TXN_DOCS_MAX {
         return Err(ApiError::bad_request(
             "bad_txn",
@@ -123,8 +128,12 @@ pub(crate) struct ReadBody {
 /// null}`.
 pub(crate) async fn read(
     State(state): State<ApiState>,
+    Extension(principal): Extension<Principal>,
     JsonBody(body): JsonBody<ReadBody>,
 ) -> Result<Json<Value>, ApiError> {
+    for id in &body.ids {
+        principal.check(id, false)?;
+    }
     if body.ids.len() > READ_DOCS_MAX {
         return Err(ApiError::bad_request(
             "too_many",

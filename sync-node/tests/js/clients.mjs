@@ -4,6 +4,8 @@
 //   node clients.mjs find WS URL                  prints {"value", "heads"} of the document
 //   node clients.mjs watch WS URL KEY VALUE       prints {"value"} once doc[KEY] == VALUE arrives
 //   node clients.mjs edit WS API TOKEN URL KEY VALUE   sets doc[KEY] = VALUE; prints {"heads"} once the node holds it
+//   node clients.mjs open WS URL                  prints {"value"}, or {"unavailable": true} within 3 s
+//   node clients.mjs try-edit WS URL KEY VALUE    sets doc[KEY] = VALUE, waits a second, prints {"heads"}
 //
 // WS is the node's ws://.../v1/automerge-repo?token=... URL; API its http:// base.
 // Every command gives up after 30 s.
@@ -92,6 +94,25 @@ if (command === "create") {
   const heads = hexHeads(handle)
   await untilNodeHolds(api, token, `repo/${handle.documentId}`, heads)
   finish(repo, { heads })
+} else if (command === "open") {
+  // One try within 3 s: the document, or that the node does not give it.
+  const [ws, url] = args
+  const repo = repoAt(ws)
+  const found = await Promise.race([
+    repo.find(url).then(handle => ({ value: handle.doc() }), () => ({ unavailable: true })),
+    sleep(3000).then(() => ({ unavailable: true, timeout: true })),
+  ])
+  finish(repo, found)
+} else if (command === "try-edit") {
+  // Changes the document and gives the node a second to take it.
+  const [ws, url, key, value] = args
+  const repo = repoAt(ws)
+  const handle = await find(repo, url)
+  handle.change(doc => {
+    doc[key] = value
+  })
+  await sleep(1000)
+  finish(repo, { heads: hexHeads(handle) })
 } else {
   console.error(`unknown command ${command}`)
   process.exit(64)
