@@ -509,16 +509,32 @@ pub struct StoreConfig {
     /// Most documents kept loaded in memory.
     #[serde(default = "default_cache_docs_max")]
     pub cache_docs_max: usize,
+    /// Seconds a loaded document stays in memory unused before it is
+    /// dropped back to its stored bytes (30 by default).
+    #[serde(
+        default = "default_cache_idle_s",
+        skip_serializing_if = "is_default_cache_idle_s"
+    )]
+    pub cache_idle_s: u64,
 }
 
 fn default_cache_docs_max() -> usize {
     1024
 }
 
+fn default_cache_idle_s() -> u64 {
+    30
+}
+
+fn is_default_cache_idle_s(s: &u64) -> bool {
+    *s == default_cache_idle_s()
+}
+
 impl Default for StoreConfig {
     fn default() -> StoreConfig {
         StoreConfig {
             cache_docs_max: default_cache_docs_max(),
+            cache_idle_s: default_cache_idle_s(),
         }
     }
 }

@@ -273,6 +273,7 @@ impl Node {
         let store_path = config.store_path();
         let mut options = ReplicaOptions::new(config.file.site.clone());
         options.cache_docs_max = config.file.store.cache_docs_max;
+        options.cache_idle = std::time::Duration::from_secs(config.file.store.cache_idle_s);
         options.conflicts = Arc::new(config.conflict_config()?);
         options.txn_hold = config.file.txn.hold_limits();
         options.escrow = Arc::new(config.escrow_config());

@@ -48,9 +48,21 @@ async fn start(dir: &std::path::Path) -> sync_node::Node {
         ))
         .unwrap();
     }
-    sync_node::Node::start(&sync_node::config::Config::load(&path).unwrap())
-        .await
-        .unwrap()
+    // Right after a shutdown in this process, tasks that held the old
+    // node's store may still be ending: its lock goes with the last of them.
+    let started = Instant::now();
+    loop {
+        match sync_node::Node::start(&sync_node::config::Config::load(&path).unwrap()).await {
+            Ok(node) => return node,
+            Err(e)
+                if started.elapsed() < Duration::from_secs(10)
+                    && e.to_string().contains("lock") =>
+            {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("the node did not start: {e}"),
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -230,6 +242,7 @@ async fn scoped_tokens_open_only_their_documents_and_revoked_ones_are_cut_off() 
     );
 
     // Tokens survive a restart.
+    drop(api);
     node.shutdown().await.unwrap();
     let node = start(dir.path()).await;
     let api = Api {

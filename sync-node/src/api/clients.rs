@@ -75,6 +75,9 @@ impl ClientRegistry {
     }
 }
 
+/// The WebSocket read and write buffers of a connection, in bytes.
+const CLIENT_BUFFER_BYTES: usize = 4 << 10;
+
 /// How often an open connection checks that its token still works: a
 /// revoked or expired token is cut off within this.
 const TOKEN_CHECK_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
@@ -84,8 +87,12 @@ pub(super) async fn connect(
     Extension(principal): Extension<Principal>,
     ws: WebSocketUpgrade,
 ) -> Response {
+    // Small buffers: an idle client costs little (they grow for a large
+    // message while it lasts).
     ws.max_message_size(CLIENT_MESSAGE_BYTES_MAX)
         .max_frame_size(CLIENT_MESSAGE_BYTES_MAX)
+        .read_buffer_size(CLIENT_BUFFER_BYTES)
+        .write_buffer_size(CLIENT_BUFFER_BYTES)
         .on_upgrade(move |socket| serve(socket, state, principal))
 }
 
