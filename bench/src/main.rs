@@ -12,6 +12,7 @@ mod scenarios;
 mod sync_core;
 mod txn;
 mod versus;
+mod ws_clients;
 
 use std::time::Instant;
 
@@ -61,6 +62,13 @@ fn parse_args() -> anyhow::Result<Args> {
 }
 
 fn main() -> anyhow::Result<()> {
+    // `ws_clients` runs its servers as children: this binary again.
+    if let Ok(server) = std::env::var(ws_clients::SERVER_ENV) {
+        let (kind, docs) = server
+            .split_once(' ')
+            .ok_or_else(|| anyhow::anyhow!("{}: KIND DOCS", ws_clients::SERVER_ENV))?;
+        return ws_clients::serve_child(kind, docs.parse()?);
+    }
     let args = parse_args()?;
     if let Some(only) = &args.only {
         for name in only {

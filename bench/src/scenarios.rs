@@ -25,6 +25,7 @@ pub(crate) const NAMES: &[&str] = &[
     "sync_catchup",
     "txn",
     "escrow",
+    "ws_clients",
 ];
 
 pub(crate) fn run(name: &str, quick: bool) -> anyhow::Result<Map<String, Value>> {
@@ -42,6 +43,7 @@ pub(crate) fn run(name: &str, quick: bool) -> anyhow::Result<Map<String, Value>>
         "conflict_overhead" => crate::conflicts::overhead(quick),
         "txn" => crate::txn::txn(quick),
         "escrow" => crate::escrow::escrow(quick),
+        "ws_clients" => crate::ws_clients::ws_clients(quick),
         other => anyhow::bail!("unknown scenario {other}"),
     }
 }

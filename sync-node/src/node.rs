@@ -355,6 +355,13 @@ impl Node {
         let feed = spawn_feed(&replica, sync.clone(), events.clone());
         let evictor = spawn_evictor(&replica);
         let (stop, stopped) = oneshot::channel::<()>();
+        // Small messages answered at once (WebSocket clients above all):
+        // none waits for Nagle's algorithm.
+        let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+            if let Err(e) = tcp.set_nodelay(true) {
+                tracing::debug!(error = %e, "TCP_NODELAY not set on an API connection");
+            }
+        });
         let server = tokio::spawn(async move {
             axum::serve(listener, app)
                 .with_graceful_shutdown(async move {
