@@ -33,6 +33,8 @@ struct Client {
     docs: Vec<(RepoId, AutoCommit, sync::State)>,
     unavailable: Vec<String>,
     errors: Vec<String>,
+    /// Ephemeral messages received: (sender, target, count, data).
+    ephemeral: Vec<(String, String, u64, Vec<u8>)>,
 }
 
 impl Client {
@@ -42,6 +44,7 @@ impl Client {
             docs: Vec::new(),
             unavailable: Vec::new(),
             errors: Vec::new(),
+            ephemeral: Vec::new(),
         }
     }
 
@@ -103,6 +106,13 @@ impl Client {
             }
             Message::DocUnavailable { document_id, .. } => self.unavailable.push(document_id),
             Message::Error { message } => self.errors.push(message),
+            Message::Ephemeral {
+                sender_id,
+                target_id,
+                count,
+                data,
+                ..
+            } => self.ephemeral.push((sender_id, target_id, count, data)),
             Message::Peer { .. } => {}
             other => panic!("unexpected {other:?}"),
         }
@@ -144,6 +154,19 @@ fn open(host: &ReplicaClients, config: ClientConfig, client: &mut Client) -> Cli
         other => panic!("expected peer, got {other:?}"),
     }
     session
+}
+
+/// A client's ephemeral message about `id`.
+fn ephemeral(client: &Client, id: RepoId, count: u64, data: &[u8]) -> Vec<u8> {
+    Message::Ephemeral {
+        sender_id: client.id.clone(),
+        target_id: "node".to_owned(),
+        count,
+        session_id: format!("{}-session", client.id),
+        document_id: id.to_string(),
+        data: data.to_vec(),
+    }
+    .encode()
 }
 
 fn ops(value: serde_json::Value) -> Vec<Op> {
@@ -373,4 +396,82 @@ fn malformed_input_closes_the_session_and_applies_nothing() {
         session.handle(start + Duration::from_millis(k), &host, &join);
     }
     assert!(session.closed().unwrap().contains("too many messages"));
+}
+
+#[test]
+fn ephemeral_messages_reach_the_documents_other_clients_only() {
+    let replica = replica();
+    let host = ReplicaClients::new(replica.clone(), "repo");
+    let shared: DocId = "board/1".parse().unwrap();
+    let other: DocId = "board/2".parse().unwrap();
+    for doc in [&shared, &other] {
+        replica
+            .apply_ops(
+                doc,
+                &ops(json!([{"op": "set", "path": "/n", "value": 1}])),
+                None,
+            )
+            .unwrap();
+    }
+    let (shared_id, other_id) = (RepoId::derived(&shared), RepoId::derived(&other));
+    let mut a = Client::new("a");
+    let mut b = Client::new("b");
+    let mut c = Client::new("c");
+    let mut reader_config = ClientConfig::new("node");
+    reader_config.read_only = true;
+    let mut sa = open(&host, ClientConfig::new("node"), &mut a);
+    let mut sb = open(&host, reader_config, &mut b);
+    let mut sc = open(&host, ClientConfig::new("node"), &mut c);
+    settle(&mut a, &mut sa, &host, shared_id);
+    settle(&mut b, &mut sb, &host, shared_id);
+    settle(&mut c, &mut sc, &host, other_id);
+    let heads = replica.heads(&shared);
+
+    // a's presence reaches b (read-only clients see and send presence),
+    // not c (another document) and not a itself.
+    sa.handle(
+        Instant::now(),
+        &host,
+        &ephemeral(&a, shared_id, 1, b"cursor"),
+    );
+    let relayed = sa.poll_relay().expect("kept for the other clients");
+    assert!(sa.poll_relay().is_none());
+    assert_eq!(
+        (relayed.doc.clone(), relayed.id),
+        (shared.clone(), shared_id)
+    );
+    for (client, session) in [(&mut a, &mut sa), (&mut b, &mut sb), (&mut c, &mut sc)] {
+        session.handle_relayed(&relayed);
+        while let Some(bytes) = session.poll_transmit() {
+            client.incoming(&bytes);
+        }
+    }
+    assert!(a.ephemeral.is_empty());
+    assert!(c.ephemeral.is_empty());
+    assert_eq!(
+        b.ephemeral,
+        vec![("a".to_owned(), "b".to_owned(), 1, b"cursor".to_vec())]
+    );
+    // b answers; it is passed on to a.
+    sb.handle(Instant::now(), &host, &ephemeral(&b, shared_id, 1, b"here"));
+    let back = sb.poll_relay().unwrap();
+    sa.handle_relayed(&back);
+    a.incoming(&sa.poll_transmit().unwrap());
+    assert_eq!(
+        a.ephemeral,
+        vec![("b".to_owned(), "a".to_owned(), 1, b"here".to_vec())]
+    );
+
+    // About a document the client does not sync: nobody hears it.
+    sc.handle(Instant::now(), &host, &ephemeral(&c, shared_id, 1, b"x"));
+    assert!(sc.poll_relay().is_none());
+    // Nothing of it is stored.
+    assert_eq!(replica.heads(&shared), heads);
+
+    // An oversized one closes that session alone.
+    let big = vec![0u8; ClientConfig::new("node").ephemeral_bytes_max + 1];
+    sa.handle(Instant::now(), &host, &ephemeral(&a, shared_id, 2, &big));
+    assert!(sa.poll_relay().is_none());
+    assert!(sa.closed().unwrap().contains("ephemeral message"));
+    assert!(sb.closed().is_none() && sc.closed().is_none());
 }

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use automerge::sync;
 
 pub use ids::RepoId;
-pub use session::{ClientConfig, ClientHost, ClientSession, ClientStats};
+pub use session::{ClientConfig, ClientHost, ClientSession, ClientStats, Ephemeral};
 
 use crate::{DocId, Error, Replica};
 

@@ -64,6 +64,9 @@ pub struct ClientConfig {
     pub messages_per_second: u32,
     /// Messages it may send at once above that rate.
     pub messages_burst: u32,
+    /// The largest payload of an ephemeral message relayed to the
+    /// document's other clients, in bytes.
+    pub ephemeral_bytes_max: usize,
 }
 
 impl ClientConfig {
@@ -79,6 +82,7 @@ impl ClientConfig {
             message_bytes_max: 16 << 20,
             messages_per_second: 1_000,
             messages_burst: 5_000,
+            ephemeral_bytes_max: 64 << 10,
         }
     }
 
@@ -108,6 +112,26 @@ pub struct ClientStats {
     pub refused: u64,
 }
 
+/// An ephemeral message a client sent about a document (presence, cursors:
+/// never stored), for the other clients syncing that document: see
+/// [`ClientSession::poll_relay`] and [`ClientSession::handle_relayed`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ephemeral {
+    /// The document here.
+    pub doc: DocId,
+    /// The document's automerge-repo id.
+    pub id: RepoId,
+    /// The peer id the message names as its sender (clients forward each
+    /// other's messages, so it need not be the sending client's).
+    pub sender_id: String,
+    /// The sender's session.
+    pub session_id: String,
+    /// The sender's message counter, by which clients drop repeats.
+    pub count: u64,
+    /// The payload (CBOR, as the sender encoded it).
+    pub data: Vec<u8>,
+}
+
 struct DocSync {
     id: RepoId,
     state: sync::State,
@@ -119,6 +143,7 @@ pub struct ClientSession {
     client: Option<String>,
     docs: HashMap<DocId, DocSync>,
     out: VecDeque<Vec<u8>>,
+    relay: VecDeque<Ephemeral>,
     closed: Option<String>,
     stats: ClientStats,
     /// Messages the client may still send now, refilled with time.
@@ -135,6 +160,7 @@ impl ClientSession {
             client: None,
             docs: HashMap::new(),
             out: VecDeque::new(),
+            relay: VecDeque::new(),
             closed: None,
             stats: ClientStats::default(),
             budget,
@@ -166,6 +192,34 @@ impl ClientSession {
     /// The next message to send.
     pub fn poll_transmit(&mut self) -> Option<Vec<u8>> {
         self.out.pop_front()
+    }
+
+    /// The next ephemeral message the client sent, for the other clients
+    /// of its document ([`ClientSession::handle_relayed`]).
+    pub fn poll_relay(&mut self) -> Option<Ephemeral> {
+        self.relay.pop_front()
+    }
+
+    /// An ephemeral message another client sent: passed on to this client
+    /// if it syncs the document and did not send it.
+    pub fn handle_relayed(&mut self, message: &Ephemeral) {
+        let Some(client) = self.client.clone() else {
+            return;
+        };
+        if self.closed.is_some()
+            || client == message.sender_id
+            || !self.docs.contains_key(&message.doc)
+        {
+            return;
+        }
+        self.send(&Message::Ephemeral {
+            sender_id: message.sender_id.clone(),
+            target_id: client,
+            count: message.count,
+            session_id: message.session_id.clone(),
+            document_id: message.id.to_string(),
+            data: message.data.clone(),
+        });
     }
 
     /// Ends the session, telling the client why.
@@ -229,10 +283,15 @@ impl ClientSession {
                 document_id, data, ..
             } => self.on_sync(host, &document_id, &data, true),
             Message::Leave { .. } => self.closed = Some("the client left".to_owned()),
-            // Ephemeral messages go between clients of one document; the
-            // node stores none and relays none yet.
-            Message::Ephemeral { .. }
-            | Message::DocUnavailable { .. }
+            Message::Ephemeral {
+                sender_id,
+                count,
+                session_id,
+                document_id,
+                data,
+                ..
+            } => self.on_ephemeral(host, sender_id, session_id, count, &document_id, data),
+            Message::DocUnavailable { .. }
             | Message::Peer { .. }
             | Message::Error { .. }
             | Message::Other { .. } => {}
@@ -320,6 +379,44 @@ impl ClientSession {
             }
         }
         self.sync_out(host, &doc);
+    }
+
+    /// An ephemeral message from the client: kept for the document's other
+    /// clients when this one syncs the document (a client sends them only
+    /// to peers it syncs the document with).
+    fn on_ephemeral(
+        &mut self,
+        host: &dyn ClientHost,
+        sender_id: String,
+        session_id: String,
+        count: u64,
+        document_id: &str,
+        data: Vec<u8>,
+    ) {
+        let Some(id) = RepoId::parse(document_id) else {
+            return self.close(&format!("{document_id:?} is not a document id"));
+        };
+        if data.len() > self.config.ephemeral_bytes_max {
+            return self.close(&format!(
+                "ephemeral message of {} bytes is over the limit of {}",
+                data.len(),
+                self.config.ephemeral_bytes_max
+            ));
+        }
+        let Some(doc) = host.find(&id).or_else(|| id.doc_in(&self.config.namespace)) else {
+            return;
+        };
+        if !self.docs.contains_key(&doc) {
+            return;
+        }
+        self.relay.push_back(Ephemeral {
+            doc,
+            id,
+            sender_id,
+            session_id,
+            count,
+            data,
+        });
     }
 
     fn sync_out(&mut self, host: &dyn ClientHost, doc: &DocId) {

@@ -63,6 +63,9 @@ pub struct ConfigFile {
     /// Storage tuning.
     #[serde(default)]
     pub store: StoreConfig,
+    /// automerge-repo clients on `GET /v1/automerge-repo` (`[clients]`).
+    #[serde(default, skip_serializing_if = "ClientsConfig::is_default")]
+    pub clients: ClientsConfig,
     /// Bounds on what the node holds back for transactions (`[txn]`).
     #[serde(default, skip_serializing_if = "TxnConfig::is_default")]
     pub txn: TxnConfig,
@@ -539,6 +542,104 @@ impl Default for StoreConfig {
     }
 }
 
+/// The `[clients]` table: where automerge-repo clients' documents go, and
+/// the limits of their connections.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientsConfig {
+    /// Where documents that clients create are stored: `NAMESPACE/ID`.
+    #[serde(default = "default_client_namespace")]
+    pub namespace: String,
+    /// Open WebSockets one token may hold (the admin token counts as one).
+    #[serde(default = "default_connections_per_token")]
+    pub connections_per_token: usize,
+    /// Documents one connection may sync.
+    #[serde(default = "default_docs_per_connection")]
+    pub docs_per_connection: usize,
+    /// Messages a second one connection may send, on average (five
+    /// seconds' worth may come at once).
+    #[serde(default = "default_messages_per_second")]
+    pub messages_per_second: u32,
+    /// The largest message taken, in bytes.
+    #[serde(default = "default_message_bytes_max")]
+    pub message_bytes_max: usize,
+}
+
+/// Largest `[clients]` count a config may set.
+pub const CLIENTS_LIMIT_MAX: usize = 1 << 24;
+/// Largest `clients.message_bytes_max` a config may set.
+pub const CLIENT_MESSAGE_BYTES_LIMIT: usize = 64 << 20;
+
+fn default_client_namespace() -> String {
+    crate::api::DEFAULT_CLIENT_NAMESPACE.to_owned()
+}
+
+fn default_connections_per_token() -> usize {
+    10_000
+}
+
+fn default_docs_per_connection() -> usize {
+    10_000
+}
+
+fn default_messages_per_second() -> u32 {
+    1_000
+}
+
+fn default_message_bytes_max() -> usize {
+    16 << 20
+}
+
+impl Default for ClientsConfig {
+    fn default() -> ClientsConfig {
+        ClientsConfig {
+            namespace: default_client_namespace(),
+            connections_per_token: default_connections_per_token(),
+            docs_per_connection: default_docs_per_connection(),
+            messages_per_second: default_messages_per_second(),
+            message_bytes_max: default_message_bytes_max(),
+        }
+    }
+}
+
+impl ClientsConfig {
+    fn is_default(&self) -> bool {
+        *self == ClientsConfig::default()
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        let namespace = &self.namespace;
+        let valid = !namespace.is_empty()
+            && !namespace.ends_with('/')
+            && format!("{namespace}/x")
+                .parse::<archipelago::DocId>()
+                .is_ok();
+        if !valid {
+            return Err(format!(
+                "clients.namespace {namespace:?} must be a document id prefix without a trailing /"
+            ));
+        }
+        for (key, value) in [
+            ("connections_per_token", self.connections_per_token),
+            ("docs_per_connection", self.docs_per_connection),
+            ("messages_per_second", self.messages_per_second as usize),
+        ] {
+            if value == 0 || value > CLIENTS_LIMIT_MAX {
+                return Err(format!(
+                    "clients.{key} must be from 1 to {CLIENTS_LIMIT_MAX}, not {value}"
+                ));
+            }
+        }
+        if !(1024..=CLIENT_MESSAGE_BYTES_LIMIT).contains(&self.message_bytes_max) {
+            return Err(format!(
+                "clients.message_bytes_max must be from 1024 to {CLIENT_MESSAGE_BYTES_LIMIT}, not {}",
+                self.message_bytes_max
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// The `[txn]` table: bounds on the changes received from peers that wait
 /// for the rest of their transaction. Past a bound the oldest waiting
 /// transaction is dropped whole (never applied in part) and comes back
@@ -947,6 +1048,7 @@ pub(crate) fn validate(file: &ConfigFile) -> Result<(), String> {
             ));
         }
     }
+    file.clients.validate()?;
     let txn = &file.txn;
     for (key, value) in [
         ("hold_changes_max", txn.hold_changes_max as u64),
@@ -1076,6 +1178,31 @@ resolver = "us-east"
         let zero = format!("{EXAMPLE}\n[txn]\nhold_bytes_max = 0\n");
         let err = parse(&zero).unwrap_err().to_string();
         assert!(err.contains("txn.hold_bytes_max"), "{err}");
+    }
+
+    #[test]
+    fn client_limits_are_read_and_checked() {
+        assert_eq!(
+            parse(EXAMPLE).unwrap().file.clients,
+            ClientsConfig::default()
+        );
+        let text =
+            format!("{EXAMPLE}\n[clients]\nnamespace = \"apps/js\"\nconnections_per_token = 3\n");
+        let clients = parse(&text).unwrap().file.clients;
+        assert_eq!(clients.namespace, "apps/js");
+        assert_eq!(clients.connections_per_token, 3);
+        assert_eq!(clients.docs_per_connection, 10_000);
+        for (bad, key) in [
+            ("namespace = \"apps/\"", "clients.namespace"),
+            ("namespace = \"\"", "clients.namespace"),
+            ("namespace = \"has space\"", "clients.namespace"),
+            ("connections_per_token = 0", "clients.connections_per_token"),
+            ("message_bytes_max = 10", "clients.message_bytes_max"),
+        ] {
+            let text = format!("{EXAMPLE}\n[clients]\n{bad}\n");
+            let err = parse(&text).unwrap_err().to_string();
+            assert!(err.contains(key), "{bad}: {err}");
+        }
     }
 
     #[test]

@@ -120,6 +120,7 @@ pub fn init(options: &InitOptions) -> Result<PathBuf, InitError> {
         }),
         peers: options.peers.clone(),
         store: StoreConfig::default(),
+        clients: Default::default(),
         txn: Default::default(),
         backup: None,
         conflicts: Default::default(),

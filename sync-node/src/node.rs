@@ -346,7 +346,8 @@ impl Node {
         let mut state = ApiState::new(replica.clone(), token.clone())
             .with_events(events.clone())
             .with_backups(backups)
-            .with_cors(config.cors_origins()?);
+            .with_cors(config.cors_origins()?)
+            .with_clients(&config.file.clients);
         if let Some(sync) = &sync {
             state = state.with_sync(sync.clone());
         }

@@ -430,6 +430,21 @@ async fn scoped_tokens_limit_js_clients() {
     assert_eq!(after["heads"], before, "the node did not apply it");
     assert_eq!(after["value"], json!({"v": "base"}));
 
+    // Presence: a writer's and a reader's client of one document hear each
+    // other's ephemeral messages through the node.
+    let heard = [("tenant", tenant.clone()), ("reader", reader.clone())].map(|(name, ws)| {
+        let url = urls[0].clone();
+        tokio::task::spawn_blocking(move || js(&["presence", &ws, &url, name]))
+    });
+    let [tenant_heard, reader_heard] = heard;
+    assert_eq!(tenant_heard.await.unwrap()["heard"]["from"], "reader");
+    assert_eq!(reader_heard.await.unwrap()["heard"]["from"], "tenant");
+    assert_eq!(
+        site.doc("tenant-a/doc").await.unwrap()["heads"],
+        before,
+        "presence is not stored"
+    );
+
     // A revoked token's client is cut off within 5 s, and stays off.
     let mut watcher = js_command(&["watch", &tenant, &urls[0], "v", "never"])
         .spawn()

@@ -4,7 +4,9 @@
 //! automerge sync messages and messages before `join` each close that
 //! connection only, after an `error` message, and apply nothing. A
 //! well-behaved client on its own connection syncs a document before,
-//! between and after them. In-process node on 127.0.0.1; bounded waits.
+//! between and after them. The `[clients]` limits hold: no more open
+//! connections per token than configured. In-process node on 127.0.0.1;
+//! bounded waits.
 
 use std::time::Duration;
 
@@ -270,5 +272,129 @@ async fn hostile_connections_close_alone_and_change_nothing() {
         .await
         .unwrap();
     assert_eq!(after["heads"], heads);
+    node.shutdown().await.unwrap();
+}
+
+/// `[clients]`: a token holds at most `connections_per_token` open
+/// WebSockets (429 `too_many_connections` beyond, before the upgrade), a
+/// closed one frees its place, and documents clients create are stored
+/// under the configured namespace.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_limits_and_namespace_come_from_the_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = sync_node::init::init(&sync_node::init::InitOptions::new(
+        "us-east".parse().unwrap(),
+        dir.path(),
+    ))
+    .unwrap();
+    let mut text = std::fs::read_to_string(&path).unwrap();
+    text.push_str("\n[clients]\nnamespace = \"apps/js\"\nconnections_per_token = 2\n");
+    std::fs::write(&path, text).unwrap();
+    let node = sync_node::Node::start(&sync_node::config::Config::load(&path).unwrap())
+        .await
+        .unwrap();
+    let (api, admin) = (node.url(), node.token().to_owned());
+    let http = reqwest::Client::new();
+    // A token of its own, so the metrics of the other test stay apart.
+    let created: serde_json::Value = http
+        .post(format!("{api}/v1/tokens"))
+        .bearer_auth(&admin)
+        .json(&json!({"name": "limited", "prefixes": ["apps/js/"]}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let token = created["token"].as_str().unwrap().to_owned();
+    let url = format!(
+        "{}/v1/automerge-repo?token={token}",
+        api.replacen("http://", "ws://", 1)
+    );
+    let open = || async {
+        http.get(format!("{api}/v1/status"))
+            .bearer_auth(&admin)
+            .send()
+            .await
+            .unwrap()
+            .json::<serde_json::Value>()
+            .await
+            .unwrap()["clients"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|c| c["token"] == "limited")
+            .count()
+    };
+
+    let mut first = connect(&url).await;
+    let second = connect(&url).await;
+    match tokio_tungstenite::connect_async(url.as_str()).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            assert_eq!(response.status(), 429);
+            let body = String::from_utf8_lossy(response.body().as_deref().unwrap_or_default())
+                .into_owned();
+            assert!(body.contains("too_many_connections"), "{body}");
+        }
+        other => panic!("a third connection: expected 429, got {other:?}"),
+    }
+    assert_eq!(open().await, 2);
+    drop(second);
+    let started = std::time::Instant::now();
+    while open().await != 1 {
+        assert!(
+            started.elapsed() < WAIT,
+            "the closed connection stays listed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut third = connect(&url).await;
+    third.close(None).await.unwrap();
+
+    // A client's new document lands under apps/js/.
+    first.send(Ws::binary(join("maker"))).await.unwrap();
+    assert!(matches!(next(&mut first).await, Some(Message::Peer { .. })));
+    let id = RepoId::derived(&"made/by-a-client".parse().unwrap());
+    let mut doc = Automerge::new();
+    {
+        use archipelago::automerge::transaction::Transactable;
+        let mut tx = doc.transaction();
+        tx.put(archipelago::automerge::ROOT, "made", "here")
+            .unwrap();
+        tx.commit();
+    }
+    let mut state = sync::State::new();
+    let stored: archipelago::DocId = format!("apps/js/{id}").parse().unwrap();
+    for _ in 0..10 {
+        if let Some(message) = doc.generate_sync_message(&mut state) {
+            let sync = Message::Sync {
+                sender_id: "maker".into(),
+                target_id: "node".into(),
+                document_id: id.to_string(),
+                data: message.encode(),
+            };
+            first.send(Ws::binary(sync.encode())).await.unwrap();
+        }
+        // The node answers, or has nothing more to say.
+        match tokio::time::timeout(Duration::from_millis(500), first.next()).await {
+            Ok(Some(Ok(Ws::Binary(bytes)))) => {
+                let Message::Sync { data, .. } = Message::decode(&bytes).unwrap() else {
+                    panic!("expected a sync message");
+                };
+                doc.receive_sync_message(&mut state, sync::Message::decode(&data).unwrap())
+                    .unwrap();
+            }
+            Ok(other) => panic!("expected a sync message, got {other:?}"),
+            Err(_) => {}
+        }
+        if node.replica().heads(&stored).as_deref() == Some(&doc.get_heads()[..]) {
+            break;
+        }
+    }
+    assert_eq!(
+        node.replica().heads(&stored),
+        Some(doc.get_heads()),
+        "stored as apps/js/ID"
+    );
     node.shutdown().await.unwrap();
 }

@@ -13,21 +13,47 @@ use std::time::Instant;
 
 use axum::extract::ws::{Message as WsMessage, WebSocket, WebSocketUpgrade};
 use axum::extract::State;
-use axum::response::Response;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
 use axum::Extension;
 use futures_util::{SinkExt, StreamExt};
+use tokio::sync::broadcast;
 use tokio::sync::broadcast::error::RecvError;
 
-use archipelago::clients::{ClientConfig, ClientSession, ClientStats, ReplicaClients};
+use archipelago::clients::{ClientConfig, ClientSession, ClientStats, Ephemeral, ReplicaClients};
 
-use super::telemetry::{CLIENTS_CONNECTED, CLIENT_BYTES, CLIENT_MESSAGES};
+use super::error::ApiError;
+use super::telemetry::{CLIENTS_CONNECTED, CLIENT_BYTES, CLIENT_EPHEMERAL, CLIENT_MESSAGES};
 use super::{ApiState, Principal};
+use crate::config::ClientsConfig;
 
 /// The route.
 pub const PATH: &str = "/v1/automerge-repo";
 
-/// The largest WebSocket message a client may send, in bytes.
-pub const CLIENT_MESSAGE_BYTES_MAX: usize = 16 << 20;
+/// Ephemeral messages on their way between connections at once; a
+/// connection that falls further behind misses some (they are presence,
+/// never stored, and clients expect to miss some).
+const EPHEMERAL_QUEUE: usize = 1024;
+
+/// What connections share: the open ones, their limits, and the ephemeral
+/// messages passed between them (each with the number of the connection it
+/// came from).
+#[derive(Debug, Clone)]
+pub(crate) struct ClientsShared {
+    pub(crate) registry: Arc<ClientRegistry>,
+    pub(crate) limits: ClientsConfig,
+    ephemeral: broadcast::Sender<(u64, Arc<Ephemeral>)>,
+}
+
+impl ClientsShared {
+    pub(crate) fn new(limits: ClientsConfig) -> ClientsShared {
+        ClientsShared {
+            registry: Arc::default(),
+            limits,
+            ephemeral: broadcast::channel(EPHEMERAL_QUEUE).0,
+        }
+    }
+}
 
 /// The client connections open now, for `/v1/status`.
 #[derive(Debug, Default)]
@@ -65,6 +91,39 @@ impl ClientRegistry {
         self.lock().len()
     }
 
+    /// A place for one more connection of `token`, unless it holds `most`
+    /// already; it is listed from now until the reservation is dropped.
+    fn reserve(self: &Arc<Self>, token: &str, most: usize) -> Option<Reservation> {
+        let mut open = self.lock();
+        if open.values().filter(|view| view.token == token).count() >= most {
+            return None;
+        }
+        let number = self.next.fetch_add(1, Ordering::Relaxed);
+        let since = time::OffsetDateTime::now_utc()
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap_or_default();
+        open.insert(
+            number,
+            ClientView {
+                connection: number,
+                peer_id: None,
+                token: token.to_owned(),
+                since,
+                docs: 0,
+                messages_in: 0,
+                messages_out: 0,
+                bytes_in: 0,
+                bytes_out: 0,
+            },
+        );
+        metrics::gauge!(CLIENTS_CONNECTED, "token" => token.to_owned()).increment(1.0);
+        Some(Reservation {
+            registry: self.clone(),
+            number,
+            token: token.to_owned(),
+        })
+    }
+
     /// The open connections, oldest first.
     pub fn list(&self) -> Vec<ClientView> {
         self.lock().values().cloned().collect()
@@ -72,6 +131,21 @@ impl ClientRegistry {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<u64, ClientView>> {
         self.open.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// One connection's line in the registry, removed when dropped (when the
+/// connection ends, or when its upgrade never happens).
+struct Reservation {
+    registry: Arc<ClientRegistry>,
+    number: u64,
+    token: String,
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        self.registry.lock().remove(&self.number);
+        metrics::gauge!(CLIENTS_CONNECTED, "token" => self.token.clone()).decrement(1.0);
     }
 }
 
@@ -87,40 +161,33 @@ pub(super) async fn connect(
     Extension(principal): Extension<Principal>,
     ws: WebSocketUpgrade,
 ) -> Response {
+    let shared = &state.clients_shared;
+    let most = shared.limits.connections_per_token;
+    let Some(reservation) = shared.registry.reserve(principal.name(), most) else {
+        return ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "too_many_connections",
+            format!(
+                "token {} holds {most} open connections, the most one token may (clients.connections_per_token)",
+                principal.name()
+            ),
+        )
+        .into_response();
+    };
+    let bytes_max = shared.limits.message_bytes_max;
     // Small buffers: an idle client costs little (they grow for a large
     // message while it lasts).
-    ws.max_message_size(CLIENT_MESSAGE_BYTES_MAX)
-        .max_frame_size(CLIENT_MESSAGE_BYTES_MAX)
+    ws.max_message_size(bytes_max)
+        .max_frame_size(bytes_max)
         .read_buffer_size(CLIENT_BUFFER_BYTES)
         .write_buffer_size(CLIENT_BUFFER_BYTES)
-        .on_upgrade(move |socket| serve(socket, state, principal))
+        .on_upgrade(move |socket| serve(socket, state, principal, reservation))
 }
 
-async fn serve(socket: WebSocket, state: ApiState, principal: Principal) {
-    let registry = state.client_registry.clone();
-    let number = registry.next.fetch_add(1, Ordering::Relaxed);
-    let token = principal.name().to_owned();
-    let since = time::OffsetDateTime::now_utc()
-        .format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_default();
-    registry.lock().insert(
-        number,
-        ClientView {
-            connection: number,
-            peer_id: None,
-            token: token.clone(),
-            since,
-            docs: 0,
-            messages_in: 0,
-            messages_out: 0,
-            bytes_in: 0,
-            bytes_out: 0,
-        },
-    );
-    metrics::gauge!(CLIENTS_CONNECTED, "token" => token.clone()).increment(1.0);
+async fn serve(socket: WebSocket, state: ApiState, principal: Principal, reservation: Reservation) {
+    let number = reservation.number;
     let reason = run(socket, &state, number, &principal).await;
-    metrics::gauge!(CLIENTS_CONNECTED, "token" => token).decrement(1.0);
-    registry.lock().remove(&number);
+    drop(reservation);
     tracing::info!(connection = number, %reason, "automerge-repo client disconnected");
 }
 
@@ -148,7 +215,7 @@ fn record(state: &ApiState, number: u64, session: &ClientSession, before: &mut C
         }
     }
     *before = stats;
-    if let Some(view) = state.client_registry.lock().get_mut(&number) {
+    if let Some(view) = state.clients_shared.registry.lock().get_mut(&number) {
         view.peer_id = session.client().map(str::to_owned);
         view.docs = session.docs();
         view.messages_in = stats.messages_in;
@@ -164,9 +231,14 @@ async fn run(socket: WebSocket, state: &ApiState, number: u64, principal: &Princ
     let clients: Arc<ReplicaClients> = state.clients.clone();
     // Subscribed before the first message, so no commit falls between.
     let mut commits = state.replica.subscribe();
+    let mut relayed = state.clients_shared.ephemeral.subscribe();
+    let limits = &state.clients_shared.limits;
     let mut config = ClientConfig::new(format!("archipelago-{}", state.replica.site()));
     config.namespace = clients.namespace().to_owned();
-    config.message_bytes_max = CLIENT_MESSAGE_BYTES_MAX;
+    config.message_bytes_max = limits.message_bytes_max;
+    config.docs_max = limits.docs_per_connection;
+    config.messages_per_second = limits.messages_per_second;
+    config.messages_burst = limits.messages_per_second.saturating_mul(5);
     if let Principal::Scoped(token) = principal {
         config.prefixes = Some(token.prefixes.clone());
         config.read_only = token.read_only;
@@ -207,6 +279,24 @@ async fn run(socket: WebSocket, state: &ApiState, number: u64, principal: &Princ
                 }
                 continue;
             }
+            message = relayed.recv() => {
+                match message {
+                    Ok((from, message)) if from != number => {
+                        let session = session.as_mut().expect("present between turns");
+                        session.handle_relayed(&message);
+                        record(state, number, session, &mut recorded);
+                        if let Err(e) = flush(session, &mut sink).await {
+                            return format!("sending failed: {e}");
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(RecvError::Lagged(missed)) => {
+                        tracing::debug!(connection = number, missed, "a client missed ephemeral messages");
+                    }
+                    Err(RecvError::Closed) => return "the node is shutting down".to_owned(),
+                }
+                continue;
+            }
             committed = commits.recv() => match committed {
                 Ok(committed) => Input::Changed(committed.doc),
                 Err(RecvError::Lagged(_)) => Input::Lagged,
@@ -230,6 +320,14 @@ async fn run(socket: WebSocket, state: &ApiState, number: u64, principal: &Princ
             Err(_) => return "the session failed".to_owned(),
         };
         record(state, number, current, &mut recorded);
+        while let Some(message) = current.poll_relay() {
+            metrics::counter!(CLIENT_EPHEMERAL).increment(1);
+            // No receiver: no other client listens.
+            let _ = state
+                .clients_shared
+                .ephemeral
+                .send((number, Arc::new(message)));
+        }
         if let Err(e) = flush(current, &mut sink).await {
             return format!("sending failed: {e}");
         }

@@ -64,7 +64,7 @@ pub struct ApiState {
     backups: Option<Arc<Backups>>,
     cors: CorsOrigins,
     clients: Arc<archipelago::clients::ReplicaClients>,
-    client_registry: Arc<clients::ClientRegistry>,
+    clients_shared: clients::ClientsShared,
     tokens: Arc<tokens::Tokens>,
 }
 
@@ -84,7 +84,7 @@ impl ApiState {
             events: None,
             backups: None,
             cors: CorsOrigins::default(),
-            client_registry: Arc::default(),
+            clients_shared: clients::ClientsShared::new(crate::config::ClientsConfig::default()),
             tokens: Arc::new(
                 tokens::Tokens::load(replica_store.clone()).unwrap_or_else(|e| {
                     tracing::warn!(error = %e, "the stored tokens could not be read: none opens anything");
@@ -94,13 +94,15 @@ impl ApiState {
         }
     }
 
-    /// Stores documents that automerge-repo clients create under
-    /// `namespace` (`repo` by default): `NAMESPACE/ID`.
-    pub fn with_client_namespace(mut self, namespace: &str) -> ApiState {
+    /// Serves automerge-repo clients as `config` says: documents they
+    /// create stored under its namespace (`repo` by default:
+    /// `NAMESPACE/ID`), its limits on their connections.
+    pub fn with_clients(mut self, config: &crate::config::ClientsConfig) -> ApiState {
         self.clients = Arc::new(archipelago::clients::ReplicaClients::new(
             self.replica.clone(),
-            namespace,
+            config.namespace.clone(),
         ));
+        self.clients_shared = clients::ClientsShared::new(config.clone());
         self
     }
 
@@ -200,7 +202,7 @@ async fn status(State(state): State<ApiState>) -> Result<Json<Value>, ApiError> 
         "conflicts_open": conflicts_open,
         "resolutions_held": state.replica.resolutions_held(),
         "loaded_docs": stats.loaded_docs,
-        "clients": state.client_registry.list(),
+        "clients": state.clients_shared.registry.list(),
         "version": env!("CARGO_PKG_VERSION"),
     })))
 }

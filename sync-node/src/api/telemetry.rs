@@ -76,6 +76,8 @@ pub(crate) const CLIENTS_CONNECTED: &str = "archipelago_clients_connected";
 pub(crate) const CLIENT_MESSAGES: &str = "archipelago_client_messages_total";
 /// Bytes of those messages, by direction.
 pub(crate) const CLIENT_BYTES: &str = "archipelago_client_bytes_total";
+/// Ephemeral messages clients sent for the other clients of a document.
+pub(crate) const CLIENT_EPHEMERAL: &str = "archipelago_client_ephemeral_total";
 
 /// Transactions committed through the API.
 pub(crate) const TXN_COMMITS: &str = "archipelago_txn_commits_total";

@@ -6,6 +6,8 @@
 //   node clients.mjs edit WS API TOKEN URL KEY VALUE   sets doc[KEY] = VALUE; prints {"heads"} once the node holds it
 //   node clients.mjs open WS URL                  prints {"value"}, or {"unavailable": true} within 3 s
 //   node clients.mjs try-edit WS URL KEY VALUE    sets doc[KEY] = VALUE, waits a second, prints {"heads"}
+//   node clients.mjs presence WS URL NAME         broadcasts {"from": NAME} every 100 ms; prints
+//                                                 {"heard", "sender"} on the first one from another client
 //
 // WS is the node's ws://.../v1/automerge-repo?token=... URL; API its http:// base.
 // Every command gives up after 30 s.
@@ -113,6 +115,18 @@ if (command === "create") {
   })
   await sleep(1000)
   finish(repo, { heads: hexHeads(handle) })
+} else if (command === "presence") {
+  // Ephemeral messages: heard from another client of the document, never stored.
+  const [ws, url, name] = args
+  const repo = repoAt(ws)
+  const handle = await find(repo, url)
+  handle.on("ephemeral-message", ({ senderId, message }) => {
+    if (message && message.from !== name) finish(repo, { heard: message, sender: senderId })
+  })
+  for (let n = 0; ; n++) {
+    handle.broadcast({ from: name, n })
+    await sleep(100)
+  }
 } else {
   console.error(`unknown command ${command}`)
   process.exit(64)
