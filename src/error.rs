@@ -86,6 +86,9 @@ pub enum Error {
     /// A transaction is malformed (too many documents, one twice, ...).
     #[error(transparent)]
     Txn(#[from] crate::txn::TxnError),
+    /// A saga cannot start, or is not there.
+    #[error(transparent)]
+    Saga(#[from] crate::saga::SagaError),
     /// A precondition of a write does not hold; nothing was changed.
     #[error("precondition failed for {doc}: {reason}")]
     PreconditionFailed {

@@ -54,6 +54,7 @@ pub mod escrow;
 pub mod id;
 pub mod protocol;
 mod replica;
+pub mod saga;
 #[cfg(feature = "sim")]
 pub mod sim;
 pub mod store;

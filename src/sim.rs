@@ -22,6 +22,14 @@
 //! site, that no committed transaction is partly visible: each site holds
 //! all of its member changes or none.
 //!
+//! Part of it is sagas of 2 to 4 steps at random sites, some steps failing
+//! by a precondition or for want of rights of a bounded counter. Each step
+//! counts its action and its compensation in the saga's `effects/` document
+//! (created with the saga, in one transaction); after the final heal every
+//! saga must be done or compensated in reverse order at every site, and
+//! every action and compensation counted at most once, exactly once for
+//! those recorded as done.
+//!
 //! The same seed always replays the same run, down to the change hashes:
 //! actor ids are drawn from the seed and change times from the simulated
 //! clock ([`SimWorld`]).
@@ -243,6 +251,13 @@ pub struct SimReport {
     pub escrow_refused: usize,
     /// Invariant checks of bounded counters.
     pub escrow_checks: usize,
+    /// Sagas started.
+    pub sagas: usize,
+    /// Of those, done at the end (the rest compensated, or failed in a
+    /// compensation).
+    pub sagas_done: usize,
+    /// Steps and compensations that took effect, counted in the documents.
+    pub saga_effects: usize,
 }
 
 /// A committed transaction: its member changes.
@@ -284,9 +299,14 @@ pub struct Sim {
     violation: Option<String>,
     /// Per site and document, the heads last checked for escrow invariants.
     escrow_seen: HashMap<(usize, DocId), Vec<ChangeHash>>,
+    /// The sagas started.
+    sagas: Vec<String>,
 }
 
 const TRACE_LINES_MAX: usize = 60;
+
+/// Rounds of running every site's due saga steps after the final heal.
+const SAGA_ROUNDS_MAX: usize = 100;
 
 /// Sites whose bounded counters carry a floor rule (more sites work; their
 /// counters are just not watched by the conflict layer).
@@ -336,6 +356,7 @@ impl Sim {
             txn_views: Vec::new(),
             violation: None,
             escrow_seen: HashMap::new(),
+            sagas: Vec::new(),
         };
         sim.txn_views = (0..sim.sites.len()).map(|_| TxnView::default()).collect();
         for i in 0..sim.sites.len() {
@@ -360,7 +381,17 @@ impl Sim {
             self.settle()?;
             self.check_violation()?;
         }
+        // Steps left due by a failed write run now (a node retries them
+        // every few seconds).
+        for _ in 0..SAGA_ROUNDS_MAX {
+            if !self.run_all_sagas() {
+                break;
+            }
+            self.settle()?;
+            self.check_violation()?;
+        }
         self.check_converged()?;
+        self.check_sagas()?;
         self.check_stored()?;
         Ok(self.report)
     }
@@ -560,7 +591,13 @@ impl Sim {
         }
         state.events = Some(replica.subscribe());
         state.wanted = Some(replica.subscribe_rights_wanted());
-        state.replica = Some(replica);
+        state.replica = Some(replica.clone());
+        // Steps interrupted by the crash run now (held after a restore).
+        for (id, run) in replica.run_sagas() {
+            if !run.is_empty() {
+                self.note(format!("site {site} resumes saga {id}: {run:?}"));
+            }
+        }
     }
 
     fn site_options(&self, site: usize) -> ReplicaOptions {
@@ -616,7 +653,8 @@ impl Sim {
         let doc = self.doc_id();
         let field = self.rng.below(4);
         let value = self.rng.below(1000);
-        let ops = match self.rng.below(13) {
+        let ops = match self.rng.below(14) {
+            13 => return self.start_saga(site, &replica),
             7 => return self.close_a_conflict(site, &replica),
             8 | 9 => return self.transact(site, &replica),
             10..=12 => return self.escrow_edit(site, &replica, doc),
@@ -909,6 +947,159 @@ impl Sim {
 
     /// Looks at `sites` (every site when `None`): a committed transaction
     /// must be visible whole or not at all. Records the first that is not.
+    /// Starts a saga of 2 to 4 steps at random sites, with its effect
+    /// counters created in the same transaction. A step sometimes fails:
+    /// by a precondition that cannot hold, or by decrementing a bounded
+    /// counter its site may lack rights for (or that does not exist).
+    fn start_saga(&mut self, site: usize, replica: &Replica) {
+        let id = format!("s{}", self.sagas.len());
+        let effects = format!("effects/{id}");
+        let steps = 2 + self.rng.below(3);
+        let mut counters = Vec::new();
+        let mut defs = Vec::new();
+        for k in 0..steps {
+            let at = self.rng.below(self.sites.len());
+            let name = format!("step{k}");
+            counters.push(json!({"op": "set", "path": format!("/{name}-action"), "value": 0, "as": "counter"}));
+            counters.push(json!({"op": "set", "path": format!("/{name}-compensation"), "value": 0, "as": "counter"}));
+            let count = |key: &str| json!({"id": effects, "ops": [{"op": "inc", "path": format!("/{name}-{key}"), "by": 1}]});
+            let mut action = vec![count("action")];
+            let mut compensation = vec![count("compensation")];
+            match self.rng.below(10) {
+                0 => action.push(json!({"id": format!("ns-0/doc-{}", self.rng.below(self.config.docs)), "if_absent": true})),
+                1 | 2 => {
+                    let doc = self.doc_id();
+                    let amount = 1 + self.rng.below(3);
+                    action.push(json!({"id": doc, "ops": [{"op": "inc", "path": format!("/bounded-site-{at}"), "by": -(amount as i64)}]}));
+                    compensation.push(json!({"id": doc, "ops": [{"op": "inc", "path": format!("/bounded-site-{at}"), "by": amount}]}));
+                }
+                _ => {}
+            }
+            let mut step = json!({"name": name, "site": self.sites[at].name.as_str(), "txn": {"docs": action}});
+            if self.rng.chance(80) {
+                step["compensate"] = json!({"docs": compensation});
+            }
+            defs.push(step);
+        }
+        let def: crate::saga::SagaDef =
+            serde_json::from_value(json!({"id": id, "steps": defs})).expect("a saga parses");
+        let counters: Vec<Op> = serde_json::from_value(json!(counters)).expect("ops parse");
+        let docs = vec![TxnDoc {
+            id: effects.parse().expect("valid id"),
+            ops: counters,
+            precondition: Precondition::none(),
+        }];
+        match replica.start_saga_with(&def, docs) {
+            Ok((_, run)) => {
+                self.note(format!(
+                    "site {site} starts saga {id} of {steps} steps: {run:?}"
+                ));
+                self.sagas.push(id);
+                self.report.sagas += 1;
+            }
+            Err(e) => self.note(format!("site {site} cannot start saga {id}: {e}")),
+        }
+    }
+
+    fn run_saga_at(&mut self, site: usize, replica: &Replica, id: &str) {
+        match replica.run_saga(id) {
+            Ok(run) if !run.is_empty() => {
+                self.note(format!("site {site} runs saga {id}: {run:?}"));
+            }
+            Ok(_) => {}
+            Err(e) => self.note(format!("site {site} saga {id} waits: {e}")),
+        }
+    }
+
+    /// Runs every due step at every live site; whether any ran.
+    fn run_all_sagas(&mut self) -> bool {
+        let mut ran = false;
+        for site in 0..self.sites.len() {
+            let Some(replica) = self.sites[site].replica.clone() else {
+                continue;
+            };
+            for (id, run) in replica.run_sagas() {
+                if !run.is_empty() {
+                    ran = true;
+                    self.note(format!("site {site} runs saga {id}: {run:?}"));
+                }
+            }
+        }
+        self.pump();
+        ran
+    }
+
+    /// Every saga finished alike at every site, each step's action and
+    /// compensation counted once if recorded done and never otherwise,
+    /// compensations in reverse order.
+    fn check_sagas(&mut self) -> Result<(), String> {
+        use crate::saga::{CompensationState, SagaStatus, StepState};
+        let mut effects_total = 0;
+        let mut done = 0;
+        for site in 0..self.sites.len() {
+            let Some(replica) = self.sites[site].replica.clone() else {
+                return Err(self.failure(format!("site {site} is down at the end")));
+            };
+            for id in self.sagas.clone() {
+                let view = replica
+                    .saga(&id)
+                    .map_err(|e| self.failure(format!("saga {id} at site {site}: {e}")))?
+                    .ok_or_else(|| self.failure(format!("site {site} lacks saga {id}")))?;
+                let state = &view.state;
+                let status = state.status();
+                if !status.finished() {
+                    return Err(self.failure(format!(
+                        "saga {id} is {} at site {site} after the final heal: {:?}",
+                        status.as_str(),
+                        state.records
+                    )));
+                }
+                let effects = replica
+                    .read_json(&format!("effects/{id}").parse().expect("valid id"), None)
+                    .map_err(|e| self.failure(format!("effects of {id}: {e}")))?
+                    .ok_or_else(|| self.failure(format!("site {site} lacks effects of {id}")))?
+                    .value;
+                let mut compensated_at = Vec::new();
+                for (step, record) in state.def.steps.iter().zip(&state.records) {
+                    let count = |key: &str| {
+                        effects
+                            .get(format!("{}-{key}", step.name))
+                            .and_then(serde_json::Value::as_i64)
+                    };
+                    let (action, compensation) = (count("action"), count("compensation"));
+                    let want_action = i64::from(record.status == StepState::Done);
+                    let want_compensation =
+                        i64::from(record.compensation == CompensationState::Done);
+                    if action != Some(want_action) || compensation != Some(want_compensation) {
+                        return Err(self.failure(format!(
+                            "saga {id} step {} at site {site}: counted {action:?} actions and {compensation:?} compensations for {record:?}",
+                            step.name
+                        )));
+                    }
+                    if site == 0 {
+                        effects_total += (want_action + want_compensation) as usize;
+                    }
+                    if record.compensation == CompensationState::Done {
+                        compensated_at.push(record.at);
+                    }
+                }
+                // Compensations ran last step first.
+                if compensated_at.windows(2).any(|w| w[0] < w[1]) {
+                    return Err(self.failure(format!(
+                        "saga {id} at site {site}: compensations out of order: {:?}",
+                        state.records
+                    )));
+                }
+                if site == 0 && status == SagaStatus::Done {
+                    done += 1;
+                }
+            }
+        }
+        self.report.sagas_done = done;
+        self.report.saga_effects = effects_total;
+        Ok(())
+    }
+
     fn check_txns(&mut self, sites: Option<usize>) {
         if self.violation.is_some() || self.txns.is_empty() {
             return;
@@ -1114,6 +1305,14 @@ impl Sim {
                             link.high_session.handle_committed(&replica, c);
                         }
                     }
+                }
+                // A saga that changed here may have a step due here.
+                let sagas: BTreeSet<String> = committed
+                    .iter()
+                    .filter_map(|c| crate::saga::saga_id_of(&c.doc).map(str::to_owned))
+                    .collect();
+                for id in sagas {
+                    self.run_saga_at(site, &replica, &id);
                 }
             }
             // Requests for rights go to the sessions of the site they name.

@@ -42,6 +42,7 @@ fn run(seeds: Range<u64>, config: &SimConfig) {
     let mut txns = 0;
     let mut txn_checks = 0;
     let (mut escrow_ops, mut escrow_refused, mut escrow_checks) = (0, 0, 0);
+    let (mut sagas, mut sagas_done, mut saga_effects) = (0, 0, 0);
     let count = seeds.end.saturating_sub(seeds.start);
     for seed in seeds {
         match Sim::new(seed, config.clone()).run() {
@@ -57,6 +58,9 @@ fn run(seeds: Range<u64>, config: &SimConfig) {
                 escrow_ops += report.escrow_ops;
                 escrow_refused += report.escrow_refused;
                 escrow_checks += report.escrow_checks;
+                sagas += report.sagas;
+                sagas_done += report.sagas_done;
+                saga_effects += report.saga_effects;
             }
             Err(failure) => panic!("{failure}"),
         }
@@ -67,7 +71,13 @@ fn run(seeds: Range<u64>, config: &SimConfig) {
          {failed_writes} edits whose store write failed, {restores} sites restored from a backup, \
          {txns} transactions never seen in part in {txn_checks} checks after deliveries, \
          {escrow_ops} ops on bounded counters and {escrow_refused} refused for want of rights, \
-         invariants held in {escrow_checks} checks after deliveries)"
+         invariants held in {escrow_checks} checks after deliveries, \
+         {sagas} sagas finished everywhere, {sagas_done} of them done and the rest compensated, \
+         {saga_effects} steps and compensations each counted once)"
+    );
+    assert!(
+        count == 0 || (sagas > 0 && sagas_done > 0 && sagas_done < sagas && saga_effects > 0),
+        "sagas were not exercised both ways ({sagas} sagas, {sagas_done} done)"
     );
     assert!(
         count == 0 || (escrow_ops > 0 && escrow_refused > 0 && escrow_checks > 0),

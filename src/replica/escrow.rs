@@ -79,7 +79,9 @@ pub(super) struct EscrowShared {
     /// Ops waiting for rights, per counter.
     waiting: std::sync::Mutex<HashMap<(DocId, String), u64>>,
     /// When each counter last asked to rebalance.
-    last_rebalance: std::sync::Mutex<HashMap<(DocId, String, PoolKind), Instant>>,
+    /// When each counter last asked (the replica clock's ms, so a
+    /// simulation replays it).
+    last_rebalance: std::sync::Mutex<HashMap<(DocId, String, PoolKind), i64>>,
     /// Seconds from first ask to the grant's use, of ops served after a
     /// transfer, for [`Replica::take_transfer_times`].
     transfer_times: std::sync::Mutex<Vec<f64>>,
@@ -361,15 +363,19 @@ impl Replica {
             if spent.left >= policy.low_water {
                 continue;
             }
-            let now = Instant::now();
+            let now = self.shared.options.clock.now_ms();
+            let every = REBALANCE_EVERY.as_millis() as i64;
             {
                 let mut last = lock(&self.shared.escrow.last_rebalance);
                 let key = (doc.clone(), spent.pointer.clone(), spent.pool);
-                if last.get(&key).is_some_and(|at| now < *at + REBALANCE_EVERY) {
+                if last
+                    .get(&key)
+                    .is_some_and(|at| now < at.saturating_add(every))
+                {
                     continue;
                 }
                 if last.len() >= REBALANCE_MEMORY_MAX {
-                    last.retain(|_, at| now < *at + REBALANCE_EVERY);
+                    last.retain(|_, at| now < at.saturating_add(every));
                 }
                 last.insert(key, now);
             }

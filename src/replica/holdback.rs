@@ -155,7 +155,8 @@ pub(super) struct HoldCounters {
 #[derive(Debug)]
 pub(super) struct Holdback {
     limits: HoldLimits,
-    groups: HashMap<u64, Group>,
+    /// By id, in the order they started (iterated: the order must replay).
+    groups: BTreeMap<u64, Group>,
     next_group: u64,
     by_txn: HashMap<TxnId, u64>,
     /// Held changes by document and hash: one change can be in several
@@ -177,7 +178,7 @@ impl Holdback {
     pub(super) fn new(limits: HoldLimits) -> Holdback {
         Holdback {
             limits,
-            groups: HashMap::new(),
+            groups: BTreeMap::new(),
             next_group: 0,
             by_txn: HashMap::new(),
             by_change: HashMap::new(),

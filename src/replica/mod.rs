@@ -26,10 +26,12 @@ mod clients;
 mod conflicts;
 mod escrow;
 mod holdback;
+mod saga;
 mod txn;
 
 pub use escrow::{EscrowStats, RightsWanted};
 pub use holdback::HoldLimits;
+pub use saga::{ExternalDue, ExternalOutcome, SagaRun, SagaView};
 pub use txn::{TxnStats, READ_DOCS_MAX};
 
 use crate::conflict::{Conflict, ConflictConfig};
@@ -114,6 +116,8 @@ pub struct ReplicaOptions {
     pub txn_hold: HoldLimits,
     /// How this site manages the rights of bounded counters.
     pub escrow: Arc<crate::escrow::EscrowConfig>,
+    /// The Rust functions this site runs as saga steps.
+    pub saga_fns: Arc<crate::saga::SagaFns>,
 }
 
 impl ReplicaOptions {
@@ -132,6 +136,7 @@ impl ReplicaOptions {
             replicates: Arc::new(|_| true),
             txn_hold: HoldLimits::default(),
             escrow: Arc::new(crate::escrow::EscrowConfig::default()),
+            saga_fns: Arc::new(crate::saga::SagaFns::default()),
         }
     }
 }
@@ -1383,13 +1388,16 @@ impl Replica {
         // is undone (nobody saw it). That needs the documents to hold
         // nothing else unwritten: after an earlier failed write (rare: the
         // store failed, then a crash must follow before the next write
-        // succeeds) they publish at once as other writes do.
+        // succeeds) they publish at once as other writes do. A saga's
+        // step is the same: published before durable, a crash could lose
+        // it here while peers hold it, and the step would run again.
         let publish_when_durable = items.iter().any(|item| {
             item.parts.iter().any(|p| p.origin == Origin::Local)
-                && item
-                    .guard
-                    .as_ref()
-                    .is_some_and(|loaded| crate::escrow::any(&loaded.doc))
+                && (crate::saga::saga_id_of(item.id).is_some()
+                    || item
+                        .guard
+                        .as_ref()
+                        .is_some_and(|loaded| crate::escrow::any(&loaded.doc)))
         }) && items.iter().all(|item| {
             item.guard
                 .as_ref()

@@ -135,6 +135,23 @@ impl Replica {
                 });
             }
         }
+        // A saga's step must publish only once durable, which a document
+        // holding changes of a failed write cannot: it waits for them.
+        let saga_step = txn
+            .docs
+            .iter()
+            .any(|d| !d.ops.is_empty() && crate::saga::saga_id_of(&d.id).is_some());
+        if saga_step {
+            if let Some(k) = guards
+                .iter()
+                .position(|g| g.as_ref().is_some_and(|l| l.unsaved || l.grouped))
+            {
+                return Err(Error::Store(crate::store::StoreError::Backend(format!(
+                    "{} holds changes whose write failed; a saga's step waits until they are written",
+                    ids[k]
+                ))));
+            }
+        }
         let spent_all = std::cell::RefCell::new(Vec::new());
         let spent_all = &spent_all;
         let edits: Vec<Option<Edit<'_>>> = order

@@ -66,6 +66,9 @@ pub struct ConfigFile {
     /// automerge-repo clients on `GET /v1/automerge-repo` (`[clients]`).
     #[serde(default, skip_serializing_if = "ClientsConfig::is_default")]
     pub clients: ClientsConfig,
+    /// How sagas' external steps are called (`[sagas]`).
+    #[serde(default, skip_serializing_if = "SagasConfig::is_default")]
+    pub sagas: SagasConfig,
     /// Bounds on what the node holds back for transactions (`[txn]`).
     #[serde(default, skip_serializing_if = "TxnConfig::is_default")]
     pub txn: TxnConfig,
@@ -640,6 +643,108 @@ impl ClientsConfig {
     }
 }
 
+/// The `[sagas]` table: the external calls of saga steps run at this site.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SagasConfig {
+    /// URL globs external steps may call (`https://payments.example/*`;
+    /// `*` matches any run of characters). Loopback URLs
+    /// (`http://127.0.0.1:...`, `http://localhost:...`) are always allowed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub http_allow: Vec<String>,
+    /// Tries of one call at most (network errors and 5xx are retried).
+    #[serde(default = "default_http_attempts_max")]
+    pub http_attempts_max: u32,
+    /// Wait before the second try, in milliseconds; doubled each try.
+    #[serde(default = "default_http_backoff_ms")]
+    pub http_backoff_ms: u64,
+    /// Longest wait between tries, in milliseconds.
+    #[serde(default = "default_http_backoff_max_ms")]
+    pub http_backoff_max_ms: u64,
+    /// Longest one try may take, in milliseconds.
+    #[serde(default = "default_http_timeout_ms")]
+    pub http_timeout_ms: u64,
+}
+
+/// Largest `[sagas]` time a config may set, in milliseconds (a day).
+pub const SAGAS_MS_MAX: u64 = 86_400_000;
+/// Most tries of one external call a config may set.
+pub const SAGAS_ATTEMPTS_MAX: u32 = 1_000;
+
+fn default_http_attempts_max() -> u32 {
+    5
+}
+
+fn default_http_backoff_ms() -> u64 {
+    200
+}
+
+fn default_http_backoff_max_ms() -> u64 {
+    10_000
+}
+
+fn default_http_timeout_ms() -> u64 {
+    10_000
+}
+
+impl Default for SagasConfig {
+    fn default() -> SagasConfig {
+        SagasConfig {
+            http_allow: Vec::new(),
+            http_attempts_max: default_http_attempts_max(),
+            http_backoff_ms: default_http_backoff_ms(),
+            http_backoff_max_ms: default_http_backoff_max_ms(),
+            http_timeout_ms: default_http_timeout_ms(),
+        }
+    }
+}
+
+impl SagasConfig {
+    fn is_default(&self) -> bool {
+        *self == SagasConfig::default()
+    }
+
+    /// Whether an external step may call `url`.
+    pub fn allows(&self, url: &str) -> bool {
+        let loopback = ["http://127.0.0.1:", "http://localhost:", "http://[::1]:"]
+            .iter()
+            .any(|prefix| url.starts_with(prefix));
+        loopback
+            || self
+                .http_allow
+                .iter()
+                .any(|glob| archipelago::protocol::scope::Glob::new(glob).matches(url))
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        if !(1..=SAGAS_ATTEMPTS_MAX).contains(&self.http_attempts_max) {
+            return Err(format!(
+                "sagas.http_attempts_max must be from 1 to {SAGAS_ATTEMPTS_MAX}, not {}",
+                self.http_attempts_max
+            ));
+        }
+        for (key, value) in [
+            ("http_backoff_ms", self.http_backoff_ms),
+            ("http_backoff_max_ms", self.http_backoff_max_ms),
+            ("http_timeout_ms", self.http_timeout_ms),
+        ] {
+            if value == 0 || value > SAGAS_MS_MAX {
+                return Err(format!(
+                    "sagas.{key} must be from 1 to {SAGAS_MS_MAX}, not {value}"
+                ));
+            }
+        }
+        for glob in &self.http_allow {
+            if !(glob.starts_with("http://") || glob.starts_with("https://")) {
+                return Err(format!(
+                    "sagas.http_allow: {glob:?} must start with http:// or https://"
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// The `[txn]` table: bounds on the changes received from peers that wait
 /// for the rest of their transaction. Past a bound the oldest waiting
 /// transaction is dropped whole (never applied in part) and comes back
@@ -1049,6 +1154,7 @@ pub(crate) fn validate(file: &ConfigFile) -> Result<(), String> {
         }
     }
     file.clients.validate()?;
+    file.sagas.validate()?;
     let txn = &file.txn;
     for (key, value) in [
         ("hold_changes_max", txn.hold_changes_max as u64),
@@ -1178,6 +1284,29 @@ resolver = "us-east"
         let zero = format!("{EXAMPLE}\n[txn]\nhold_bytes_max = 0\n");
         let err = parse(&zero).unwrap_err().to_string();
         assert!(err.contains("txn.hold_bytes_max"), "{err}");
+    }
+
+    #[test]
+    fn saga_calls_are_read_and_checked() {
+        let sagas = parse(EXAMPLE).unwrap().file.sagas;
+        assert!(sagas.allows("http://127.0.0.1:8080/pay"));
+        assert!(!sagas.allows("https://payments.example/pay"));
+        let text = format!(
+            "{EXAMPLE}\n[sagas]\nhttp_allow = [\"https://payments.example/*\"]\nhttp_attempts_max = 3\n"
+        );
+        let sagas = parse(&text).unwrap().file.sagas;
+        assert!(sagas.allows("https://payments.example/v1/charge"));
+        assert!(!sagas.allows("https://evil.example/payments.example/"));
+        assert_eq!(sagas.http_attempts_max, 3);
+        for (bad, key) in [
+            ("http_attempts_max = 0", "sagas.http_attempts_max"),
+            ("http_timeout_ms = 0", "sagas.http_timeout_ms"),
+            ("http_allow = [\"payments.example\"]", "sagas.http_allow"),
+        ] {
+            let text = format!("{EXAMPLE}\n[sagas]\n{bad}\n");
+            let err = parse(&text).unwrap_err().to_string();
+            assert!(err.contains(key), "{bad}: {err}");
+        }
     }
 
     #[test]

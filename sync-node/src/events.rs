@@ -50,6 +50,9 @@ pub enum EventKind {
     /// Peer state is polled every [`PEER_POLL_INTERVAL`], so a connection
     /// that comes and goes between two polls is not reported.
     Peer,
+    /// A saga changed here (a step of this site ran, or another site's
+    /// step arrived): the saga as `GET /v1/sagas/{id}` answers it.
+    Saga,
     /// Events were lost: the reader should re-read the state it follows.
     Reset,
 }
@@ -61,6 +64,7 @@ impl EventKind {
             EventKind::Change => "change",
             EventKind::Conflict => "conflict",
             EventKind::Peer => "peer",
+            EventKind::Saga => "saga",
             EventKind::Reset => "reset",
         }
     }

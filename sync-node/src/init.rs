@@ -121,6 +121,7 @@ pub fn init(options: &InitOptions) -> Result<PathBuf, InitError> {
         peers: options.peers.clone(),
         store: StoreConfig::default(),
         clients: Default::default(),
+        sagas: Default::default(),
         txn: Default::default(),
         backup: None,
         conflicts: Default::default(),

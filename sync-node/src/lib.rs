@@ -56,5 +56,6 @@ pub mod demo;
 pub mod events;
 pub mod init;
 pub mod node;
+pub mod sagas;
 
 pub use node::{Node, NodeError};

@@ -257,6 +257,7 @@ pub struct Node {
     events: Arc<EventLog>,
     feed: Option<JoinHandle<()>>,
     evictor: Option<JoinHandle<()>>,
+    sagas: Option<JoinHandle<()>>,
     scheduled: Option<JoinHandle<()>>,
     stop: Option<oneshot::Sender<()>>,
     server: Option<JoinHandle<std::io::Result<()>>>,
@@ -347,7 +348,11 @@ impl Node {
             .with_events(events.clone())
             .with_backups(backups)
             .with_cors(config.cors_origins()?)
-            .with_clients(&config.file.clients);
+            .with_clients(&config.file.clients)
+            .with_sagas(
+                &config.file.sagas,
+                config.file.peers.iter().map(|p| p.site.clone()).collect(),
+            );
         if let Some(sync) = &sync {
             state = state.with_sync(sync.clone());
         }
@@ -355,6 +360,12 @@ impl Node {
         let app = api::router(state);
         let feed = spawn_feed(&replica, sync.clone(), events.clone());
         let evictor = spawn_evictor(&replica);
+        let sagas = crate::sagas::spawn_sagas(
+            &replica,
+            config.file.sagas.clone(),
+            events.clone(),
+            sync.clone(),
+        );
         let (stop, stopped) = oneshot::channel::<()>();
         // Small messages answered at once (WebSocket clients above all):
         // none waits for Nagle's algorithm.
@@ -394,6 +405,7 @@ impl Node {
             events,
             feed: Some(feed),
             evictor: Some(evictor),
+            sagas: Some(sagas),
             scheduled,
             stop: Some(stop),
             server: Some(server),
@@ -482,9 +494,14 @@ impl Node {
                 ),
             }
         }
-        for task in [self.feed.take(), self.evictor.take(), self.scheduled.take()]
-            .into_iter()
-            .flatten()
+        for task in [
+            self.feed.take(),
+            self.evictor.take(),
+            self.sagas.take(),
+            self.scheduled.take(),
+        ]
+        .into_iter()
+        .flatten()
         {
             task.abort();
             let _ = task.await;
@@ -555,9 +572,14 @@ impl Drop for Node {
         // Without `shutdown`: end the event streams and the feed, and drop
         // the sync endpoint, which stops its tasks without waiting.
         self.events.close();
-        for task in [self.feed.take(), self.evictor.take(), self.scheduled.take()]
-            .into_iter()
-            .flatten()
+        for task in [
+            self.feed.take(),
+            self.evictor.take(),
+            self.sagas.take(),
+            self.scheduled.take(),
+        ]
+        .into_iter()
+        .flatten()
         {
             task.abort();
         }

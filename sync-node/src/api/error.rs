@@ -139,6 +139,15 @@ impl From<archipelago::Error> for ApiError {
                 ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, source.code(), message).for_doc(doc)
             }
             Error::Txn(_) => ApiError::bad_request("bad_txn", message),
+            Error::Saga(archipelago::saga::SagaError::Invalid(_)) => {
+                ApiError::bad_request("bad_saga", message)
+            }
+            Error::Saga(archipelago::saga::SagaError::Exists(_)) => {
+                ApiError::new(StatusCode::CONFLICT, "saga_exists", message)
+            }
+            Error::Saga(archipelago::saga::SagaError::NotFound(_)) => {
+                ApiError::new(StatusCode::NOT_FOUND, "saga_not_found", message)
+            }
             Error::TooMany { .. } => ApiError::bad_request("too_many", message),
             Error::InvalidId(_) => ApiError::bad_request("invalid_id", message),
             Error::CorruptDocument { .. } => {

@@ -24,6 +24,7 @@ mod escrow;
 mod events;
 mod extract;
 mod heads;
+mod sagas;
 pub(crate) mod telemetry;
 pub mod tokens;
 mod txn;
@@ -65,6 +66,8 @@ pub struct ApiState {
     cors: CorsOrigins,
     clients: Arc<archipelago::clients::ReplicaClients>,
     clients_shared: clients::ClientsShared,
+    sagas: Arc<crate::config::SagasConfig>,
+    saga_sites: Arc<Vec<archipelago::SiteName>>,
     tokens: Arc<tokens::Tokens>,
 }
 
@@ -85,6 +88,8 @@ impl ApiState {
             backups: None,
             cors: CorsOrigins::default(),
             clients_shared: clients::ClientsShared::new(crate::config::ClientsConfig::default()),
+            sagas: Arc::default(),
+            saga_sites: Arc::default(),
             tokens: Arc::new(
                 tokens::Tokens::load(replica_store.clone()).unwrap_or_else(|e| {
                     tracing::warn!(error = %e, "the stored tokens could not be read: none opens anything");
@@ -103,6 +108,18 @@ impl ApiState {
             config.namespace.clone(),
         ));
         self.clients_shared = clients::ClientsShared::new(config.clone());
+        self
+    }
+
+    /// Starts sagas whose steps run at this site or at `peers`, with
+    /// external calls as `config` allows.
+    pub fn with_sagas(
+        mut self,
+        config: &crate::config::SagasConfig,
+        peers: Vec<archipelago::SiteName>,
+    ) -> ApiState {
+        self.sagas = Arc::new(config.clone());
+        self.saga_sites = Arc::new(peers);
         self
     }
 
@@ -147,6 +164,8 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/docs/{id}/escrow", get(escrow::read))
         .route("/v1/docs/{id}/escrow/transfer", post(escrow::transfer))
         .route("/v1/txn", post(txn::commit))
+        .route("/v1/sagas", get(sagas::list).post(sagas::start))
+        .route("/v1/sagas/{id}", get(sagas::read))
         .route("/v1/read", post(txn::read))
         .route("/v1/heads", get(heads::list))
         .route("/v1/heads/digest", get(heads::digest))

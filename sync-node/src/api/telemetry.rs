@@ -79,6 +79,16 @@ pub(crate) const CLIENT_BYTES: &str = "archipelago_client_bytes_total";
 /// Ephemeral messages clients sent for the other clients of a document.
 pub(crate) const CLIENT_EPHEMERAL: &str = "archipelago_client_ephemeral_total";
 
+/// Sagas this node knows of by status (`unfinished`).
+pub(crate) const SAGAS: &str = "archipelago_sagas";
+/// Saga steps and compensations run here, by outcome (`done`, `failed`,
+/// `compensated`).
+pub(crate) const SAGA_STEPS: &str = "archipelago_saga_steps_total";
+/// Time a saga run here took, per step it ran.
+pub(crate) const SAGA_STEP_SECONDS: &str = "archipelago_saga_step_seconds";
+/// Tries of sagas' external calls.
+pub(crate) const SAGA_HTTP_TRIES: &str = "archipelago_saga_http_tries_total";
+
 /// Transactions committed through the API.
 pub(crate) const TXN_COMMITS: &str = "archipelago_txn_commits_total";
 /// Transactions received from peers waiting for members.
