@@ -65,6 +65,9 @@ enum Command {
     Txn(TxnArgs),
     /// Read several documents of a running node at one consistent cut.
     Read(ReadArgs),
+    /// Start, list and show the sagas of a running node.
+    #[command(subcommand)]
+    Saga(SagaCommand),
     /// Compare the documents and heads of several running nodes: exit 0
     /// when identical, 3 when some still differ after the retries.
     Check(CheckArgs),
@@ -286,6 +289,35 @@ struct TxnArgs {
     txn: String,
 }
 
+#[derive(Debug, Subcommand)]
+enum SagaCommand {
+    /// Start a saga: the body of `POST /v1/sagas` (`{"id"?, "steps":
+    /// [...], "deadline_ms"?}`) from a file, `-` for stdin, or the JSON
+    /// itself.
+    Start {
+        #[command(flatten)]
+        client: ClientArgs,
+        /// The saga.
+        #[arg(value_name = "FILE.json | -")]
+        saga: String,
+    },
+    /// List sagas, optionally those in one status (running, done,
+    /// compensating, compensated, failed).
+    List {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[arg(long)]
+        status: Option<String>,
+    },
+    /// Show one saga and its steps.
+    Show {
+        #[command(flatten)]
+        client: ClientArgs,
+        /// The saga's id.
+        id: String,
+    },
+}
+
 #[derive(Debug, Args)]
 struct ReadArgs {
     #[command(flatten)]
@@ -502,6 +534,7 @@ fn run_command(command: Command) -> anyhow::Result<()> {
             }
             client_request(&args.client, Method::POST, "/v1/txn", Some(&body))
         }
+        Command::Saga(command) => saga_command(command),
         Command::Read(args) => {
             let body = json!({ "ids": args.ids });
             client_request(&args.client, Method::POST, "/v1/read", Some(&body))
@@ -796,6 +829,36 @@ fn token_command(command: TokenCommand) -> anyhow::Result<()> {
             );
             client_request(&client, Method::DELETE, &path, None)
         }
+    }
+}
+
+fn saga_command(command: SagaCommand) -> anyhow::Result<()> {
+    match command {
+        SagaCommand::Start { client, saga } => {
+            let text = saga.trim_start();
+            let body = if saga == "-" || text.starts_with('{') {
+                read_json_argument("SAGA_JSON", &saga)?
+            } else {
+                read_json_argument("SAGA_JSON", &format!("@{saga}"))?
+            };
+            if !body.is_object() {
+                return Err(UsageError("the saga must be a JSON object".to_owned()).into());
+            }
+            client_request(&client, Method::POST, "/v1/sagas", Some(&body))
+        }
+        SagaCommand::List { client, status } => {
+            let path = match status {
+                Some(status) => format!("/v1/sagas?status={}", encode(&status)),
+                None => "/v1/sagas".to_owned(),
+            };
+            client_request(&client, Method::GET, &path, None)
+        }
+        SagaCommand::Show { client, id } => client_request(
+            &client,
+            Method::GET,
+            &format!("/v1/sagas/{}", encode(&id)),
+            None,
+        ),
     }
 }
 

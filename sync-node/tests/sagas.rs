@@ -339,4 +339,37 @@ async fn a_saga_over_two_sites_survives_a_kill_and_compensates_once() {
         .call(reqwest::Method::GET, "/v1/sagas?status=nonsense", None)
         .await;
     assert_eq!(status, 400);
+
+    // The CLI shows the same.
+    let config = path("us/sync-node.toml");
+    let cli_json = |args: &[&str]| -> Value {
+        let output = std::process::Command::new(support::BIN)
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        serde_json::from_slice(&output.stdout).unwrap()
+    };
+    assert_eq!(
+        cli_json(&["saga", "show", "--config", &config, "order-2"]),
+        us.saga("order-2").await
+    );
+    let listed = cli_json(&["saga", "list", "--config", &config, "--status", "done"]);
+    assert_eq!(listed["sagas"][0]["id"], "order-1");
+    let file = root.path().join("saga.json");
+    std::fs::write(
+        &file,
+        json!({"id": "from-cli", "steps": [{"name": "take", "site": "us-east", "txn": {"docs": [inc("effects/sagas", "take", 1)]}}]}).to_string(),
+    )
+    .unwrap();
+    let started = cli_json(&["saga", "start", "--config", &config, file.to_str().unwrap()]);
+    assert_eq!(started["id"], "from-cli");
+    until("the saga from the CLI to be done", || async {
+        us.saga("from-cli").await["status"] == "done"
+    })
+    .await;
 }
