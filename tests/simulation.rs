@@ -136,3 +136,16 @@ fn the_same_seed_replays_the_same_run() {
 fn soak() {
     run(seeds(0..10_000), &SimConfig::default());
 }
+
+/// Seeds that once failed, replayed in every run: 251 stored a change
+/// whose dependency was put off to a later batch, and then put off every
+/// later change for good behind a transaction whose document's write had
+/// failed.
+#[test]
+fn seeds_that_once_failed_converge() {
+    for seed in [251] {
+        if let Err(failure) = Sim::new(seed, SimConfig::default()).run() {
+            panic!("{failure}");
+        }
+    }
+}

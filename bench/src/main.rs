@@ -7,6 +7,7 @@
 
 mod conflicts;
 mod escrow;
+mod saga;
 mod samod_side;
 mod scenarios;
 mod sync_core;

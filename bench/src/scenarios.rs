@@ -26,6 +26,7 @@ pub(crate) const NAMES: &[&str] = &[
     "txn",
     "escrow",
     "ws_clients",
+    "saga",
 ];
 
 pub(crate) fn run(name: &str, quick: bool) -> anyhow::Result<Map<String, Value>> {
@@ -44,6 +45,7 @@ pub(crate) fn run(name: &str, quick: bool) -> anyhow::Result<Map<String, Value>>
         "txn" => crate::txn::txn(quick),
         "escrow" => crate::escrow::escrow(quick),
         "ws_clients" => crate::ws_clients::ws_clients(quick),
+        "saga" => crate::saga::saga(quick),
         other => anyhow::bail!("unknown scenario {other}"),
     }
 }

@@ -1007,7 +1007,16 @@ impl Replica {
             Some(site) if holding => {
                 let now = self.shared.options.clock.now_ms();
                 let replicates = &self.shared.options.replicates;
+                // Changes put off to a later batch, and so every change of
+                // this batch that depends on one of them (applied now, it
+                // would be stored without its dependency).
+                let mut put_off: HashSet<ChangeHash> = HashSet::new();
                 for change in ready {
+                    if change.deps().iter().any(|dep| put_off.contains(dep)) {
+                        put_off.insert(change.hash());
+                        later.push(change.hash());
+                        continue;
+                    }
                     let written = objects
                         .as_ref()
                         .and_then(|o| o.get(&change.hash()))
@@ -1015,7 +1024,10 @@ impl Replica {
                     match holdback.offer(id, &change, site, now, &|doc| replicates(doc), written) {
                         holdback::Decision::Apply => now_ready.push(change),
                         holdback::Decision::Held => held.push(change.hash()),
-                        holdback::Decision::Later => later.push(change.hash()),
+                        holdback::Decision::Later => {
+                            put_off.insert(change.hash());
+                            later.push(change.hash());
+                        }
                     }
                 }
                 // Batched: completed groups wait in the holdback for
@@ -1037,10 +1049,14 @@ impl Replica {
             held,
             heads: Vec::new(),
         };
-        if now_ready.is_empty() {
+        // Groups taken from the holdback are applied (and so released)
+        // whatever happens to this document's own changes: a group left
+        // taken would put off every change after it for good.
+        let merged = if now_ready.is_empty() {
             // A peer sending again what a failed write left unsaved retries it.
-            self.save_unsaved(id, &mut guard)?;
-            applied.heads = guard.as_ref().expect("loaded above").doc.get_heads();
+            self.save_unsaved(id, &mut guard).map(|()| {
+                applied.heads = guard.as_ref().expect("loaded above").doc.get_heads();
+            })
         } else {
             applied.applied = now_ready.iter().map(Change::hash).collect();
             let bytes: Vec<Vec<u8>> = now_ready.iter().map(|c| c.raw_bytes().to_vec()).collect();
@@ -1055,26 +1071,37 @@ impl Replica {
             };
             let txns = txns_of(&now_ready);
             self.note_applied(&txns);
-            applied.heads = self.merge_and_settle(id, &mut guard, &merge, bytes, from, txns)?;
-        }
+            self.merge_and_settle(id, &mut guard, &merge, bytes, from, txns)
+                .map(|heads| applied.heads = heads)
+        };
         drop(guard);
         // Like a single document's, a transaction's unsaved changes are
         // retried when changes arrive (with no lock held here).
         if !lock(&self.shared.unsaved_groups).is_empty() {
             self.save_unsaved_groups();
         }
+        let mut failed = merged.err();
         for group in groups {
-            let written = self.apply_group(group)?;
-            if let Some((heads, done)) = written.get(id) {
-                applied.heads.clone_from(heads);
-                applied.held.retain(|h| !done.contains(h));
-                applied.applied.extend(done.iter().copied());
+            match self.apply_group(group) {
+                Ok(written) => {
+                    if let Some((heads, done)) = written.get(id) {
+                        applied.heads.clone_from(heads);
+                        applied.held.retain(|h| !done.contains(h));
+                        applied.applied.extend(done.iter().copied());
+                    }
+                }
+                Err(e) => {
+                    failed.get_or_insert(e);
+                }
             }
         }
         if !lock(&self.shared.deferred_resolutions).is_empty() {
             self.run_deferred_resolutions();
         }
-        Ok(applied)
+        match failed {
+            Some(e) => Err(e),
+            None => Ok(applied),
+        }
     }
 
     /// Applies `ready` (new here, in causal order) to the loaded document

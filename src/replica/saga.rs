@@ -91,6 +91,23 @@ impl SagaRun {
     }
 }
 
+/// What a write of a step's record left: the saga document's heads and
+/// the change that wrote it.
+struct Written {
+    heads: Vec<ChangeHash>,
+    change: Option<ChangeHash>,
+}
+
+impl Written {
+    /// `view` with step `k`'s record as written.
+    fn apply(self, mut view: SagaView, k: usize, record: StepRecord) -> SagaView {
+        view.state.records[k] = record;
+        view.changes[k] = self.change.or(view.changes[k]);
+        view.heads = self.heads;
+        view
+    }
+}
+
 fn failure_is_final(error: &Error, saga: &DocId) -> Option<bool> {
     match error {
         // The saga moved: plan again.
@@ -237,9 +254,16 @@ impl Replica {
             return Ok(run);
         }
         let mut rounds = 0;
+        // The saga as this run last wrote it: read again only when a write
+        // found it moved.
+        let mut known: Option<SagaView> = None;
         loop {
-            let Some(view) = self.saga(id)? else {
-                return Ok(run);
+            let view = match known.take() {
+                Some(view) => view,
+                None => match self.saga(id)? {
+                    Some(view) => view,
+                    None => return Ok(run),
+                },
             };
             rounds += 1;
             if rounds > ROUNDS_PER_STEP * (view.state.def.steps.len() + 1) {
@@ -271,8 +295,9 @@ impl Replica {
                 record.status = StepState::Failed;
                 record.error =
                     Some("the saga's deadline passed before the step started".to_owned());
-                if self.write_record(&doc, &step.name, &record, &guard)? {
+                if let Some(written) = self.write_record(&doc, &step.name, &record, &guard)? {
                     run.failed.push(step.name.clone());
+                    known = Some(written.apply(view, k, record));
                 }
                 continue;
             }
@@ -316,14 +341,15 @@ impl Replica {
                 Err(reason) => Ok(Err(reason)),
             };
             match outcome? {
-                Ok(true) => {
+                Ok(Some(written)) => {
                     if compensate {
                         run.compensated.push(step.name.clone());
                     } else {
                         run.done.push(step.name.clone());
                     }
+                    known = Some(written.apply(view, k, done));
                 }
-                Ok(false) => {}
+                Ok(None) => {}
                 Err(reason) => {
                     if compensate {
                         record.compensation = CompensationState::Failed;
@@ -331,16 +357,17 @@ impl Replica {
                         record.status = StepState::Failed;
                     }
                     record.error = Some(clip_error(&reason));
-                    if self.write_record(&doc, &step.name, &record, &guard)? {
+                    if let Some(written) = self.write_record(&doc, &step.name, &record, &guard)? {
                         run.failed.push(step.name.clone());
+                        known = Some(written.apply(view, k, record));
                     }
                 }
             }
         }
     }
 
-    /// Commits a step's documents with its record. `Ok(Ok(true))`: done;
-    /// `Ok(Ok(false))`: the saga moved, plan again; `Ok(Err(reason))`: the
+    /// Commits a step's documents with its record. `Ok(Ok(Some))`: done;
+    /// `Ok(Ok(None))`: the saga moved, plan again; `Ok(Err(reason))`: the
     /// step fails for good; `Err`: try again later.
     fn commit_step(
         &self,
@@ -349,7 +376,7 @@ impl Replica {
         mut docs: Vec<TxnDoc>,
         record: &StepRecord,
         guard: &Precondition,
-    ) -> Result<Result<bool, String>, Error> {
+    ) -> Result<Result<Option<Written>, String>, Error> {
         if docs.iter().any(|d| d.id == *doc) {
             return Ok(Err("a step may not change its saga's document".to_owned()));
         }
@@ -362,23 +389,29 @@ impl Replica {
             docs,
             message: None,
         }) {
-            Ok(_) => Ok(Ok(true)),
+            Ok(commit) => {
+                let (_, saga) = commit.docs.last().expect("the saga's document is the last");
+                Ok(Ok(Some(Written {
+                    heads: saga.heads.clone(),
+                    change: saga.change,
+                })))
+            }
             Err(e) => match failure_is_final(&e, doc) {
                 Some(true) => Ok(Err(e.to_string())),
-                Some(false) => Ok(Ok(false)),
+                Some(false) => Ok(Ok(None)),
                 None => Err(e),
             },
         }
     }
 
-    /// Writes a step's record alone; `false` when the saga moved first.
+    /// Writes a step's record alone; `None` when the saga moved first.
     fn write_record(
         &self,
         doc: &DocId,
         name: &str,
         record: &StepRecord,
         guard: &Precondition,
-    ) -> Result<bool, Error> {
+    ) -> Result<Option<Written>, Error> {
         match self.commit_step(doc, name, Vec::new(), record, guard)? {
             Ok(done) => Ok(done),
             Err(reason) => Err(SagaError::Invalid(reason).into()),
@@ -459,7 +492,10 @@ impl Replica {
             change(&mut record);
             record.at = Some(now);
             let guard = Precondition::if_heads(view.heads.clone());
-            if self.write_record(&doc, &due.name, &record, &guard)? {
+            if self
+                .write_record(&doc, &due.name, &record, &guard)?
+                .is_some()
+            {
                 return Ok(Some(record));
             }
         }

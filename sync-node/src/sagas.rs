@@ -165,6 +165,8 @@ struct Runner {
     calls: HashSet<String>,
     /// The heads of each saga last published as an event.
     published: BTreeMap<String, Vec<archipelago::ChangeHash>>,
+    /// Each saga's status as last seen, for the gauge.
+    statuses: BTreeMap<String, archipelago::saga::SagaStatus>,
     events: Arc<EventLog>,
     peers: Option<Arc<SyncPeers>>,
 }
@@ -197,6 +199,7 @@ async fn run(
         again: HashSet::new(),
         calls: HashSet::new(),
         published: BTreeMap::new(),
+        statuses: BTreeMap::new(),
         events,
         peers,
     };
@@ -207,7 +210,11 @@ async fn run(
             committed = commits.recv() => match committed {
                 Ok(committed) => {
                     if let Some(id) = archipelago::saga::saga_id_of(&committed.doc) {
-                        runner.schedule(id.to_owned());
+                        // The state the last run ended at (its own last
+                        // write) needs no run.
+                        if runner.published.get(id) != Some(&committed.heads) {
+                            runner.schedule(id.to_owned());
+                        }
                     }
                 }
                 Err(broadcast::error::RecvError::Lagged(_)) => {
@@ -274,6 +281,7 @@ impl Runner {
                         let (run, view) = *ran;
                         if let Some(view) = view {
                             self.publish(&view);
+                            self.statuses.insert(id.clone(), view.state.status());
                             if view.state.status().finished() {
                                 self.active.remove(&id);
                             } else {
@@ -312,10 +320,20 @@ impl Runner {
             .publish(EventKind::Saga, saga_json(view, &unreachable));
     }
 
-    /// Sets the gauge of sagas by status from those seen since the start.
+    /// Sets the gauge of sagas by status (every saga here is looked at
+    /// once after a start, so it counts them all).
     fn count(&self) {
-        let unfinished = self.active.len();
-        metrics::gauge!(SAGAS, "status" => "unfinished").set(unfinished as f64);
+        use archipelago::saga::SagaStatus;
+        for status in [
+            SagaStatus::Running,
+            SagaStatus::Done,
+            SagaStatus::Compensating,
+            SagaStatus::Compensated,
+            SagaStatus::Failed,
+        ] {
+            let n = self.statuses.values().filter(|s| **s == status).count();
+            metrics::gauge!(SAGAS, "status" => status.as_str()).set(n as f64);
+        }
     }
 
     /// Makes `due`'s call (and those that become due after it) on a task
@@ -418,5 +436,51 @@ async fn call_until_done(
         let (replica, due) = (replica.clone(), due.clone());
         blocking(move || replica.saga_external_done(&due, &outcome)).await?;
         return Ok(());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use archipelago::saga::{SagaDef, SagaState, StepRecord};
+
+    fn view() -> SagaView {
+        let def: SagaDef = serde_json::from_value(json!({"id": "s", "steps": [
+            {"name": "take", "site": "eu-west", "fn": "f"},
+            {"name": "reserve", "site": "us-east", "fn": "g"}
+        ]}))
+        .unwrap();
+        let done = StepRecord {
+            status: StepState::Done,
+            at: Some(1_700_000_000_000),
+            ..StepRecord::default()
+        };
+        SagaView {
+            state: SagaState {
+                id: "s".to_owned(),
+                def,
+                records: vec![done, StepRecord::default()],
+                created_at: 1_699_999_999_000,
+                created_by: "eu-west".to_owned(),
+            },
+            changes: vec![None, None],
+            heads: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn a_step_due_at_an_unreachable_site_shows_as_waiting_since_it_became_due() {
+        let view = view();
+        let reachable = saga_json(&view, &|_| false);
+        assert_eq!(reachable["status"], "running");
+        assert_eq!(reachable["steps"][0]["status"], "done");
+        assert_eq!(reachable["steps"][1]["status"], "pending");
+        assert!(reachable["steps"][1].get("since").is_none());
+        let cut_off = saga_json(&view, &|site| site.as_str() == "us-east");
+        assert_eq!(cut_off["steps"][1]["status"], "waiting");
+        assert_eq!(cut_off["steps"][1]["since"], "2023-11-14T22:13:20Z");
+        assert_eq!(cut_off["steps"][0]["at"], "2023-11-14T22:13:20Z");
+        assert_eq!(cut_off["created_at"], "2023-11-14T22:13:19Z");
+        assert!(cut_off.get("finished_at").is_none());
     }
 }

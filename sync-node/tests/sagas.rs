@@ -340,6 +340,37 @@ async fn a_saga_over_two_sites_survives_a_kill_and_compensates_once() {
         .await;
     assert_eq!(status, 400);
 
+    // `/v1/events` carried the saga as it changed, up to compensated.
+    let mut events = reqwest::Client::new()
+        .get(format!("{}/v1/events", us.url()))
+        .bearer_auth(us.token())
+        .header("Last-Event-ID", "0")
+        .timeout(Duration::from_secs(30))
+        .send()
+        .await
+        .unwrap();
+    let mut text = String::new();
+    let read_until = Instant::now() + Duration::from_secs(20);
+    let compensated = |text: &str| {
+        text.split("\n\n").any(|block| {
+            block.contains("event: saga")
+                && block.contains("\"id\":\"order-2\"")
+                && block.contains("\"status\":\"compensated\"")
+        })
+    };
+    while !compensated(&text) {
+        let left = read_until.saturating_duration_since(Instant::now());
+        assert!(
+            !left.is_zero(),
+            "no saga event for order-2 compensated in {text}"
+        );
+        match tokio::time::timeout(left, events.chunk()).await {
+            Ok(Ok(Some(chunk))) => text.push_str(&String::from_utf8_lossy(&chunk)),
+            other => panic!("the event stream ended: {other:?}"),
+        }
+    }
+    drop(events);
+
     // The CLI shows the same.
     let config = path("us/sync-node.toml");
     let cli_json = |args: &[&str]| -> Value {

@@ -79,7 +79,8 @@ pub(crate) const CLIENT_BYTES: &str = "archipelago_client_bytes_total";
 /// Ephemeral messages clients sent for the other clients of a document.
 pub(crate) const CLIENT_EPHEMERAL: &str = "archipelago_client_ephemeral_total";
 
-/// Sagas this node knows of by status (`unfinished`).
+/// Sagas this node holds, by status (`running`, `done`, `compensating`,
+/// `compensated`, `failed`), as of the runner's last sweep.
 pub(crate) const SAGAS: &str = "archipelago_sagas";
 /// Saga steps and compensations run here, by outcome (`done`, `failed`,
 /// `compensated`).
