@@ -394,3 +394,54 @@ fn a_failed_store_write_runs_the_step_later_once_and_a_restore_holds_steps() {
     east.release_resolutions().unwrap();
     assert_eq!(east.run_saga("order-5").unwrap().done, ["reserve"]);
 }
+
+#[test]
+fn leading_steps_at_the_starting_site_commit_with_the_saga_or_run_one_by_one() {
+    let store = Arc::new(Faulty::new(Memory::new()));
+    let east = open(options("east"), store.clone());
+    counters(&east, &["a", "b", "c", "d", "e"]);
+    // Three steps here: one write for the saga and all three.
+    let before = store.commits();
+    let (view, run) = east
+        .start_saga(&saga(
+            "local-1",
+            vec![step("a", "east"), step("b", "east"), step("c", "east")],
+        ))
+        .unwrap();
+    assert_eq!(store.commits() - before, 1);
+    assert_eq!(run.done, ["a", "b", "c"]);
+    assert_eq!(view.state.status(), SagaStatus::Done);
+    assert!(view.changes.iter().all(Option::is_some));
+    for name in ["a", "b", "c"] {
+        assert_eq!(effects(&east, name), (1, 0), "{name}");
+    }
+    // The second step cannot hold: the saga starts alone, the first step
+    // runs, the second fails, the first is compensated: once each.
+    let mut failing = step("e", "east");
+    failing["txn"]["docs"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({"id": "effects/a", "if_absent": true}));
+    let (view, run) = east
+        .start_saga(&saga("local-2", vec![step("d", "east"), failing]))
+        .unwrap();
+    assert_eq!(run.done, ["d"]);
+    assert_eq!(run.failed, ["e"]);
+    assert_eq!(run.compensated, ["d"]);
+    assert_eq!(view.state.status(), SagaStatus::Compensated);
+    assert_eq!(effects(&east, "d"), (1, 1));
+    assert_eq!(effects(&east, "e"), (0, 0));
+    // What creating answers is what reading back gives.
+    let (created, ran) = east
+        .create_and_run_leading(
+            &saga("local-3", vec![step("a", "east"), step("b", "west")]),
+            Vec::new(),
+        )
+        .unwrap();
+    assert_eq!(ran, ["a"]);
+    assert_eq!(created, east.saga("local-3").unwrap().unwrap());
+    let created = east
+        .create_saga(&saga("local-4", vec![step("a", "east")]), Vec::new())
+        .unwrap();
+    assert_eq!(created, east.saga("local-4").unwrap().unwrap());
+}

@@ -91,6 +91,55 @@ impl SagaRun {
     }
 }
 
+/// A step's name and the record to write for it.
+type NamedRecord = (String, StepRecord);
+
+/// The documents of `docs` and of `def`'s leading steps that run at `site`
+/// as transactions, merged into one transaction's, with those steps'
+/// records (done at `now`); `None` when the first step is not such a step.
+/// A document in several of them keeps its first precondition and gets
+/// their ops in order; a step whose document another step already changes
+/// and that sets a precondition on it ends the run (evaluated before the
+/// earlier step's ops, it would not mean what it says).
+fn leading_steps(
+    def: &SagaDef,
+    site: &crate::id::SiteName,
+    docs: &[TxnDoc],
+    now: i64,
+) -> Option<(Vec<TxnDoc>, Vec<NamedRecord>)> {
+    let mut merged: Vec<TxnDoc> = docs.to_vec();
+    let mut records = Vec::new();
+    for step in &def.steps {
+        let (Some(Action::Txn(spec)), true) = (step.action(), step.site == *site) else {
+            break;
+        };
+        let Ok(parts) = spec.to_docs() else {
+            break;
+        };
+        let clash = parts.iter().any(|part| {
+            part.precondition != Precondition::none() && merged.iter().any(|m| m.id == part.id)
+        });
+        if clash || merged.len() + parts.len() >= crate::txn::TXN_DOCS_MAX {
+            break;
+        }
+        for part in parts {
+            match merged.iter_mut().find(|m| m.id == part.id) {
+                Some(m) => m.ops.extend(part.ops),
+                None => merged.push(part),
+            }
+        }
+        records.push((
+            step.name.clone(),
+            StepRecord {
+                status: StepState::Done,
+                at: Some(now),
+                ..StepRecord::default()
+            },
+        ));
+    }
+    (!records.is_empty()).then_some((merged, records))
+}
+
 /// What a write of a step's record left: the saga document's heads and
 /// the change that wrote it.
 struct Written {
@@ -136,8 +185,9 @@ impl Replica {
         def: &SagaDef,
         docs: Vec<TxnDoc>,
     ) -> Result<(SagaView, SagaRun), Error> {
-        let view = self.create_saga(def, docs)?;
-        let run = self.run_saga(&view.state.id)?;
+        let (view, ran) = self.create_and_run_leading(def, docs)?;
+        let mut run = self.run_saga(&view.state.id)?;
+        run.done.splice(0..0, ran);
         let view = self
             .saga(&view.state.id)?
             .ok_or_else(|| SagaError::NotFound(view.state.id.clone()))?;
@@ -146,7 +196,50 @@ impl Replica {
 
     /// Creates saga `def` (with `docs` in the same transaction) without
     /// running any step: [`Replica::run_saga`] runs them.
-    pub fn create_saga(&self, def: &SagaDef, mut docs: Vec<TxnDoc>) -> Result<SagaView, Error> {
+    pub fn create_saga(&self, def: &SagaDef, docs: Vec<TxnDoc>) -> Result<SagaView, Error> {
+        self.create(def, docs, Vec::new())
+    }
+
+    /// Creates saga `def` together with its leading steps when they are
+    /// transactions of this site: one transaction in place of one per
+    /// step, as if they ran at once after it started. When that
+    /// transaction fails (a step's precondition or rights), the saga is
+    /// created alone and its steps run one by one, so the failing step is
+    /// recorded as failed and the ones before it are compensated. Returns
+    /// the saga and the steps that ran.
+    pub fn create_and_run_leading(
+        &self,
+        def: &SagaDef,
+        docs: Vec<TxnDoc>,
+    ) -> Result<(SagaView, Vec<String>), Error> {
+        let now = self.shared.options.clock.now_ms();
+        let leading = if self.resolutions_held() {
+            None
+        } else {
+            leading_steps(def, self.site(), &docs, now)
+        };
+        if let Some((merged, records)) = leading {
+            let names: Vec<String> = records.iter().map(|(n, _)| n.clone()).collect();
+            match self.create(def, merged, records) {
+                Ok(view) => return Ok((view, names)),
+                Err(e @ Error::Saga(_)) => return Err(e),
+                Err(e)
+                    if failure_is_final(&e, &saga_doc(def.id.as_deref().unwrap_or(""))?)
+                        .is_some() => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok((self.create(def, docs, Vec::new())?, Vec::new()))
+    }
+
+    /// Creates the saga with `docs`, its steps' records as `records` say
+    /// (the leading steps that commit with it) and pending otherwise.
+    fn create(
+        &self,
+        def: &SagaDef,
+        mut docs: Vec<TxnDoc>,
+        records: Vec<(String, StepRecord)>,
+    ) -> Result<SagaView, Error> {
         def.check(None)?;
         let id = def
             .id
@@ -160,9 +253,13 @@ impl Replica {
             )
             .into());
         }
+        let mut ops = create_ops(def, now, self.site());
+        for (name, record) in &records {
+            ops.extend(record_ops(name, record));
+        }
         docs.push(TxnDoc {
             id: doc.clone(),
-            ops: create_ops(def, now, self.site()),
+            ops,
             precondition: Precondition {
                 if_heads: None,
                 if_absent: true,
@@ -172,17 +269,32 @@ impl Replica {
             docs,
             message: None,
         });
-        match created {
+        let commit = match created {
             Err(Error::PreconditionFailed { doc: failed, .. }) if failed == doc => {
                 return Err(SagaError::Exists(id.to_owned()).into())
             }
-            other => {
-                other?;
+            other => other?,
+        };
+        // The saga as written, without reading it back.
+        let (_, written) = commit.docs.last().expect("the saga's document is the last");
+        let mut state = SagaState {
+            id: id.to_owned(),
+            def: def.clone(),
+            records: vec![StepRecord::default(); def.steps.len()],
+            created_at: now,
+            created_by: self.site().to_string(),
+        };
+        for (k, step) in def.steps.iter().enumerate() {
+            if let Some((_, record)) = records.iter().find(|(name, _)| *name == step.name) {
+                state.records[k] = record.clone();
             }
         }
-        Ok(self
-            .saga(id)?
-            .ok_or_else(|| SagaError::NotFound(id.to_owned()))?)
+        Ok(SagaView {
+            state,
+            // The creation wrote every step's record.
+            changes: vec![written.change; def.steps.len()],
+            heads: written.heads.clone(),
+        })
     }
 
     /// Saga `id` as this site holds it.
@@ -247,11 +359,17 @@ impl Replica {
     /// until the next is another site's, is an external call (returned for
     /// the caller to make), or none is left.
     pub fn run_saga(&self, id: &str) -> Result<SagaRun, Error> {
+        self.run_saga_view(id).map(|(run, _)| run)
+    }
+
+    /// [`Replica::run_saga`], with the saga as the run left it when it
+    /// knows it without reading it again.
+    pub fn run_saga_view(&self, id: &str) -> Result<(SagaRun, Option<SagaView>), Error> {
         let doc = saga_doc(id)?;
         let mut run = SagaRun::default();
         if self.resolutions_held() {
             run.held = true;
-            return Ok(run);
+            return Ok((run, None));
         }
         let mut rounds = 0;
         // The saga as this run last wrote it: read again only when a write
@@ -262,18 +380,18 @@ impl Replica {
                 Some(view) => view,
                 None => match self.saga(id)? {
                     Some(view) => view,
-                    None => return Ok(run),
+                    None => return Ok((run, None)),
                 },
             };
             rounds += 1;
             if rounds > ROUNDS_PER_STEP * (view.state.def.steps.len() + 1) {
                 tracing::warn!(saga = %id, "a saga's document kept moving under its steps; they run again later");
-                return Ok(run);
+                return Ok((run, None));
             }
             let state = &view.state;
             let now = self.shared.options.clock.now_ms();
             let Some(due) = plan(state, self.site(), now) else {
-                return Ok(run);
+                return Ok((run, Some(view)));
             };
             let (k, compensate) = match due {
                 Due::Action(k) | Due::Deadline(k) => (k, false),
@@ -288,7 +406,7 @@ impl Replica {
                 step.action()
             };
             let Some(action) = action else {
-                return Ok(run);
+                return Ok((run, None));
             };
             let guard = Precondition::if_heads(view.heads.clone());
             if due == Due::Deadline(k) {
@@ -316,7 +434,7 @@ impl Replica {
                         },
                         attempts: record.attempts,
                     });
-                    return Ok(run);
+                    return Ok((run, None));
                 }
                 Action::Txn(spec) => spec.to_docs().map_err(|e| e.to_string()),
                 Action::Fn(name) => match self.shared.options.saga_fns.get(name) {

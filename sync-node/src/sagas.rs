@@ -251,8 +251,14 @@ impl Runner {
         tokio::task::spawn_blocking(move || {
             let started = Instant::now();
             let result = replica
-                .run_saga(&id)
-                .and_then(|run| Ok(Box::new((run, replica.saga(&id)?))))
+                .run_saga_view(&id)
+                .and_then(|(run, view)| {
+                    let view = match view {
+                        Some(view) => Some(view),
+                        None => replica.saga(&id)?,
+                    };
+                    Ok(Box::new((run, view)))
+                })
                 .map_err(|e| e.to_string());
             if let Ok(ran) = &result {
                 let run = &ran.0;

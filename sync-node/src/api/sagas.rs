@@ -27,7 +27,8 @@ fn new_id() -> String {
 }
 
 /// `POST /v1/sagas`: 201 `{"id", "status"}` once the saga is durable here
-/// (its steps run from then on, each at its site); 400 `bad_saga` for a
+/// (its leading steps at this site commit with it; the others run from
+/// then on, each at its site); 400 `bad_saga` for a
 /// definition that cannot run (unknown site, no steps, more than 64, a
 /// step without action, a URL outside `[sagas] http_allow`), 409
 /// `saga_exists` for an id in use. Nothing is created on an error.
@@ -55,7 +56,7 @@ pub(crate) async fn start(
     }
     let id = def.id.get_or_insert_with(new_id).clone();
     let replica = state.replica.clone();
-    let view = blocking(move || Ok(replica.create_saga(&def, Vec::new())?)).await?;
+    let (view, _) = blocking(move || Ok(replica.create_and_run_leading(&def, Vec::new())?)).await?;
     Ok((
         StatusCode::CREATED,
         Json(json!({"id": id, "status": view.state.status().as_str()})),
