@@ -7,7 +7,8 @@
 //   node clients.mjs open WS URL                  prints {"value"}, or {"unavailable": true} within 3 s
 //   node clients.mjs try-edit WS URL KEY VALUE    sets doc[KEY] = VALUE, waits a second, prints {"heads"}
 //   node clients.mjs presence WS URL NAME         broadcasts {"from": NAME} every 100 ms; prints
-//                                                 {"heard", "sender"} on the first one from another client
+//                                                 {"heard", "sender"} of the first from another client,
+//                                                 3 s after it arrived
 //
 // WS is the node's ws://.../v1/automerge-repo?token=... URL; API its http:// base.
 // Every command gives up after 30 s.
@@ -120,13 +121,20 @@ if (command === "create") {
   const [ws, url, name] = args
   const repo = repoAt(ws)
   const handle = await find(repo, url)
+  let heard = null
   handle.on("ephemeral-message", ({ senderId, message }) => {
-    if (message && message.from !== name) finish(repo, { heard: message, sender: senderId })
+    if (message && message.from !== name && !heard) heard = { heard: message, sender: senderId }
   })
-  for (let n = 0; ; n++) {
+  // Once heard, it goes on for 3 s more, so that the other client, which
+  // may have connected later, hears it too.
+  let left = Infinity
+  for (let n = 0; left > 0; n++) {
     handle.broadcast({ from: name, n })
+    if (heard && left === Infinity) left = 30
+    left -= 1
     await sleep(100)
   }
+  finish(repo, heard)
 } else {
   console.error(`unknown command ${command}`)
   process.exit(64)
