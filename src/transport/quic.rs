@@ -669,9 +669,9 @@ async fn dial_once(
 
 /// What the session thread is fed.
 enum Input {
-    /// One frame payload (without its length prefix) and the bytes it holds
-    /// of the input budget.
-    Frame(Vec<u8>),
+    /// Frame payloads (without their length prefixes) that arrived
+    /// together, in order; they hold their bytes of the input budget.
+    Frames(Vec<Vec<u8>>),
     /// A local commit (published while its store write runs).
     Committed(Committed),
     /// The commit feed dropped commits: the session cannot know what it
@@ -819,19 +819,39 @@ async fn drive_connection(
 }
 
 /// Reads length-prefixed frames from one stream into the session's inputs.
+/// Every whole frame among the bytes that arrived together goes to the
+/// session as one input, so frames written together (a transaction's
+/// members, say) are handled in one turn.
 async fn read_lane(mut recv: RecvStream, inputs: mpsc::Sender<Input>, budget: Arc<Semaphore>) {
+    let mut frames = LaneFrames::default();
+    let mut chunks: Vec<bytes::Bytes> = vec![bytes::Bytes::new(); READ_CHUNKS_MAX];
     let (reason, misbehaved) = loop {
-        match read_frame(&mut recv, &budget).await {
-            Ok(Some(frame)) => {
-                if inputs.send(Input::Frame(frame)).await.is_err() {
-                    return;
+        match recv.read_chunks(&mut chunks).await {
+            Ok(Some(count)) => {
+                for chunk in &chunks[..count] {
+                    frames.push(chunk);
                 }
             }
-            Ok(None) => break ("the peer finished a stream".to_owned(), false),
+            Ok(None) if frames.is_empty() => {
+                break ("the peer finished a stream".to_owned(), false)
+            }
+            Ok(None) => break ("the peer finished a stream inside a frame".to_owned(), true),
+            Err(e) => {
+                break (
+                    TransportError::Read(quinn::ReadExactError::ReadError(e)).to_string(),
+                    false,
+                )
+            }
+        }
+        let whole = match frames.take_whole(&budget).await {
+            Ok(whole) => whole,
             Err(e) => {
                 let misbehaved = matches!(e, TransportError::Peer(_));
                 break (e.to_string(), misbehaved);
             }
+        };
+        if !whole.is_empty() && inputs.send(Input::Frames(whole)).await.is_err() {
+            return;
         }
     };
     let _ = inputs
@@ -839,34 +859,63 @@ async fn read_lane(mut recv: RecvStream, inputs: mpsc::Sender<Input>, budget: Ar
         .await;
 }
 
-/// One frame payload, or `None` at a clean end of the stream. Takes the
-/// frame's bytes from `budget` before reading it; the session returns them.
-async fn read_frame(
-    recv: &mut RecvStream,
-    budget: &Semaphore,
-) -> Result<Option<Vec<u8>>, TransportError> {
-    let mut prefix = [0u8; 4];
-    match recv.read_exact(&mut prefix).await {
-        Ok(()) => {}
-        Err(quinn::ReadExactError::FinishedEarly(0)) => return Ok(None),
-        Err(e) => return Err(e.into()),
+/// Most chunks one read of a stream takes.
+const READ_CHUNKS_MAX: usize = 32;
+
+/// Bytes read from a stream that do not yet make a whole frame.
+#[derive(Default)]
+struct LaneFrames {
+    buffer: Vec<u8>,
+    /// Where the first unread frame starts in `buffer`.
+    start: usize,
+}
+
+impl LaneFrames {
+    fn is_empty(&self) -> bool {
+        self.start == self.buffer.len()
     }
-    let len = u32::from_be_bytes(prefix);
-    if len == 0 || len as usize > FRAME_BYTES_MAX {
-        return Err(TransportError::Peer(format!("frame of {len} bytes")));
+
+    fn push(&mut self, bytes: &[u8]) {
+        if self.start > 0 {
+            self.buffer.drain(..self.start);
+            self.start = 0;
+        }
+        self.buffer.extend_from_slice(bytes);
     }
-    // FRAME_BYTES_MAX is below INPUT_QUEUE_BYTES_MAX, so this always fits.
-    budget
-        .acquire_many(len)
-        .await
-        .map_err(|_| TransportError::Shutdown)?
-        .forget();
-    let mut payload = vec![0u8; len as usize];
-    if let Err(e) = recv.read_exact(&mut payload).await {
-        budget.add_permits(len as usize);
-        return Err(e.into());
+
+    /// The whole frames' payloads read so far, each taking its bytes from
+    /// `budget` first (the session returns them); waits while the session
+    /// is behind, so reading stops and QUIC flow control holds the peer.
+    async fn take_whole(&mut self, budget: &Semaphore) -> Result<Vec<Vec<u8>>, TransportError> {
+        let mut whole = Vec::new();
+        loop {
+            let rest = &self.buffer[self.start..];
+            let Some(prefix) = rest.first_chunk::<4>() else {
+                break;
+            };
+            let len = u32::from_be_bytes(*prefix) as usize;
+            if len == 0 || len > FRAME_BYTES_MAX {
+                return Err(TransportError::Peer(format!("frame of {len} bytes")));
+            }
+            if rest.len() < 4 + len {
+                break;
+            }
+            // FRAME_BYTES_MAX is below INPUT_QUEUE_BYTES_MAX, so this
+            // always fits.
+            budget
+                .acquire_many(len as u32)
+                .await
+                .map_err(|_| TransportError::Shutdown)?
+                .forget();
+            whole.push(rest[4..4 + len].to_vec());
+            self.start += 4 + len;
+        }
+        if self.is_empty() {
+            self.buffer.clear();
+            self.start = 0;
+        }
+        Ok(whole)
     }
-    Ok(Some(payload))
 }
 
 /// Writes the session's frames to one stream, then finishes it and waits
@@ -995,6 +1044,17 @@ struct SessionOutcome {
     close: u32,
 }
 
+/// Most bytes of frames handed to a lane's writer as one write.
+const WRITE_BYTES_MAX: usize = 256 << 10;
+
+/// Hands `bytes` (whole frames) to a lane's writer; blocks while the
+/// writer is behind: back-pressure from QUIC.
+fn send_lane(lane_tx: &mpsc::Sender<Vec<u8>>, bytes: Vec<u8>) -> Result<(), String> {
+    lane_tx
+        .blocking_send(bytes)
+        .map_err(|_| "a stream writer stopped".to_owned())
+}
+
 /// Most queued frames handed to the session in one turn.
 const FRAMES_PER_TURN_MAX: usize = 256;
 
@@ -1035,13 +1095,12 @@ impl SessionDriver {
             };
             let now = Instant::now();
             match input {
-                Input::Frame(payload) => {
+                Input::Frames(mut frames) => {
                     // Frames that queued meanwhile go in together, so whole
                     // documents arriving back to back become one durable write.
-                    let mut frames = vec![payload];
                     while frames.len() < FRAMES_PER_TURN_MAX {
                         match feed.inputs.try_recv() {
-                            Ok(Input::Frame(payload)) => frames.push(payload),
+                            Ok(Input::Frames(more)) => frames.extend(more),
                             Ok(other) => {
                                 next = Some(other);
                                 break;
@@ -1103,15 +1162,28 @@ impl SessionDriver {
     }
 
     /// Hands the session's frames to the writers and applies its events.
+    /// Frames of one lane go to its writer together (one stream write, so
+    /// usually one packet for small ones), up to [`WRITE_BYTES_MAX`].
     fn flush(&self, session: &mut Session, outcome: &mut SessionOutcome) -> Result<(), String> {
+        let mut control: Vec<u8> = Vec::new();
+        let mut live: Vec<u8> = Vec::new();
         while let Some((lane, frame)) = session.poll_transmit() {
-            let lane_tx = match lane {
-                Lane::Control => &self.control,
-                Lane::Live => &self.live,
+            let (pending, lane_tx) = match lane {
+                Lane::Control => (&mut control, &self.control),
+                Lane::Live => (&mut live, &self.live),
             };
-            // Blocks while the writer is behind: back-pressure from QUIC.
-            if lane_tx.blocking_send(frame).is_err() {
-                return Err("a stream writer stopped".to_owned());
+            if !pending.is_empty() && pending.len() + frame.len() > WRITE_BYTES_MAX {
+                send_lane(lane_tx, std::mem::take(pending))?;
+            }
+            if pending.is_empty() {
+                *pending = frame;
+            } else {
+                pending.extend_from_slice(&frame);
+            }
+        }
+        for (pending, lane_tx) in [(control, &self.control), (live, &self.live)] {
+            if !pending.is_empty() {
+                send_lane(lane_tx, pending)?;
             }
         }
         while let Some(event) = session.poll_event() {
