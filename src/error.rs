@@ -119,6 +119,9 @@ pub enum Error {
     /// automerge refused an operation.
     #[error("automerge: {0}")]
     Automerge(Box<automerge::AutomergeError>),
+    /// The document is written only through the strong tier.
+    #[error("{0} is a strong document: it is written only through the strong tier")]
+    StrongDocument(DocId),
 }
 
 // The large foreign errors are boxed so `Result<_, Error>` stays small on

@@ -58,6 +58,7 @@ pub mod saga;
 #[cfg(feature = "sim")]
 pub mod sim;
 pub mod store;
+pub mod strong;
 pub mod transport;
 pub mod txn;
 

@@ -195,6 +195,14 @@ impl Precondition {
         Precondition::default()
     }
 
+    /// The document does not exist yet.
+    pub fn if_absent() -> Precondition {
+        Precondition {
+            if_heads: None,
+            if_absent: true,
+        }
+    }
+
     /// The document is still at `heads`.
     pub fn if_heads(heads: Vec<ChangeHash>) -> Precondition {
         Precondition {

@@ -49,6 +49,7 @@ impl Replica {
         let chunks: Vec<Vec<u8>> = message.changes.iter().map(<[u8]>::to_vec).collect();
         message.changes = sync::ChunkList::empty();
         if !chunks.is_empty() && !read_only {
+            self.refuse_strong(id)?;
             if self.with_doc(id, crate::escrow::any)? == Some(true) {
                 return Err(OpError::Mismatch {
                     path: String::new(),

@@ -27,6 +27,8 @@ mod conflicts;
 mod escrow;
 mod holdback;
 mod saga;
+mod strong;
+pub(crate) use strong::StrongTxnChanges;
 mod txn;
 
 pub use escrow::{EscrowStats, RightsWanted};
@@ -118,6 +120,10 @@ pub struct ReplicaOptions {
     pub escrow: Arc<crate::escrow::EscrowConfig>,
     /// The Rust functions this site runs as saga steps.
     pub saga_fns: Arc<crate::saga::SagaFns>,
+    /// Whether a document is written only through the strong tier
+    /// ([`crate::strong`]): local writes to it are refused (none by
+    /// default).
+    pub strong: Arc<dyn Fn(&DocId) -> bool + Send + Sync>,
 }
 
 impl ReplicaOptions {
@@ -137,6 +143,7 @@ impl ReplicaOptions {
             txn_hold: HoldLimits::default(),
             escrow: Arc::new(crate::escrow::EscrowConfig::default()),
             saga_fns: Arc::new(crate::saga::SagaFns::default()),
+            strong: Arc::new(|_| false),
         }
     }
 }
@@ -870,6 +877,7 @@ impl Replica {
         f: impl FnOnce(&mut Transaction<'_>, &mut crate::escrow::Known) -> Result<R, Error>,
     ) -> Result<(Commit, R), Error> {
         crate::txn::check_message(message)?;
+        self.refuse_strong(id)?;
         let slot = self.slot(id);
         let mut guard = lock(&slot.loaded);
         let exists = precondition.is_some() && lock(&self.shared.state).index.contains_key(id);

@@ -223,6 +223,9 @@ impl Replica {
             .filter(|(_, edit)| edit.is_some())
             .map(|(id, _)| id.clone())
             .collect();
+        for member in &members {
+            self.refuse_strong(member)?;
+        }
         let id = TxnId::derive(
             &self.actor(),
             self.shared.txn_counter.fetch_add(1, Ordering::Relaxed),

@@ -246,6 +246,8 @@ struct Shared {
     peers: Mutex<BTreeMap<SiteName, PeerEntry>>,
     next_connection: AtomicU64,
     tasks: Mutex<Vec<JoinHandle<()>>>,
+    /// What answers the RPCs peers open (set once the strong tier starts).
+    rpc_handler: super::rpc::HandlerSlot,
 }
 
 impl Shared {
@@ -364,6 +366,7 @@ impl SyncEndpoint {
             peers: Mutex::new(entries),
             next_connection: AtomicU64::new(1),
             tasks: Mutex::new(Vec::new()),
+            rpc_handler: Arc::default(),
         });
         let (shutdown, _) = watch::channel(false);
 
@@ -394,6 +397,33 @@ impl SyncEndpoint {
     /// The address the endpoint listens on.
     pub fn local_addr(&self) -> Result<SocketAddr, TransportError> {
         Ok(self.endpoint.local_addr()?)
+    }
+
+    /// Answers the RPCs peers open from now on with `handler`.
+    pub fn set_rpc_handler(&self, handler: Arc<dyn crate::strong::RpcHandler>) {
+        *self
+            .shared
+            .rpc_handler
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(handler);
+    }
+
+    /// Calls peers over their connections (a stream per call); a peer not
+    /// connected now is unreachable.
+    pub fn rpc(&self) -> Arc<dyn crate::strong::Rpc> {
+        let shared = Arc::downgrade(&self.shared);
+        Arc::new(super::rpc::QuicRpc {
+            connections: Arc::new(move |peer: &SiteName| {
+                let shared = shared.upgrade()?;
+                let peers = shared.peers();
+                let entry = peers.get(peer)?;
+                entry
+                    .active
+                    .as_ref()
+                    .filter(|_| entry.connected)
+                    .map(|a| a.connection.clone())
+            }),
+        })
     }
 
     /// This site.
@@ -737,6 +767,11 @@ async fn drive_connection(
         )),
         tokio::spawn(read_lane(live_recv, input_tx.clone(), input_bytes.clone())),
         tokio::spawn(tick(input_tx.clone())),
+        tokio::spawn(super::rpc::serve(
+            connection.clone(),
+            peer.clone(),
+            shared.rpc_handler.clone(),
+        )),
         tokio::spawn(forward_rights_wanted(
             shared.replica.subscribe_rights_wanted(),
             peer.clone(),
