@@ -84,7 +84,7 @@ async fn leader(sites: &[Site]) -> usize {
     loop {
         for (k, s) in sites.iter().enumerate() {
             let status = s.tier.status();
-            if status.role == "leader" && status.millis_since_quorum_ack.is_some() {
+            if status.role == "leader" {
                 return k;
             }
         }

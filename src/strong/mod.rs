@@ -23,6 +23,8 @@
 //!   node, memory in tests and the simulation).
 //! - `tier`: [`StrongTier`], the running tier: proposer, forwarding,
 //!   linearizable reads, membership, status.
+//! - `history` (feature `sim`): a linearizability checker for histories
+//!   recorded by tests against the tier.
 //!
 //! Invariants:
 //! - Strong documents change only through the log: the replica refuses
@@ -42,6 +44,8 @@
 //! [`Replica`]: crate::Replica
 
 pub mod command;
+#[cfg(feature = "sim")]
+pub mod history;
 // openraft's storage traits fix their error type, which is large.
 #[allow(clippy::result_large_err)]
 mod log;
@@ -107,7 +111,10 @@ pub struct StrongConfig {
     pub voters: Vec<SiteName>,
     /// Documents written only through the tier.
     pub prefixes: Vec<Glob>,
-    /// Interval of the leader's heartbeats.
+    /// Interval of the leader's heartbeats, and how long the leader waits
+    /// for a follower to answer an append (openraft uses one for both): it
+    /// must exceed the longest round trip between voters plus a follower's
+    /// durable write of the entries.
     pub heartbeat_ms: u64,
     /// Least time a follower waits without a heartbeat before it stands
     /// for election.
@@ -132,7 +139,7 @@ impl StrongConfig {
         StrongConfig {
             voters,
             prefixes,
-            heartbeat_ms: 100,
+            heartbeat_ms: 250,
             election_timeout_min_ms: 1_000,
             election_timeout_max_ms: 2_000,
             write_timeout_ms: 5_000,

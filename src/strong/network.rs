@@ -168,20 +168,28 @@ pub(crate) async fn call(
     postcard::from_bytes(&reply).map_err(|e| RpcError::Failed(format!("bad reply: {e}")))
 }
 
+/// When each peer node last answered an append (a heartbeat or entries)
+/// without refusing this node's term: the leader's own view of which
+/// voters it reaches.
+pub(crate) type Acks = Arc<Mutex<BTreeMap<NodeId, tokio::time::Instant>>>;
+
 /// Makes openraft's network clients: one per peer node, named by its
 /// site (the node's address).
 pub(crate) struct Network {
     pub(crate) rpc: Arc<dyn Rpc>,
+    pub(crate) acks: Acks,
 }
 
 impl RaftNetworkFactory<TypeConfig> for Network {
     type Network = NetworkClient;
 
-    async fn new_client(&mut self, _target: NodeId, node: &BasicNode) -> NetworkClient {
+    async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> NetworkClient {
         NetworkClient {
             rpc: self.rpc.clone(),
             site: node.addr.parse().ok(),
             address: node.addr.clone(),
+            target,
+            acks: self.acks.clone(),
         }
     }
 }
@@ -192,6 +200,8 @@ pub(crate) struct NetworkClient {
     /// `None` when the node's address is not a site name.
     site: Option<SiteName>,
     address: String,
+    target: NodeId,
+    acks: Acks,
 }
 
 impl NetworkClient {
@@ -225,7 +235,15 @@ impl RaftNetwork<TypeConfig> for NetworkClient {
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
         match self.send(&Request::AppendEntries(rpc), &option).await {
-            Ok(Reply::AppendEntries(response)) => Ok(response),
+            Ok(Reply::AppendEntries(response)) => {
+                if !matches!(response, AppendEntriesResponse::HigherVote(_)) {
+                    self.acks
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .insert(self.target, tokio::time::Instant::now());
+                }
+                Ok(response)
+            }
             Ok(other) => Err(rpc_error(unexpected(other))),
             Err(e) => Err(rpc_error(e)),
         }
@@ -237,7 +255,17 @@ impl RaftNetwork<TypeConfig> for NetworkClient {
         option: RPCOption,
     ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
         match self.send(&Request::Vote(rpc), &option).await {
-            Ok(Reply::Vote(response)) => Ok(response),
+            Ok(Reply::Vote(response)) => {
+                // A granted vote is as recent a word from a voter as an
+                // answered heartbeat.
+                if response.vote_granted {
+                    self.acks
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .insert(self.target, tokio::time::Instant::now());
+                }
+                Ok(response)
+            }
             Ok(other) => Err(rpc_error(unexpected(other))),
             Err(e) => Err(rpc_error(e)),
         }

@@ -7,7 +7,9 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use automerge::transaction::{CommitOptions, Transaction};
 use automerge::{Automerge, ChangeHash, ReadDoc as _};
@@ -164,6 +166,8 @@ struct Inner {
     machine: StateMachine,
     rpc: Arc<dyn Rpc>,
     proposals: mpsc::Sender<Proposal>,
+    /// When each peer last accepted this node's appends.
+    acks: super::network::Acks,
     commits: AtomicU64,
     elections: AtomicU64,
     /// Transactions the proposer has made, for their ids.
@@ -256,10 +260,14 @@ impl StrongTier {
         let node = node_id(&site);
         let log = LogStore::open(store.clone()).map_err(failed)?;
         let machine = StateMachine::open(replica.clone(), store).map_err(failed)?;
+        let acks = super::network::Acks::default();
         let raft = Raft::new(
             node,
             Arc::new(config.raft_config(&site)),
-            Network { rpc: rpc.clone() },
+            Network {
+                rpc: rpc.clone(),
+                acks: acks.clone(),
+            },
             log,
             machine.clone(),
         )
@@ -286,6 +294,7 @@ impl StrongTier {
             machine,
             rpc,
             proposals,
+            acks,
             commits: AtomicU64::new(0),
             elections: AtomicU64::new(0),
             made: AtomicU64::new(0),
@@ -415,6 +424,12 @@ impl StrongTier {
             )));
         }
         let inner = &self.inner;
+        // While no leader is known (an election), wait for one a while.
+        let deadline =
+            Instant::now() + Duration::from_millis(inner.config.election_timeout_max_ms * 2);
+        while inner.leader().is_none() && Instant::now() + LEADER_POLL < deadline {
+            tokio::time::sleep(LEADER_POLL).await;
+        }
         let docs = match inner.leader() {
             Some(leader) if leader == inner.node => inner.read_at_leader(ids.to_vec()).await?,
             Some(leader) => {
@@ -480,7 +495,7 @@ impl StrongTier {
         ttl: Duration,
     ) -> Result<(bool, Option<Lease>), StrongError> {
         let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX);
-        self.inner.lease(name, ttl_ms, None).await
+        self.inner.lease_retrying(name, ttl_ms, None).await
     }
 
     /// Gives up lease `name`, held at `epoch`.
@@ -489,7 +504,7 @@ impl StrongTier {
         name: &str,
         epoch: u64,
     ) -> Result<(bool, Option<Lease>), StrongError> {
-        self.inner.lease(name, 0, Some(epoch)).await
+        self.inner.lease_retrying(name, 0, Some(epoch)).await
     }
 
     /// The leases as applied at this site.
@@ -591,21 +606,29 @@ impl Inner {
         node.addr.parse().ok()
     }
 
-    /// Refuses when this leader has not heard from a majority lately: on
-    /// the minority side of a partition nothing is proposed.
+    /// Refuses when this leader has not heard from a majority of voters
+    /// within the longest election timeout (by the answers to its own
+    /// heartbeats and appends): on the minority side of a partition
+    /// nothing is proposed.
     fn check_quorum(&self, metrics: &RaftMetrics<NodeId, BasicNode>) -> Result<(), StrongError> {
         if metrics.current_leader != Some(self.node) {
             return Err(StrongError::NotLeader);
         }
         let silence = self.config.quorum_silence_max();
-        match metrics.millis_since_quorum_ack {
-            Some(ms) if Duration::from_millis(ms) <= silence => Ok(()),
-            Some(ms) => Err(StrongError::NoQuorum(format!(
-                "the leader has not heard from a majority of voters for {ms} ms"
-            ))),
-            None => Err(StrongError::NoQuorum(
-                "the leader has not heard from a majority of voters yet".to_owned(),
-            )),
+        let voters: Vec<NodeId> = metrics.membership_config.membership().voter_ids().collect();
+        let acks = self.acks.lock().unwrap_or_else(|e| e.into_inner());
+        let heard = voters
+            .iter()
+            .filter(|v| **v == self.node || acks.get(v).is_some_and(|at| at.elapsed() <= silence))
+            .count();
+        if heard * 2 > voters.len() {
+            Ok(())
+        } else {
+            Err(StrongError::NoQuorum(format!(
+                "the leader heard from {heard} of {} voters within {} ms",
+                voters.len(),
+                silence.as_millis()
+            )))
         }
     }
 
@@ -737,6 +760,30 @@ impl Inner {
         Ok(())
     }
 
+    /// [`Inner::lease`], asked again while no leader is known.
+    async fn lease_retrying(
+        &self,
+        name: &str,
+        ttl_ms: u64,
+        epoch: Option<u64>,
+    ) -> Result<(bool, Option<Lease>), StrongError> {
+        let deadline =
+            Instant::now() + Duration::from_millis(self.config.election_timeout_max_ms * 2);
+        loop {
+            match self.lease(name, ttl_ms, epoch).await {
+                Err(StrongError::NotLeader) if Instant::now() + LEADER_POLL < deadline => {
+                    tokio::time::sleep(LEADER_POLL).await;
+                }
+                Err(StrongError::NotLeader) => {
+                    return Err(StrongError::NoQuorum(
+                        "no leader can be reached from this site".to_owned(),
+                    ))
+                }
+                other => return other,
+            }
+        }
+    }
+
     async fn lease(
         &self,
         name: &str,
@@ -764,7 +811,7 @@ impl Inner {
                     Err(e) => Err(StrongError::Unknown(format!("{site}: {e}"))),
                 }
             }
-            None => Err(StrongError::NoQuorum("there is no leader".to_owned())),
+            None => Err(StrongError::NotLeader),
         }
     }
 
@@ -839,24 +886,37 @@ impl Inner {
         let now_ms = self.replica.now_ms();
         let mut forks: HashMap<DocId, Fork> = HashMap::new();
         let mut made = Vec::with_capacity(batch.len());
+        // A write refused by a precondition may have been refused because
+        // of one made before it in this batch, not committed yet: it is
+        // answered once the batch is committed, or asked again of the next
+        // leader (it was never proposed) if the batch is not.
+        let mut refused = Vec::new();
         for proposal in batch {
             let counter = self.made.fetch_add(1, Ordering::Relaxed);
             let txn_id = TxnId::derive(&actor, (term << 32) ^ counter);
             match self.make(&mut forks, &proposal.txn, &actor, txn_id, now_ms) {
                 Ok((txn, docs)) => made.push((proposal, txn, docs)),
-                Err(e) => {
-                    let _ = proposal.reply.send(Err(e));
-                }
+                Err(e) => refused.push((proposal, e)),
             }
         }
+        let refuse = |refused: Vec<(Proposal, StrongError)>, committed: bool| {
+            for (proposal, e) in refused {
+                let _ =
+                    proposal
+                        .reply
+                        .send(Err(if committed { e } else { StrongError::NotLeader }));
+            }
+        };
         if made.is_empty() {
-            return;
+            // Refused by the committed state alone.
+            return refuse(refused, true);
         }
         let command = Command::Txns(made.iter().map(|(_, txn, _)| txn.clone()).collect());
         // No timeout here: the next batch must not be made until this one's
         // fate is known (its callers stop waiting on their own).
         match self.raft.client_write(command).await {
             Ok(response) => {
+                refuse(refused, true);
                 let Response::Txns(applied) = response.data else {
                     return answer_all(
                         made.into_iter().map(|(p, _, _)| p).collect(),
@@ -880,16 +940,21 @@ impl Inner {
                 self.commits.fetch_add(count, Ordering::Relaxed);
             }
             Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => {
-                // Refused before it was appended.
+                // Refused before it was appended, or its entry was
+                // overwritten by another leader's: never committed.
+                refuse(refused, false);
                 answer_all(
                     made.into_iter().map(|(p, _, _)| p).collect(),
                     &StrongError::NotLeader,
                 );
             }
-            Err(e) => answer_all(
-                made.into_iter().map(|(p, _, _)| p).collect(),
-                &StrongError::Unknown(e.to_string()),
-            ),
+            Err(e) => {
+                refuse(refused, false);
+                answer_all(
+                    made.into_iter().map(|(p, _, _)| p).collect(),
+                    &StrongError::Unknown(e.to_string()),
+                );
+            }
         }
     }
 

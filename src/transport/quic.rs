@@ -133,7 +133,8 @@ pub enum TransportError {
 /// A QUIC transport configuration for long, lossy links: BBR congestion
 /// control, [`RECEIVE_WINDOW_BYTES`] stream and connection receive windows,
 /// keep-alive every [`KEEP_ALIVE_INTERVAL`], idle timeout [`IDLE_TIMEOUT`],
-/// and at most two peer-opened bidirectional streams (the two lanes).
+/// and at most two peer-opened bidirectional streams for the two lanes
+/// plus [`super::rpc::RPCS_IN_PROGRESS_MAX`] for RPCs.
 pub fn transport_config() -> quinn::TransportConfig {
     let mut config = quinn::TransportConfig::default();
     config
@@ -145,7 +146,9 @@ pub fn transport_config() -> quinn::TransportConfig {
         .max_idle_timeout(Some(
             VarInt::from_u32(IDLE_TIMEOUT.as_millis() as u32).into(),
         ))
-        .max_concurrent_bidi_streams(VarInt::from_u32(2))
+        .max_concurrent_bidi_streams(VarInt::from_u32(
+            2 + super::rpc::RPCS_IN_PROGRESS_MAX as u32,
+        ))
         .max_concurrent_uni_streams(VarInt::from_u32(0))
         .datagram_receive_buffer_size(None)
         // No path MTU discovery: packets stay at the 1200 bytes every path

@@ -18,7 +18,7 @@ use crate::strong::{BoxFuture, Rpc, RpcError, RpcHandler, RPC_BYTES_MAX};
 pub const STREAM_TAG_RPC: u8 = 0x52;
 
 /// Calls one connection serves at once; more wait for a place.
-const RPCS_IN_PROGRESS_MAX: usize = 64;
+pub const RPCS_IN_PROGRESS_MAX: usize = 64;
 
 /// Where the endpoint's RPC handler is set once the tier starts.
 pub(crate) type HandlerSlot = Arc<Mutex<Option<Arc<dyn RpcHandler>>>>;

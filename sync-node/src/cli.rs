@@ -68,6 +68,9 @@ enum Command {
     /// Start, list and show the sagas of a running node.
     #[command(subcommand)]
     Saga(SagaCommand),
+    /// Show and change the strong tier's voters (through joint consensus).
+    #[command(subcommand)]
+    Strong(StrongCommand),
     /// Compare the documents and heads of several running nodes: exit 0
     /// when identical, 3 when some still differ after the retries.
     Check(CheckArgs),
@@ -287,6 +290,35 @@ struct TxnArgs {
     /// The transaction: a JSON file, `-` for stdin, or the JSON itself.
     #[arg(value_name = "FILE.json | -")]
     txn: String,
+}
+
+#[derive(Debug, Subcommand)]
+enum StrongCommand {
+    /// The tier as the node sees it: role, term, leader, voters with their
+    /// match index and lag, learners.
+    Members {
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Make a site a voter (a learner first, until it caught up).
+    Add {
+        #[command(flatten)]
+        client: ClientArgs,
+        /// The site.
+        site: String,
+    },
+    /// Take a site out of the voters.
+    Remove {
+        #[command(flatten)]
+        client: ClientArgs,
+        /// The site.
+        site: String,
+    },
+    /// The tier's leases: name, holder, epoch, expiry.
+    Leases {
+        #[command(flatten)]
+        client: ClientArgs,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -535,6 +567,7 @@ fn run_command(command: Command) -> anyhow::Result<()> {
             client_request(&args.client, Method::POST, "/v1/txn", Some(&body))
         }
         Command::Saga(command) => saga_command(command),
+        Command::Strong(command) => strong_command(command),
         Command::Read(args) => {
             let body = json!({ "ids": args.ids });
             client_request(&args.client, Method::POST, "/v1/read", Some(&body))
@@ -828,6 +861,29 @@ fn token_command(command: TokenCommand) -> anyhow::Result<()> {
                 percent_encoding::utf8_percent_encode(&name, percent_encoding::NON_ALPHANUMERIC)
             );
             client_request(&client, Method::DELETE, &path, None)
+        }
+    }
+}
+
+fn strong_command(command: StrongCommand) -> anyhow::Result<()> {
+    match command {
+        StrongCommand::Members { client } => {
+            client_request(&client, Method::GET, "/v1/strong/members", None)
+        }
+        StrongCommand::Add { client, site } => client_request(
+            &client,
+            Method::POST,
+            "/v1/strong/members",
+            Some(&serde_json::json!({ "add": site })),
+        ),
+        StrongCommand::Remove { client, site } => client_request(
+            &client,
+            Method::POST,
+            "/v1/strong/members",
+            Some(&serde_json::json!({ "remove": site })),
+        ),
+        StrongCommand::Leases { client } => {
+            client_request(&client, Method::GET, "/v1/strong/leases", None)
         }
     }
 }

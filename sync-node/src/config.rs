@@ -86,6 +86,117 @@ pub struct ConfigFile {
     /// first match wins.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub escrow: Vec<EscrowRuleConfig>,
+    /// The strong tier (`[strong]`): voter sites and the namespaces written
+    /// through it. Every site of the cluster lists the same `prefixes`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub strong: Option<StrongTierConfig>,
+}
+
+/// The `[strong]` table: linearizable transactions for documents under
+/// `prefixes`, agreed through Raft among `voters` (3 or 5 sites, each a
+/// peer of the others). A site with the table but not among the voters
+/// forwards strong writes to the leader once the tier adds it as a member,
+/// and otherwise answers them 503 `no_quorum`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StrongTierConfig {
+    /// The voter sites the tier starts with.
+    pub voters: Vec<SiteName>,
+    /// Globs of the documents written only through the tier.
+    pub prefixes: Vec<String>,
+    /// Interval of the leader's heartbeats, in milliseconds.
+    #[serde(default = "default_strong_heartbeat_ms")]
+    pub heartbeat_ms: u64,
+    /// Least silence before a follower stands for election, in
+    /// milliseconds (size it to several round trips of the slowest link).
+    #[serde(default = "default_strong_election_timeout_min_ms")]
+    pub election_timeout_min_ms: u64,
+    /// Most silence before a follower stands for election, in
+    /// milliseconds.
+    #[serde(default = "default_strong_election_timeout_max_ms")]
+    pub election_timeout_max_ms: u64,
+    /// How long a strong write waits to commit before it is answered 504
+    /// `outcome_unknown`, in milliseconds.
+    #[serde(default = "default_strong_write_timeout_ms")]
+    pub write_timeout_ms: u64,
+    /// Log entries between snapshots.
+    #[serde(default = "default_strong_snapshot_logs")]
+    pub snapshot_logs: u64,
+}
+
+fn strong_defaults() -> archipelago::strong::StrongConfig {
+    archipelago::strong::StrongConfig::new(Vec::new(), Vec::new())
+}
+
+fn default_strong_heartbeat_ms() -> u64 {
+    strong_defaults().heartbeat_ms
+}
+
+fn default_strong_election_timeout_min_ms() -> u64 {
+    strong_defaults().election_timeout_min_ms
+}
+
+fn default_strong_election_timeout_max_ms() -> u64 {
+    strong_defaults().election_timeout_max_ms
+}
+
+fn default_strong_write_timeout_ms() -> u64 {
+    strong_defaults().write_timeout_ms
+}
+
+fn default_strong_snapshot_logs() -> u64 {
+    strong_defaults().snapshot_logs
+}
+
+/// Longest strong-tier timer a config may set, in milliseconds.
+pub const STRONG_TIMER_MS_MAX: u64 = 10 * 60 * 1000;
+
+impl StrongTierConfig {
+    /// The library's settings for this table.
+    pub fn tier_config(&self) -> archipelago::strong::StrongConfig {
+        let mut config = archipelago::strong::StrongConfig::new(
+            self.voters.clone(),
+            self.prefixes
+                .iter()
+                .map(|p| archipelago::protocol::Glob::new(p))
+                .collect(),
+        );
+        config.heartbeat_ms = self.heartbeat_ms;
+        config.election_timeout_min_ms = self.election_timeout_min_ms;
+        config.election_timeout_max_ms = self.election_timeout_max_ms;
+        config.write_timeout_ms = self.write_timeout_ms;
+        config.snapshot_logs = self.snapshot_logs;
+        config
+    }
+
+    fn validate(&self, site: &SiteName, peers: &[PeerConfig]) -> Result<(), String> {
+        if self.prefixes.is_empty() {
+            return Err("strong.prefixes must name at least one glob".to_owned());
+        }
+        for (key, value) in [
+            ("heartbeat_ms", self.heartbeat_ms),
+            ("election_timeout_min_ms", self.election_timeout_min_ms),
+            ("election_timeout_max_ms", self.election_timeout_max_ms),
+            ("write_timeout_ms", self.write_timeout_ms),
+        ] {
+            if value > STRONG_TIMER_MS_MAX {
+                return Err(format!(
+                    "strong.{key} must be at most {STRONG_TIMER_MS_MAX}, not {value}"
+                ));
+            }
+        }
+        self.tier_config()
+            .check()
+            .map_err(|e| format!("strong: {e}"))?;
+        for voter in self.voters.iter().filter(|v| *v != site) {
+            if !peers.iter().any(|p| p.site == *voter) {
+                return Err(format!(
+                    "strong.voters names {voter}, which is not among this site's peers"
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// One `[[escrow]]` entry: the policy of the bounded counters at `path` in
@@ -1186,6 +1297,9 @@ pub(crate) fn validate(file: &ConfigFile) -> Result<(), String> {
                 backup.keep
             ));
         }
+    }
+    if let Some(strong) = &file.strong {
+        strong.validate(&file.site, &file.peers)?;
     }
     conflict_config(file)?;
     Ok(())

@@ -361,6 +361,23 @@ impl SyncPeers {
             .collect()
     }
 
+    /// Calls peers over the endpoint's connections (unreachable once it
+    /// was taken for shutdown).
+    pub fn rpc(&self) -> Option<Arc<dyn archipelago::strong::Rpc>> {
+        self.endpoint
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .map(SyncEndpoint::rpc)
+    }
+
+    /// Answers peers' RPCs with `handler`.
+    pub fn set_rpc_handler(&self, handler: Arc<dyn archipelago::strong::RpcHandler>) {
+        if let Some(endpoint) = &*self.endpoint.lock().unwrap_or_else(|e| e.into_inner()) {
+            endpoint.set_rpc_handler(handler);
+        }
+    }
+
     /// Takes the endpoint out, to shut it down.
     pub(crate) fn take(&self) -> Option<SyncEndpoint> {
         self.endpoint

@@ -127,6 +127,7 @@ pub fn init(options: &InitOptions) -> Result<PathBuf, InitError> {
         conflicts: Default::default(),
         rules: Vec::new(),
         escrow: Vec::new(),
+        strong: None,
     };
     validate(&file).map_err(InitError::Invalid)?;
     let text = toml::to_string(&file)

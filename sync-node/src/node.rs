@@ -58,6 +58,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use archipelago::store::{Sqlite, Store};
+use archipelago::strong::StrongTier;
 use archipelago::transport::quic::{SyncEndpoint, TransportError};
 use archipelago::{Replica, ReplicaOptions, SiteName};
 use tokio::sync::oneshot;
@@ -121,6 +122,9 @@ pub enum NodeError {
         /// Why.
         source: std::io::Error,
     },
+    /// The strong tier could not start.
+    #[error("cannot start the strong tier: {0}")]
+    Strong(archipelago::strong::StrongError),
     /// The HTTP server failed.
     #[error("the HTTP server failed: {0}")]
     Serve(std::io::Error),
@@ -222,6 +226,34 @@ async fn start_sync(config: &Config, replica: &Replica) -> Result<Option<SyncPee
     Ok(Some(SyncPeers::new(endpoint).map_err(sync_error)?))
 }
 
+/// Starts the strong tier over the sync endpoint's connections (with no
+/// endpoint, a tier of this site alone: any other voter is unreachable).
+async fn start_strong(
+    config: &Config,
+    strong: archipelago::strong::StrongConfig,
+    replica: &Replica,
+    store: Arc<dyn Store>,
+    sync: Option<&SyncPeers>,
+) -> Result<StrongTier, NodeError> {
+    let rpc = sync
+        .and_then(SyncPeers::rpc)
+        .unwrap_or_else(|| archipelago::strong::MemoryNet::new().rpc(config.file.site.clone()));
+    let tier = StrongTier::start(
+        config.file.site.clone(),
+        strong,
+        replica.clone(),
+        store,
+        rpc,
+    )
+    .await
+    .map_err(NodeError::Strong)?;
+    if let Some(sync) = sync {
+        sync.set_rpc_handler(tier.handler());
+    }
+    tracing::info!(site = %config.file.site, "strong tier started");
+    Ok(tier)
+}
+
 /// Writes `addr` to `path`, replacing it atomically.
 async fn write_addr_file(path: &std::path::Path, addr: SocketAddr) -> Result<(), NodeError> {
     let contents = format!("{addr}\n");
@@ -259,6 +291,7 @@ pub struct Node {
     evictor: Option<JoinHandle<()>>,
     sagas: Option<JoinHandle<()>>,
     scheduled: Option<JoinHandle<()>>,
+    strong: Option<StrongTier>,
     stop: Option<oneshot::Sender<()>>,
     server: Option<JoinHandle<std::io::Result<()>>>,
 }
@@ -284,6 +317,11 @@ impl Node {
             let scopes: Vec<archipelago::protocol::Scope> =
                 config.file.peers.iter().map(|p| p.scope()).collect();
             options.replicates = Arc::new(move |doc| scopes.iter().any(|s| s.may_receive(doc)));
+        }
+        let strong_config = config.file.strong.as_ref().map(|s| s.tier_config());
+        if let Some(strong) = &strong_config {
+            let covers = strong.clone();
+            options.strong = Arc::new(move |doc| covers.covers(doc));
         }
         let rules = options.conflicts.rules.len();
         let path = store_path.clone();
@@ -322,6 +360,19 @@ impl Node {
             source,
         })?;
         let sync = start_sync(config, &replica).await?.map(Arc::new);
+        let strong = match strong_config {
+            Some(strong_config) => Some(
+                start_strong(
+                    config,
+                    strong_config,
+                    &replica,
+                    store.clone() as Arc<dyn Store>,
+                    sync.as_deref(),
+                )
+                .await?,
+            ),
+            None => None,
+        };
         let addr_file = config.api_addr_path();
         write_addr_file(&addr_file, addr).await?;
         let sync_addr_file = config.sync_addr_path();
@@ -355,6 +406,9 @@ impl Node {
             );
         if let Some(sync) = &sync {
             state = state.with_sync(sync.clone());
+        }
+        if let Some(strong) = &strong {
+            state = state.with_strong(strong.clone());
         }
         // The router installs the metrics recorder the feed records into.
         let app = api::router(state);
@@ -407,6 +461,7 @@ impl Node {
             evictor: Some(evictor),
             sagas: Some(sagas),
             scheduled,
+            strong,
             stop: Some(stop),
             server: Some(server),
         })
@@ -505,6 +560,9 @@ impl Node {
         {
             task.abort();
             let _ = task.await;
+        }
+        if let Some(strong) = self.strong.take() {
+            strong.shutdown().await;
         }
         if let Some(sync) = self.sync.take() {
             if let Some(endpoint) = sync.take() {

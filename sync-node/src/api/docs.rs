@@ -114,6 +114,9 @@ pub(crate) async fn list(
 #[derive(Debug, Deserialize)]
 pub(crate) struct ReadQuery {
     at: Option<String>,
+    /// `local` (the default) or `linearizable` (through the strong tier's
+    /// leader).
+    consistency: Option<String>,
 }
 
 /// Parses `HEAD,HEAD,...` (hex change hashes).
@@ -151,6 +154,28 @@ pub(crate) async fn read(
     ApiQuery(query): ApiQuery<ReadQuery>,
 ) -> Result<Json<Value>, ApiError> {
     let at = query.at.as_deref().map(parse_heads).transpose()?;
+    match query.consistency.as_deref() {
+        None | Some("local") => {}
+        Some("linearizable") if at.is_some() => {
+            return Err(ApiError::bad_request(
+                "bad_value",
+                "`at` and `consistency=linearizable` do not go together",
+            ))
+        }
+        Some("linearizable") => {
+            let mut body = super::strong::read(&state, &id)
+                .await?
+                .ok_or_else(|| doc_not_found(&id))?;
+            body["url"] = Value::String(state.clients.url(&id));
+            return Ok(Json(body));
+        }
+        Some(other) => {
+            return Err(ApiError::bad_request(
+                "bad_value",
+                format!("`consistency` is `local` or `linearizable`, not {other:?}"),
+            ))
+        }
+    }
     let replica = state.replica.clone();
     let doc = id.clone();
     let view: Option<DocView> =
@@ -235,6 +260,23 @@ pub(crate) async fn apply_ops(
         return Err(ApiError::bad_request("bad_value", "`ops` is empty"));
     }
     let precondition = precondition(body.if_heads.as_deref(), body.if_absent)?;
+    if super::strong::covers_doc(&state, &id) {
+        let txn = archipelago::txn::Txn {
+            docs: vec![archipelago::txn::TxnDoc {
+                id: id.clone(),
+                ops: body.ops,
+                precondition,
+            }],
+            message: body.message,
+        };
+        let commit = super::strong::write(&state, &txn).await?;
+        let (_, commit) = commit
+            .docs
+            .into_iter()
+            .next()
+            .ok_or_else(|| ApiError::internal("the strong tier answered no document"))?;
+        return Ok(Json(commit));
+    }
     let wait = wait_for_rights(body.wait_ms)?;
     let replica = state.replica.clone();
     let started = Instant::now();

@@ -149,6 +149,9 @@ impl From<archipelago::Error> for ApiError {
                 ApiError::new(StatusCode::NOT_FOUND, "saga_not_found", message)
             }
             Error::TooMany { .. } => ApiError::bad_request("too_many", message),
+            Error::StrongDocument(doc) => {
+                ApiError::bad_request("strong_document", message).for_doc(doc)
+            }
             Error::InvalidId(_) => ApiError::bad_request("invalid_id", message),
             Error::CorruptDocument { .. } => {
                 tracing::error!(error = %message, "corrupt document");

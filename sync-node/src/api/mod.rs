@@ -25,6 +25,7 @@ mod events;
 mod extract;
 mod heads;
 mod sagas;
+mod strong;
 pub(crate) mod telemetry;
 pub mod tokens;
 mod txn;
@@ -69,6 +70,7 @@ pub struct ApiState {
     sagas: Arc<crate::config::SagasConfig>,
     saga_sites: Arc<Vec<archipelago::SiteName>>,
     tokens: Arc<tokens::Tokens>,
+    strong: Option<archipelago::strong::StrongTier>,
 }
 
 impl ApiState {
@@ -96,7 +98,15 @@ impl ApiState {
                     tokens::Tokens::empty(replica_store)
                 }),
             ),
+            strong: None,
         }
+    }
+
+    /// Writes strong documents through `tier`, and shows it in
+    /// `/v1/status`.
+    pub fn with_strong(mut self, tier: archipelago::strong::StrongTier) -> ApiState {
+        self.strong = Some(tier);
+        self
     }
 
     /// Serves automerge-repo clients as `config` says: documents they
@@ -179,6 +189,11 @@ pub fn router(state: ApiState) -> Router {
         .route(clients::PATH, get(clients::connect))
         .route("/v1/tokens", get(tokens::list).post(tokens::create))
         .route("/v1/tokens/{name}", axum::routing::delete(tokens::revoke))
+        .route("/v1/strong/leases", get(strong::leases))
+        .route(
+            "/v1/strong/members",
+            get(strong::members).post(strong::change_members),
+        )
         .route("/metrics", get(telemetry::render))
         .method_not_allowed_fallback(method_not_allowed)
         .fallback(route_not_found)
@@ -222,6 +237,7 @@ async fn status(State(state): State<ApiState>) -> Result<Json<Value>, ApiError> 
         "resolutions_held": state.replica.resolutions_held(),
         "loaded_docs": stats.loaded_docs,
         "clients": state.clients_shared.registry.list(),
+        "strong": strong::status(&state),
         "version": env!("CARGO_PKG_VERSION"),
     })))
 }

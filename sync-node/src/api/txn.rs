@@ -87,6 +87,10 @@ pub(crate) async fn commit(
         docs,
         message: body.message,
     };
+    if super::strong::covers(&state, &txn)? {
+        let commit = super::strong::write(&state, &txn).await?;
+        return Ok(Json(txn_json(&commit)));
+    }
     let replica = state.replica.clone();
     let started = Instant::now();
     let commit = blocking(move || {
@@ -113,6 +117,23 @@ pub(crate) async fn commit(
         })
         .collect();
     Ok(Json(json!({ "txn": commit.txn, "docs": docs })))
+}
+
+/// `{"txn", "docs": [{"id", "heads", "change"}]}` of a committed
+/// transaction.
+pub(crate) fn txn_json(commit: &archipelago::txn::TxnCommit) -> Value {
+    let docs: Vec<Value> = commit
+        .docs
+        .iter()
+        .map(|(id, result)| {
+            json!({
+                "id": id,
+                "heads": result.heads.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                "change": result.change.map(|h| h.to_string()),
+            })
+        })
+        .collect();
+    json!({ "txn": commit.txn, "docs": docs })
 }
 
 /// Body of `POST /v1/read`.
